@@ -1,0 +1,39 @@
+"""Command line: ``python -m ncjax.main --config=configs/<name>.py [--config.<field>=...]``.
+
+Every table and figure of the paper is a config file; this entry point only reads the config,
+runs its job and writes the report to ``--workdir``.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "default.py")
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints and results.")
+flags.DEFINE_string("coordinator", "", "host:port of process 0, for multi-host runs "
+                    "(jax.distributed); empty on a single host.")
+flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", 0, "This process's index (multi-host).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.coordinator:
+    import jax
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  from ncjax import jobs
+  config = FLAGS.config
+  logging.info("config:\n%s", config)
+  jobs.run(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,152 @@
+"""Model registry for ncjax (Flax linen).
+
+`get(name, num_classes, **options)` builds a model; every model is called as
+`model.apply(variables, x, train=...)` on float32 NHWC input and returns logits.
+Fine-tuning units are top-level submodules named as `units(name)` lists; the
+classifier is the top-level `head`. Each unit sows its pooled output as
+`intermediates/<unit>` and the classifier input as `intermediates/penultimate`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from ncjax.models.common import BatchNorm, add_skip, sow_unit
+from ncjax.models.resnet import ResNet
+from ncjax.models.resnet import CONFIGS as _RESNET_CONFIGS
+from ncjax.models.small import MLP, ConvNet4, ResNet12
+from ncjax.models.vit import ViT
+from ncjax.models.vit import CONFIGS as _VIT_CONFIGS
+
+__all__ = ['get', 'units', 'features', 'count_params', 'finetune_percent', 'names',
+           'param_shapes', 'ResNet', 'ViT', 'MLP', 'ConvNet4', 'ResNet12', 'BatchNorm']
+
+METHODS = ('linear', 'layer', 'scl', 'full')
+
+# name -> (class, fixed config, allowed user options)
+_COMMON = ('scl_unit', 'dtype')
+_REGISTRY: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {}
+for _n, (_stages, _block) in _RESNET_CONFIGS.items():
+  _REGISTRY[_n] = (ResNet, dict(stage_sizes=_stages, block=_block),
+                   _COMMON + ('stem', 'width'))
+for _n, (_p, _d, _l, _h, _m) in _VIT_CONFIGS.items():
+  _REGISTRY[_n] = (ViT, dict(patch_size=_p, hidden_size=_d, num_layers=_l, num_heads=_h,
+                             mlp_dim=_m), _COMMON + ('pool', 'representation_size'))
+_REGISTRY['mlp'] = (MLP, {}, _COMMON + ('depth', 'width', 'batch_norm'))
+_REGISTRY['convnet4'] = (ConvNet4, {}, _COMMON + ('width', 'flatten'))
+_REGISTRY['resnet12'] = (ResNet12, {}, _COMMON + ('widths',))
+
+
+def names() -> Tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def _entry(name: str):
+  if name not in _REGISTRY:
+    raise ValueError(f'unknown model {name!r}; available: {", ".join(_REGISTRY)}')
+  return _REGISTRY[name]
+
+
+def get(name: str, num_classes: int, **options) -> nn.Module:
+  """Builds model `name` with a `num_classes`-way head.
+
+  Options (by family): all: `scl_unit` (None or a unit name), `dtype` (computation dtype,
+  default float32; params stay float32). ResNet: `stem` ('imagenet' | 'cifar'), `width`.
+  ViT: `pool` ('cls' | 'mean'), `representation_size` (adds `pre_logits`). MLP: `depth`
+  (9), `width` (784), `batch_norm` (False). ConvNet4: `width`, `flatten`. ResNet12: `widths`.
+  Options set to None are ignored (model default).
+  """
+  cls, config, allowed = _entry(name)
+  bad = sorted(set(options) - set(allowed))
+  if bad:
+    raise ValueError(f'unknown option(s) {bad} for model {name!r}; allowed: {", ".join(allowed)}')
+  kwargs = dict(config)
+  kwargs.update({k: v for k, v in options.items() if v is not None or k == 'representation_size'})
+  if kwargs.get('dtype') is not None:
+    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+  model = cls(num_classes=num_classes, **kwargs)
+  if model.scl_unit is not None and model.scl_unit not in model.units:
+    raise ValueError(f'unknown unit {model.scl_unit!r} for scl_unit of {name!r}; '
+                     f'valid units: {", ".join(model.units)}')
+  return model
+
+
+def units(name_or_model, **options) -> Tuple[str, ...]:
+  """Fine-tuning units of a model (by registry name, or a model instance), in order."""
+  if isinstance(name_or_model, nn.Module):
+    return tuple(name_or_model.units)
+  return tuple(get(name_or_model, 1, **options).units)
+
+
+def features(model: nn.Module, variables, x) -> Dict[str, jax.Array]:
+  """Pooled output of every unit and the penultimate feature, eval mode.
+
+  Returns a flat dict `{unit: (N, C_unit), ..., 'penultimate': (N, D)}`. Pure; can be
+  wrapped in `jax.jit` (e.g. `jax.jit(functools.partial(features, model))`).
+  """
+  v = {k: val for k, val in variables.items() if k != 'intermediates'}
+  _, state = model.apply(v, x, train=False, mutable=['intermediates'])
+  inter = state['intermediates']
+  return {k: (val[0] if isinstance(val, tuple) else val) for k, val in inter.items()}
+
+
+def count_params(params) -> int:
+  """Number of scalars in a params pytree (arrays or ShapeDtypeStructs).
+
+  A full variables dict (`{'params': ..., 'batch_stats': ...}`) counts its 'params'
+  only: BatchNorm statistics are not parameters.
+  """
+  if isinstance(params, dict) and 'params' in params and 'batch_stats' in params:
+    params = params['params']
+  elif isinstance(params, dict) and set(params) == {'params'}:
+    params = params['params']
+  return int(sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(params)))
+
+
+def _input_shape(name: str, image_size: int, channels: int):
+  return (1, image_size, image_size, channels)
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes_cached(name, num_classes, image_size, channels, options):
+  model = get(name, num_classes, **dict(options))
+  x = jax.ShapeDtypeStruct(_input_shape(name, image_size, channels), jnp.float32)
+  return jax.eval_shape(lambda k, xx: model.init(k, xx, train=False), jax.random.key(0), x)
+
+
+def param_shapes(name: str, num_classes: int, image_size: int = 224, channels: int = 3,
+                 **options):
+  """Abstract variables (ShapeDtypeStructs) of a model, via `jax.eval_shape` (no init)."""
+  return _param_shapes_cached(name, num_classes, image_size, channels,
+                              tuple(sorted(options.items())))
+
+
+def finetune_percent(name: str, method: str, unit: Optional[str], num_classes: int,
+                     image_size: int = 224, *, channels: int = 3, **options) -> float:
+  """Percentage of parameters fine-tuned (paper Table 3).
+
+  trainable params (incl. the new `num_classes` head) / all params of the model with that
+  new head (backbone + new head; the pre-training classifier is not counted), x 100.
+  `linear`: head only; `layer`, `scl`: `unit` + head (the SCL skip has no parameters);
+  `full`: all. BatchNorm statistics are not parameters. The ViT position embedding
+  depends on `image_size` (the paper's ViT-B/32 numbers are at 384).
+  """
+  if method not in METHODS:
+    raise ValueError(f'unknown method {method!r}; methods: {", ".join(METHODS)}')
+  params = param_shapes(name, num_classes, image_size, channels, **options)['params']
+  total = count_params(params)
+  if method == 'full':
+    trainable = total
+  else:
+    trainable = count_params(params['head'])
+    if method in ('layer', 'scl'):
+      valid = units(name, **{k: v for k, v in options.items() if k in ('depth', 'widths')})
+      if unit not in valid:
+        raise ValueError(f'unknown unit {unit!r} for {name!r}; valid units: {", ".join(valid)}')
+      trainable += count_params(params[unit])
+  return 100.0 * trainable / total

@@ -1,0 +1,152 @@
+"""ResNet-18/34/50 with torchvision's structure, in Flax linen.
+
+Layout (top-level submodules): `stem` (conv + bn [+ max-pool]), `block1`..`blockB`
+(one per BasicBlock/Bottleneck, 1-indexed in forward order), `head` (Dense).
+Explicit symmetric paddings reproduce PyTorch's outputs exactly at every input size:
+7x7/2 conv pad 3, 3x3/2 max-pool pad 1 (padded with -inf), 3x3 convs pad 1,
+1x1 convs pad 0. Bottleneck is v1.5 (stride on the 3x3 conv).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ncjax.models.common import (BatchNorm, add_skip, as_dtype, check_unit,
+                                 sow_unit, spatial_mean)
+
+Dtype = Any
+
+# torchvision's init for convs: kaiming normal, fan_out, relu gain.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _conv(features, k, stride, dtype, name):
+  p = k // 2
+  return nn.Conv(features, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
+                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def max_pool_torch(x, window: int = 3, stride: int = 2, pad: int = 1):
+  """torch.nn.MaxPool2d(window, stride, pad): -inf padding, floor output size."""
+  init = jnp.array(-jnp.inf, dtype=x.dtype)
+  return jax.lax.reduce_window(
+      x, init, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
+      ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+class Stem(nn.Module):
+  kind: str = 'imagenet'  # 'imagenet' | 'cifar'
+  width: int = 64
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.kind == 'imagenet':
+      x = _conv(self.width, 7, 2, self.dtype, 'conv')(x)
+    elif self.kind == 'cifar':
+      x = _conv(self.width, 3, 1, self.dtype, 'conv')(x)
+    else:
+      raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.kind!r}")
+    x = BatchNorm(dtype=self.dtype, name='bn')(x, train)
+    x = nn.relu(x)
+    if self.kind == 'imagenet':
+      x = max_pool_torch(x, 3, 2, 1)
+    return x
+
+
+class BasicBlock(nn.Module):
+  features: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    out_c = self.features * self.expansion
+    y = _conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name='bn1')(y, train))
+    y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = BatchNorm(dtype=self.dtype, name='bn2')(y, train)
+    if self.stride != 1 or x.shape[-1] != out_c:
+      x = _conv(out_c, 1, self.stride, self.dtype, 'downsample_conv')(x)
+      x = BatchNorm(dtype=self.dtype, name='downsample_bn')(x, train)
+    return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+  features: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    out_c = self.features * self.expansion
+    y = _conv(self.features, 1, 1, self.dtype, 'conv1')(x)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name='bn1')(y, train))
+    y = _conv(self.features, 3, self.stride, self.dtype, 'conv2')(y)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name='bn2')(y, train))
+    y = _conv(out_c, 1, 1, self.dtype, 'conv3')(y)
+    y = BatchNorm(dtype=self.dtype, name='bn3')(y, train)
+    if self.stride != 1 or x.shape[-1] != out_c:
+      x = _conv(out_c, 1, self.stride, self.dtype, 'downsample_conv')(x)
+      x = BatchNorm(dtype=self.dtype, name='downsample_bn')(x, train)
+    return nn.relu(y + x)
+
+
+BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
+CONFIGS = {
+    'resnet18': ((2, 2, 2, 2), 'basic'),
+    'resnet34': ((3, 4, 6, 3), 'basic'),
+    'resnet50': ((3, 4, 6, 3), 'bottleneck'),
+}
+
+
+def resnet_units(stage_sizes: Sequence[int]) -> Tuple[str, ...]:
+  return tuple(f'block{i + 1}' for i in range(sum(stage_sizes)))
+
+
+class ResNet(nn.Module):
+  """torchvision-style ResNet.
+
+  `block{i}` is stage s, index j in torchvision's `layer{s+1}.{j}` (forward order).
+  """
+  num_classes: int
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  block: str = 'basic'
+  stem: str = 'imagenet'
+  width: int = 64
+  scl_unit: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @property
+  def units(self) -> Tuple[str, ...]:
+    return resnet_units(self.stage_sizes)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    units = self.units
+    check_unit(self.scl_unit, units)
+    dtype = as_dtype(self.dtype)
+    block_cls = BLOCKS[self.block]
+    x = Stem(kind=self.stem, width=self.width, dtype=dtype, name='stem')(
+        x.astype(dtype), train)
+    pooled = {}
+    i = 0
+    for s, n in enumerate(self.stage_sizes):
+      for j in range(n):
+        stride = 2 if (s > 0 and j == 0) else 1
+        name = units[i]
+        x = block_cls(self.width * 2**s, stride, dtype, name=name)(x, train)
+        pooled[name] = spatial_mean(x)
+        sow_unit(self, name, pooled[name])
+        i += 1
+    feat = spatial_mean(x)
+    if self.scl_unit is not None:
+      feat = add_skip(feat, pooled[self.scl_unit])
+    self.sow('intermediates', 'penultimate', feat)
+    logits = nn.Dense(self.num_classes, dtype=dtype, name='head')(feat)
+    return logits.astype(jnp.float32)

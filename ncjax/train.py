@@ -1,0 +1,356 @@
+"""Training: one jitted train step for every model and fine-tuning method.
+
+The pieces, each a plain function over pytrees:
+
+* `make_optimizer` — SGD + momentum + weight decay with a cosine schedule, wrapped in
+  `optax.masked(…, mask)` so frozen leaves keep no optimizer state.
+* `make_train_step` — the single train step. It splits the parameters with the method's mask
+  (`ncjax.methods.partition`) and differentiates the loss with respect to the trainable
+  partition only, so XLA never builds the backward pass of the frozen prefix of the network
+  nor any gradient of a frozen weight. Every BatchNorm runs in train mode, so running
+  statistics are updated on the downstream data for every method (REFERENCE §3).
+* Data parallelism: the step is `jax.jit`-ed over a one-axis `Mesh` (``'data'``) with the batch
+  sharded and the state replicated. The same code runs on one CPU, 8 simulated CPU devices, a
+  GPU, a TPU pod slice and several hosts (`jax.distributed`; each process feeds its own slice
+  of the global batch through `jax.make_array_from_process_local_data`).
+* `fit` — the loop: deterministic data order and augmentation from the seed and the step, so a
+  run resumed from an orbax checkpoint ends with bit-identical parameters; a NaN/Inf loss stops
+  the run with an error naming the step; tqdm progress bars.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from ncjax import methods
+
+PyTree = Any
+# forward(params, batch_stats, x, train) -> (logits, new_batch_stats)
+Forward = Callable[[PyTree, PyTree, jax.Array, bool], tuple[jax.Array, PyTree]]
+# prepare(rng, images, train) -> model input (normalise, resize, augment on device)
+Prepare = Callable[[jax.Array, jax.Array, bool], jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """The paper's recipe (Appendix B): SGD momentum 0.9, wd 1e-4, cosine 0.1 -> 1e-4."""
+  lr: float = 0.1
+  lr_end: float = 1e-4
+  momentum: float = 0.9
+  weight_decay: float = 1e-4
+  warmup_steps: int = 0
+
+  @classmethod
+  def from_config(cls, cfg) -> "OptimConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: cfg[k] for k in fields if k in cfg})
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, mask: PyTree) -> optax.GradientTransformation:
+  """Masked SGD: frozen leaves (``mask`` False) get neither updates nor optimizer state."""
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+  if cfg.lr_end > cfg.lr:
+    raise ValueError(f"lr_end ({cfg.lr_end}) must not exceed lr ({cfg.lr})")
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=cfg.lr if cfg.warmup_steps == 0 else 0.0, peak_value=cfg.lr,
+      warmup_steps=cfg.warmup_steps, decay_steps=max(total_steps, cfg.warmup_steps + 1),
+      end_value=cfg.lr_end)
+  inner = optax.chain(
+      optax.add_decayed_weights(cfg.weight_decay),  # PyTorch-style L2 on the gradient
+      optax.sgd(schedule, momentum=cfg.momentum),
+  )
+  return optax.masked(inner, mask)
+
+
+def init_state(params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=batch_stats if batch_stats is not None else {},
+                    opt_state=tx.init(params))
+
+
+def model_forward(model) -> Forward:
+  """`Forward` of a Flax model whose ``__call__(x, train)`` returns logits."""
+  def forward(params, batch_stats, x, train):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    if train and batch_stats:
+      logits, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      return logits, mutated["batch_stats"]
+    return model.apply(variables, x, train=train), batch_stats
+  return forward
+
+
+def head_forward(num_classes: int) -> Forward:
+  """`Forward` that runs only the classifier ``params['head']`` (a Dense layer, see
+  docs/design.md) on cached penultimate features (N, D)."""
+  import flax.linen as nn
+  dense = nn.Dense(num_classes)
+
+  def forward(params, batch_stats, feats, train):
+    del train
+    return dense.apply({"params": params[methods.HEAD]}, feats), batch_stats
+  return forward
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+def make_train_step(forward: Forward, tx: optax.GradientTransformation, mask: PyTree,
+                    prepare: Prepare | None = None,
+                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy):
+  """The one train step shared by every model and method (not jitted; see `jit_train_step`).
+
+  Returns ``step(state, x, labels, rng) -> (state, metrics)``; ``metrics`` holds the scalar
+  ``loss`` and ``accuracy`` (fraction) of the batch before the update.
+  """
+  def step(state: TrainState, x, labels, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    if prepare is not None:
+      x = prepare(rng, x, True)
+    trainable, frozen = methods.partition(state.params, mask)
+
+    def objective(trainable):
+      params = methods.combine(trainable, frozen)
+      logits, new_stats = forward(params, state.batch_stats, x, True)
+      return loss_fn(logits, labels), (logits, new_stats)
+
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    new_state = state.replace(step=state.step + 1, params=methods.combine(trainable, frozen),
+                              batch_stats=new_stats, opt_state=opt_state)
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return new_state, {"loss": loss, "accuracy": acc}
+  return step
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def data_mesh(devices=None) -> Mesh:
+  """A one-axis mesh ``('data',)`` over all (global) devices."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the mesh")
+
+
+def local_rows(global_batch: int) -> slice:
+  """This process's rows of a global batch (processes feed contiguous slices)."""
+  per = global_batch // jax.process_count()
+  start = jax.process_index() * per
+  return slice(start, start + per)
+
+
+def to_global(mesh: Mesh, local: np.ndarray) -> jax.Array:
+  """Assembles per-process batch slices into one batch-sharded global array."""
+  return jax.make_array_from_process_local_data(batch_sharded(mesh), np.asarray(local))
+
+
+def put_replicated(mesh: Mesh, tree: PyTree) -> PyTree:
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """Global array -> numpy on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def jit_train_step(step, mesh: Mesh):
+  rep, dat = replicated(mesh), batch_sharded(mesh)
+  return jax.jit(step, in_shardings=(rep, dat, dat, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def batch_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
+                   start_step: int, total_steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Global batches for steps ``start_step..total_steps-1``; epoch ``e`` is shuffled by
+  ``default_rng((seed, e))``, so the batch of a step never depends on where a run resumed."""
+  n = len(labels)
+  per_epoch = n // batch_size
+  if per_epoch == 0:
+    raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
+  step = start_step
+  while step < total_steps:
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng((seed, epoch)).permutation(n)
+    for j in range(i, per_epoch):
+      if step >= total_steps:
+        return
+      idx = np.sort(perm[j * batch_size:(j + 1) * batch_size])
+      yield images[idx], labels[idx]
+      step += 1
+
+
+def _checkpoint_manager(directory: str, max_to_keep: int = 2):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False))
+
+
+def restore_latest(directory: str, abstract_state: TrainState) -> TrainState | None:
+  """The latest checkpoint in `directory` restored into `abstract_state`'s structure, or None."""
+  import orbax.checkpoint as ocp
+  if not directory or not os.path.isdir(directory):
+    return None
+  mngr = _checkpoint_manager(directory)
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                        if isinstance(x, jax.Array) else x, abstract_state)
+  return mngr.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
+        batch_size: int, total_steps: int, seed: int, mesh: Mesh | None = None,
+        checkpoint_dir: str | None = None, checkpoint_every: int = 0, resume: bool = False,
+        log_every: int = 50, desc: str = "train") -> tuple[TrainState, list[dict]]:
+  """Runs `step_fn` (from `make_train_step`) until ``state.step == total_steps``.
+
+  Args:
+    images, labels: the whole training set on the host (global; every process holds it).
+    batch_size: global batch size (divisible by the number of devices).
+    checkpoint_dir: orbax checkpoints go there every `checkpoint_every` steps (0: only at the
+      end); with `resume`, training continues from the latest one.
+  Returns:
+    the final state and a history of ``{'step', 'loss', 'accuracy'}`` averaged per log window.
+  Raises:
+    FloatingPointError: a loss was NaN or Inf (the message names the step).
+  """
+  import orbax.checkpoint as ocp
+  mesh = mesh or data_mesh()
+  check_batch_size(batch_size, mesh)
+  train_step = jit_train_step(step_fn, mesh)
+  # The step donates its state; copy so the caller's arrays (e.g. pre-trained weights shared
+  # by several runs) stay alive.
+  state = put_replicated(mesh, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
+  mngr = _checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
+  if resume and mngr is not None and mngr.latest_step() is not None:
+    state = restore_latest(checkpoint_dir, state)
+  start = int(state.step)
+  rng = jax.device_put(jax.random.PRNGKey(seed), replicated(mesh))
+  rows = local_rows(batch_size)
+  history, window = [], []
+
+  def flush(upto_step):
+    if not window:
+      return
+    losses = np.asarray([float(m["loss"]) for m in window])
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+      s = upto_step - len(window) + int(bad[0])
+      raise FloatingPointError(f"{desc}: non-finite loss {losses[bad[0]]} at step {s} "
+                               f"(lower the learning rate, or check the input data)")
+    history.append({"step": upto_step, "loss": float(losses.mean()),
+                    "accuracy": float(np.mean([float(m["accuracy"]) for m in window]))})
+    window.clear()
+
+  batches = batch_iterator(images, labels, batch_size, seed=seed, start_step=start,
+                           total_steps=total_steps)
+  bar = tqdm(total=total_steps, initial=start, desc=desc, leave=False,
+             disable=jax.process_index() != 0 or None)
+  step = start
+  for x, y in batches:
+    state, m = train_step(state, to_global(mesh, x[rows]), to_global(mesh, y[rows]),
+                          rng)
+    step += 1
+    window.append(m)
+    bar.update(1)
+    if step % log_every == 0 or step == total_steps:
+      flush(step)
+      bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+    if mngr is not None and checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
+      mngr.save(step, args=ocp.args.StandardSave(state))
+  bar.close()
+  flush(step)
+  if mngr is not None:
+    if mngr.latest_step() != int(state.step):
+      mngr.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+  return state, history
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def padded_batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+  """Index arrays of length `batch_size` covering ``0..n-1`` (the last one padded by repeating
+  index 0) and the number of valid rows, so every batch has one shape (one compilation)."""
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    valid = len(idx)
+    if valid < batch_size:
+      idx = np.concatenate([idx, np.zeros(batch_size - valid, idx.dtype)])
+    yield idx, valid
+
+
+def predict(apply_fn: Callable[[jax.Array], Any], inputs: np.ndarray, batch_size: int, *,
+            mesh: Mesh | None = None, desc: str = "eval") -> Iterator[tuple[Any, slice]]:
+  """Runs the jitted `apply_fn` over `inputs` in padded global batches; yields the host
+  outputs trimmed to the valid rows and the rows' slice of `inputs`."""
+  mesh = mesh or data_mesh()
+  check_batch_size(batch_size, mesh)
+  fn = jax.jit(apply_fn, in_shardings=batch_sharded(mesh))
+  rows = local_rows(batch_size)
+  n = len(inputs)
+  for idx, valid in tqdm(list(padded_batches(n, batch_size)), desc=desc, leave=False,
+                         disable=jax.process_index() != 0 or None):
+    out = fn(to_global(mesh, inputs[idx][rows]))
+    out = jax.tree.map(lambda a: to_host(a)[:valid], out)
+    yield out, slice(int(idx[0]), int(idx[0]) + valid)
+
+
+def accuracy(forward: Forward, params, batch_stats, prepare: Prepare | None, images, labels,
+             batch_size: int, mesh: Mesh | None = None) -> float:
+  """Top-1 accuracy in percent (eval mode, no augmentation)."""
+  key = jax.random.key(0)
+
+  def logits_fn(x):
+    if prepare is not None:
+      x = prepare(key, x, False)
+    return forward(params, batch_stats, x, False)[0]
+
+  correct = 0
+  for logits, rows in predict(logits_fn, images, batch_size, mesh=mesh, desc="eval"):
+    correct += int(np.sum(np.argmax(logits, -1) == labels[rows]))
+  return 100.0 * correct / len(labels)

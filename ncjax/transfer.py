@@ -1,0 +1,477 @@
+"""The transfer pipeline: (pre-train) -> fine-tune with each method -> evaluate -> NC metrics.
+
+`run(config, workdir)` walks the grid ``models x datasets x train sizes x methods x units``
+of a config (see ``configs/default.py`` for every field) and returns one result record per
+cell (the fields `ncjax.report` documents). `run_layer_probes` is Fig. 9's layer-wise linear
+probing. Everything here composes `ncjax.train`'s one train step; nothing trains differently.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from ncjax import data, methods, metrics, models, train
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+def split_list(value) -> list[str]:
+  """``'a, b,c'`` -> ``['a', 'b', 'c']``; lists and tuples pass through; '' -> []."""
+  if value is None:
+    return []
+  if isinstance(value, (list, tuple)):
+    return [str(v).strip() for v in value if str(v).strip()]
+  return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def parse_classes(spec) -> list[int] | None:
+  """``'5-9'`` -> [5, 6, 7, 8, 9]; ``'0,2,4'`` -> [0, 2, 4]; '' -> None (all classes)."""
+  out = []
+  for part in split_list(spec):
+    if "-" in part:
+      lo, hi = part.split("-", 1)
+      out.extend(range(int(lo), int(hi) + 1))
+    else:
+      out.append(int(part))
+  return out or None
+
+
+def _get(cfg, key, default=None):
+  try:
+    return cfg[key] if key in cfg else default
+  except TypeError:
+    return default
+
+
+def backbone_config(config, model_name: str):
+  """The per-model settings ``config.backbone.<model_name>`` (weights, unit, image_size,
+  options, normalization); missing fields fall back to ``config.backbone.default``."""
+  bb = config.backbone
+  base = dict(bb.default) if "default" in bb else {}
+  if model_name in bb:
+    base.update(dict(bb[model_name]))
+  base.setdefault("weights", "")
+  base.setdefault("unit", "")
+  base.setdefault("image_size", 0)
+  base.setdefault("options", {})
+  base.setdefault("normalization", "dataset")
+  base["options"] = dict(base["options"])
+  return base
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_split(config, name: str, split: str, image_size: int | None,
+               classes: list[int] | None) -> data.ArrayDataset:
+  source = _get(_get(config, "dataset_sources", {}) or {}, name, "") or name
+  ds = data.load(source, split, data_dir=_get(config, "data_dir") or None,
+                 image_size=image_size or None)
+  if classes:
+    ds = data.select_classes(ds, classes)
+  ds.name = name
+  return ds
+
+
+def normalization(kind: str, ds: data.ArrayDataset, channels: int):
+  """(mean, std) per input channel in [0, 1] units: 'imagenet' / a stored dataset name, or
+  'dataset' (computed on `ds`, the training split). One-channel statistics are repeated when
+  grayscale images feed a `channels`-channel model."""
+  mean, std = data.dataset_stats(ds) if kind == "dataset" else data.stats_for(kind)
+  if len(mean) == 1 and channels > 1:
+    mean, std = mean * channels, std * channels
+  if len(mean) != channels:
+    raise ValueError(f"{kind} normalisation has {len(mean)} channels; the model takes {channels}")
+  return mean, std
+
+
+def make_prepare(mean, std, image_size: int | None, aug_level: int, channels: int):
+  """On-device pre-processing of uint8 batches: (grayscale -> `channels` copies) -> [0,1] ->
+  augment (training only) -> resize to `image_size` -> normalise."""
+  def prepare(rng, x, is_train):
+    if x.shape[-1] != channels:
+      if x.shape[-1] != 1:
+        raise ValueError(f"images have {x.shape[-1]} channels but the model takes {channels}")
+      x = jnp.repeat(x, channels, axis=-1)
+    return data.preprocess(rng, x, mean=mean, std=std, image_size=image_size or None,
+                           aug_level=aug_level, train=is_train)
+  return prepare
+
+
+# ----------------------------------------------------------------------------- variables
+
+def init_variables(model, input_shape: tuple[int, ...], seed: int) -> dict:
+  """Fresh ``{'params', 'batch_stats'}`` for `model` on float32 inputs of `input_shape`."""
+  x = jnp.zeros((1,) + tuple(input_shape[1:]), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(seed), x)
+  variables = dict(variables)
+  variables.setdefault("batch_stats", {})
+  return variables
+
+
+def transplant(source: dict, target: dict, skip_top: Iterable[str] = (methods.HEAD,)) -> dict:
+  """Copies every leaf of `source` into `target` except the top-level `skip_top` modules
+  (the classifier, which is new for the downstream task). Shapes must match."""
+  skip_top = set(skip_top)
+  out = {}
+  for col, tree in target.items():
+    src = source.get(col, {})
+    new = {}
+    for k, v in tree.items():
+      if k in skip_top or k not in src:
+        if k not in skip_top and col == "params":
+          raise ValueError(f"pre-trained variables lack {col}/{k}")
+        new[k] = v
+        continue
+      def check(path, a, b):
+        if a.shape != b.shape:
+          raise ValueError(f"pre-trained {col}/{k}{jax.tree_util.keystr(path)} has shape "
+                           f"{a.shape}, the model expects {b.shape}")
+        return a
+      new[k] = jax.tree_util.tree_map_with_path(check, src[k], v)
+    out[col] = new
+  return out
+
+
+def load_backbone(config, model_name: str, bb: dict, variables: dict,
+                  pretrained: dict | None) -> tuple[dict, str]:
+  """Initial variables for fine-tuning and where they came from."""
+  path = bb["weights"]
+  if path and path != "pretrain":
+    from ncjax import weights
+    if not os.path.exists(os.path.expanduser(path)):
+      raise FileNotFoundError(
+          f"weights file {path!r} for {model_name} not found. "
+          + ("ResNets take torchvision state dicts (.pth/.safetensors/.npz), e.g. "
+             "resnet18-f37072fd.pth from https://download.pytorch.org/models/"
+             if model_name.startswith("resnet") else
+             "ViTs take vit_jax .npz checkpoints, e.g. gs://vit_models/imagenet21k/ViT-B_32.npz "
+             "from github.com/google-research/vision_transformer"))
+    return weights.load(os.path.expanduser(path), model_name, variables), path
+  if pretrained is not None:
+    return transplant(pretrained, variables), "pretrain"
+  if path == "pretrain":
+    raise ValueError(f"backbone {model_name} asks for weights='pretrain' but config.pretrain "
+                     "is disabled")
+  return variables, "scratch"
+
+
+# ----------------------------------------------------------------------------- steps
+
+def total_steps(optim, n_train: int, batch_size: int) -> int:
+  if _get(optim, "steps", 0):
+    return int(optim.steps)
+  return max(1, int(optim.epochs) * (n_train // batch_size))
+
+
+def effective_batch(batch_size: int, n: int, mesh) -> int:
+  """The configured batch, shrunk for tiny datasets (Fig. 11's 10-example subsets) and rounded
+  to the device count."""
+  d = mesh.devices.size
+  b = min(batch_size, n)
+  b = max(d, (b // d) * d)
+  if b > n:
+    raise ValueError(f"{n} training examples cannot fill one batch on {d} devices")
+  return b
+
+
+def recalibrate_batch_stats(forward, params, batch_stats, prepare, images, batch_size, mesh,
+                            seed):
+  """One pass over `images` in train mode, updating BatchNorm running statistics only (the
+  statistics every method updates on the downstream data; used before caching features)."""
+  if not batch_stats:
+    return batch_stats
+  key = jax.random.PRNGKey(seed)
+  rep, dat = train.replicated(mesh), train.batch_sharded(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(rep, dat), out_shardings=rep)
+  def update(stats, x):
+    return forward(params, stats, prepare(key, x, False), True)[1]
+
+  rows = train.local_rows(batch_size)
+  for x, _ in data.batches(data.ArrayDataset(images, np.zeros(len(images), np.int32), 1),
+                           batch_size, seed=seed, epoch=0):
+    batch_stats = update(batch_stats, train.to_global(mesh, x[rows]))
+  return batch_stats
+
+
+def extract(model, variables, prepare, images, batch_size, mesh, names=None):
+  """Pooled features (eval mode) of `images`: dict name -> (N, C) numpy, for the units and
+  'penultimate' (or only `names`)."""
+  key = jax.random.PRNGKey(0)
+
+  def fn(x):
+    f = models.features(model, variables, prepare(key, x, False))
+    return {k: v for k, v in f.items() if names is None or k in names}
+
+  out: dict[str, list] = {}
+  for f, _ in train.predict(fn, images, batch_size, mesh=mesh, desc="features"):
+    for k, v in f.items():
+      out.setdefault(k, []).append(np.asarray(v, np.float32))
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def collapse(model, variables, prepare, ds: data.ArrayDataset, batch_size, mesh,
+             rank_limit: int = 1 << 26) -> tuple[dict, dict]:
+  """Streams the downstream training features through `metrics.CollapseStats`, one per unit
+  and one for the penultimate feature. Returns ``(penultimate metrics, {unit: nc1})``.
+
+  Memory is independent of N: d x d per layer (and K x d x d for the penultimate numerical
+  rank, computed only when K*d*d <= `rank_limit`)."""
+  key = jax.random.PRNGKey(0)
+  k = ds.num_classes
+  stats: dict[str, metrics.CollapseStats] = {}
+
+  @jax.jit
+  def feats(x):
+    return models.features(model, variables, prepare(key, x, False))
+
+  @jax.jit
+  def update(st, f, y):
+    return {n: st[n].update(f[n], y) for n in st}
+
+  rows = train.local_rows(batch_size)
+  for idx, valid in train.padded_batches(len(ds), batch_size):
+    x = train.to_global(mesh, ds.images[idx][rows])
+    f = feats(x)
+    f = {n: jnp.asarray(train.to_host(v)[:valid]) for n, v in f.items()}
+    y = jnp.asarray(ds.labels[idx][:valid])
+    if not stats:
+      for n, v in f.items():
+        second = n == "penultimate" and k * v.shape[1] ** 2 <= rank_limit
+        stats[n] = metrics.CollapseStats.create(k, v.shape[1], per_class_second_moment=second)
+    stats = update(stats, f, y) if valid == batch_size else \
+        {n: stats[n].update(f[n], y) for n in stats}
+  pen = stats.pop("penultimate")
+  result = {"nc1": float(pen.nc1()), "cdnv": float(pen.cdnv())}
+  result["numerical_rank"] = (float(pen.numerical_rank()) if pen.class_scatter is not None
+                              else float("nan"))
+  layerwise = {n: float(s.nc1()) for n, s in stats.items()}
+  return result, layerwise
+
+
+# ----------------------------------------------------------------------------- one run
+
+def finetune(config, model_name: str, bb: dict, train_ds: data.ArrayDataset,
+             test_ds: data.ArrayDataset, method: str, unit: str | None, pretrained, workdir,
+             mesh, run_name: str) -> tuple[dict, dict]:
+  """Fine-tunes one (model, dataset, method, unit) cell; returns its result record and the
+  final variables."""
+  t0 = time.time()
+  optim = config.optim
+  seed = int(config.seed)
+  options = dict(bb["options"])
+  if method == "scl":
+    options["scl_unit"] = unit
+  model = models.get(model_name, train_ds.num_classes, **options)
+  image_size = int(bb["image_size"]) or None
+  in_shape = (1,) + ((image_size, image_size) if image_size else train_ds.images.shape[1:3]) \
+      + (int(_get(bb, "channels", 0)) or train_ds.images.shape[-1],)
+  variables = init_variables(model, in_shape, seed)
+  variables, origin = load_backbone(config, model_name, bb, variables, pretrained)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  mask = methods.trainable_mask(params, method, unit)
+  mean, std = normalization(bb["normalization"], train_ds, in_shape[-1])
+  aug = int(optim.aug_level)
+  prepare = make_prepare(mean, std, image_size, aug, in_shape[-1])
+  batch = effective_batch(int(optim.batch_size), len(train_ds), mesh)
+  steps = total_steps(optim, len(train_ds), batch)
+  tx = train.make_optimizer(train.OptimConfig.from_config(optim), steps, mask)
+  ckpt = os.path.join(workdir, "checkpoints", run_name) if workdir else None
+  common = dict(batch_size=batch, total_steps=steps, seed=seed, mesh=mesh,
+                checkpoint_every=int(config.checkpoint_every), resume=bool(config.resume),
+                desc=run_name)
+  eval_batch = effective_batch(int(config.eval_batch_size), 1 << 30, mesh)
+  forward = train.model_forward(model)
+  if method == "linear" and aug <= 1 and config.cache_linear_features:
+    # Frozen backbone and no augmentation: its features are the same every epoch, so
+    # compute them once (after updating BatchNorm statistics on the downstream data, as every
+    # method does) and train the head on them with the same train step.
+    batch_stats = recalibrate_batch_stats(forward, params, batch_stats, prepare,
+                                          train_ds.images, batch, mesh, seed)
+    feats = extract(model, {"params": params, "batch_stats": batch_stats}, prepare,
+                    train_ds.images, eval_batch, mesh, names=("penultimate",))["penultimate"]
+    step = train.make_train_step(train.head_forward(train_ds.num_classes), tx, mask)
+    state = train.init_state(params, batch_stats, tx)
+    state, history = train.fit(state, step, feats, train_ds.labels,
+                               checkpoint_dir=ckpt and ckpt + "-head", **common)
+  else:
+    step = train.make_train_step(forward, tx, mask, prepare)
+    state = train.init_state(params, batch_stats, tx)
+    state, history = train.fit(state, step, train_ds.images, train_ds.labels,
+                               checkpoint_dir=ckpt, **common)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  acc = train.accuracy(forward, state.params, state.batch_stats, prepare, test_ds.images,
+                       test_ds.labels, eval_batch, mesh)
+  record = {
+      "model": model_name, "dataset": train_ds.name, "method": method,
+      "unit": unit if methods.needs_unit(method) else "", "accuracy": acc,
+      "percent_params": methods.percent_trainable(params, mask),
+      "num_train": len(train_ds), "num_test": len(test_ds), "num_classes": train_ds.num_classes,
+      "steps": steps, "batch_size": batch, "weights": origin, "seed": seed,
+      "final_train_loss": history[-1]["loss"] if history else float("nan"),
+  }
+  if config.collapse:
+    pen, layerwise = collapse(model, variables, prepare, train_ds, eval_batch, mesh)
+    record.update(pen)
+    record["layerwise_nc1"] = layerwise
+  else:
+    record.update(nc1=float("nan"), cdnv=float("nan"), numerical_rank=float("nan"),
+                  layerwise_nc1={})
+  record["wall_s"] = time.time() - t0
+  logging.info("%s: accuracy %.2f%%, NC1 %.4g", run_name, acc, record["nc1"])
+  return record, variables
+
+
+# ----------------------------------------------------------------------------- pre-training
+
+def pretrain(config, model_name: str, bb: dict, workdir, mesh) -> tuple[dict, dict]:
+  """Trains `model_name` from scratch on the source data (every parameter trains). Returns
+  its variables and a record of its source accuracy and penultimate NC1 on the source data."""
+  pc = config.pretrain
+  classes = parse_classes(pc.classes)
+  image_size = int(bb["image_size"]) or None
+  src = load_split(config, pc.dataset, "train", image_size, classes)
+  src_test = load_split(config, pc.dataset, "test", image_size, classes)
+  sub = config.copy_and_resolve_references()
+  sub.optim.update(dict(pc.optim))
+  sub.collapse = True
+  rec, variables = finetune(sub, model_name, dict(bb, weights=""), src, src_test, "full", None,
+                            None, workdir, mesh, run_name=f"pretrain-{model_name}-{pc.dataset}")
+  rec["stage"] = "pretrain"
+  return variables, rec
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def run(config, workdir: str) -> list[dict]:
+  """Runs the config's grid; writes ``records.jsonl`` as it goes and returns the records."""
+  mesh = train.data_mesh()
+  os.makedirs(workdir, exist_ok=True)
+  records, pre_records = [], []
+  classes = parse_classes(_get(config, "downstream_classes", ""))
+  sizes = [int(s) for s in split_list(_get(config, "train_sizes", ""))] or [0]
+  for model_name in split_list(config.models):
+    bb = backbone_config(config, model_name)
+    pretrained = None
+    if config.pretrain.enabled and bb["weights"] in ("", "pretrain"):
+      pretrained, prec = pretrain(config, model_name, bb, workdir, mesh)
+      pre_records.append(prec)
+      _write_jsonl(os.path.join(workdir, "pretrain.jsonl"), pre_records)
+    image_size = int(bb["image_size"]) or None
+    for ds_name in split_list(config.datasets):
+      train_full = load_split(config, ds_name, "train", image_size, classes)
+      test_ds = load_split(config, ds_name, _get(config, "test_split", "test") or "test",
+                           image_size, classes)
+      for size in sizes:
+        train_ds = data.balanced_subset(train_full, size, int(config.seed)) if size else train_full
+        train_ds.name = ds_name
+        for method in split_list(config.methods):
+          units = (split_list(_get(config, "units", "")) or [bb["unit"]]
+                   if methods.needs_unit(method) else [None])
+          for unit in units:
+            name = "-".join(p for p in (model_name, ds_name, method, unit,
+                                        f"n{size}" if size else "") if p)
+            rec, _ = finetune(config, model_name, bb, train_ds, test_ds, method, unit,
+                              pretrained, workdir, mesh, run_name=name)
+            records.append(rec)
+            _write_jsonl(os.path.join(workdir, "records.jsonl"), records)
+  return records
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+  if jax.process_index() != 0:
+    return
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+
+
+def run_pretrain_only(config, workdir: str) -> list[dict]:
+  """Pre-trains every model of the config on the source data; the records carry the source
+  accuracy and the layer-wise NC1 on the source training data (Fig. 2, Table 1)."""
+  mesh = train.data_mesh()
+  records = []
+  for model_name in split_list(config.models):
+    bb = backbone_config(config, model_name)
+    _, rec = pretrain(config, model_name, bb, workdir, mesh)
+    records.append(rec)
+    _write_jsonl(os.path.join(workdir, "records.jsonl"), records)
+  return records
+
+
+def run_layer_probes(config, workdir: str) -> list[dict]:
+  """Fig. 9: a linear classifier on every unit's pooled output of the frozen backbone.
+
+  Features are computed once (eval mode, after updating BatchNorm statistics on the
+  downstream data); each unit's classifier trains with `ncjax.train`'s train step. One record
+  per (model, dataset) with ``layerwise_accuracy`` and ``layerwise_nc1`` ({unit: value});
+  ``accuracy`` / ``nc1`` are the penultimate feature's."""
+  import flax.linen as nn
+  mesh = train.data_mesh()
+  os.makedirs(workdir, exist_ok=True)
+  classes = parse_classes(_get(config, "downstream_classes", ""))
+  seed, optim = int(config.seed), config.optim
+  records = []
+  for model_name in split_list(config.models):
+    bb = backbone_config(config, model_name)
+    pretrained = None
+    if config.pretrain.enabled and bb["weights"] in ("", "pretrain"):
+      pretrained, _ = pretrain(config, model_name, bb, workdir, mesh)
+    image_size = int(bb["image_size"]) or None
+    for ds_name in split_list(config.datasets):
+      train_ds = load_split(config, ds_name, "train", image_size, classes)
+      test_ds = load_split(config, ds_name, config.test_split or "test", image_size, classes)
+      model = models.get(model_name, train_ds.num_classes, **bb["options"])
+      in_shape = (1,) + ((image_size, image_size) if image_size else train_ds.images.shape[1:3]) \
+          + (int(_get(bb, "channels", 0)) or train_ds.images.shape[-1],)
+      variables, origin = load_backbone(config, model_name, bb, init_variables(model, in_shape, seed),
+                                        pretrained)
+      mean, std = normalization(bb["normalization"], train_ds, in_shape[-1])
+      prepare = make_prepare(mean, std, image_size, 1, in_shape[-1])
+      batch = effective_batch(int(optim.batch_size), len(train_ds), mesh)
+      eval_batch = effective_batch(int(config.eval_batch_size), 1 << 30, mesh)
+      stats = recalibrate_batch_stats(train.model_forward(model), variables["params"],
+                                      variables["batch_stats"], prepare, train_ds.images, batch,
+                                      mesh, seed)
+      variables = {"params": variables["params"], "batch_stats": stats}
+      f_train = extract(model, variables, prepare, train_ds.images, eval_batch, mesh)
+      f_test = extract(model, variables, prepare, test_ds.images, eval_batch, mesh)
+      k = train_ds.num_classes
+      accs, nc1s = {}, {}
+      for unit in list(models.units(model)) + ["penultimate"]:
+        probe = nn.Dense(k)
+        forward = lambda p, s, f, t, probe=probe: (probe.apply({"params": p}, f), s)
+        params = probe.init(jax.random.PRNGKey(seed), f_train[unit][:1])["params"]
+        mask = jax.tree.map(lambda _: True, params)
+        steps = total_steps(optim, len(train_ds), batch)
+        tx = train.make_optimizer(train.OptimConfig.from_config(optim), steps, mask)
+        state, _ = train.fit(train.init_state(params, {}, tx),
+                             train.make_train_step(forward, tx, mask), f_train[unit],
+                             train_ds.labels, batch_size=batch, total_steps=steps, seed=seed,
+                             mesh=mesh, desc=f"probe-{unit}")
+        accs[unit] = train.accuracy(forward, state.params, {}, None, f_test[unit],
+                                    test_ds.labels, eval_batch, mesh)
+        nc1s[unit] = float(metrics.nc1(f_train[unit], train_ds.labels, k))
+      pen_acc, pen_nc1 = accs.pop("penultimate"), nc1s.pop("penultimate")
+      records.append({
+          "model": model_name, "dataset": ds_name, "method": "linear", "unit": "",
+          "accuracy": pen_acc, "nc1": pen_nc1,
+          "cdnv": float(metrics.cdnv(f_train["penultimate"], train_ds.labels, k)),
+          "numerical_rank": float(metrics.numerical_rank(f_train["penultimate"],
+                                                         train_ds.labels, k)),
+          "percent_params": 100.0 * (f_train["penultimate"].shape[1] + 1) * k
+          / (models.count_params(variables["params"])),
+          "layerwise_nc1": nc1s, "layerwise_accuracy": accs, "num_train": len(train_ds),
+          "weights": origin, "seed": seed})
+      _write_jsonl(os.path.join(workdir, "records.jsonl"), records)
+  return records

@@ -1,0 +1,449 @@
+"""Tests for ncjax.data (offline: TFDS mock data, generated IDX files and image folders)."""
+import gzip
+import itertools
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from ncjax import data
+
+
+def _ds(n_per_class, k=3, hw=(4, 4), c=1, seed=0):
+    """Synthetic dataset whose image pixels encode the example index (unique rows)."""
+    labels = np.repeat(np.arange(k), n_per_class).astype(np.int32)
+    n = len(labels)
+    images = np.zeros((n,) + hw + (c,), np.uint8)
+    images[:, 0, 0, 0] = np.arange(n) % 256
+    images[:, 0, 1, 0] = np.arange(n) // 256
+    return data.ArrayDataset(images, labels, k, "synthetic", [f"c{i}" for i in range(k)])
+
+
+def _ids(ds):
+    return ds.images[:, 0, 0, 0].astype(int) + 256 * ds.images[:, 0, 1, 0].astype(int)
+
+
+# ---------------------------------------------------------------------------------------------
+# ArrayDataset
+
+
+def test_array_dataset_validation_and_defaults():
+    ds = data.ArrayDataset(np.zeros((5, 2, 2, 1), np.uint8), np.array([0, 1, 2, 0, 1]), 3)
+    assert len(ds) == 5 and ds.labels.dtype == np.int32
+    assert ds.class_names == ["0", "1", "2"] and ds.image_shape == (2, 2, 1)
+    with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
+        data.ArrayDataset(np.zeros((5, 2, 2), np.uint8), np.zeros(5), 3)
+    with pytest.raises(ValueError, match="5 images but 4 labels"):
+        data.ArrayDataset(np.zeros((5, 2, 2, 1), np.uint8), np.zeros(4, int), 3)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        data.ArrayDataset(np.zeros((2, 2, 2, 1), np.uint8), np.array([0, 3]), 3)
+    with pytest.raises(ValueError, match="class_names"):
+        data.ArrayDataset(np.zeros((2, 2, 2, 1), np.uint8), np.array([0, 1]), 3, "", ["a"])
+    with pytest.raises(ValueError, match="uint8 or float32"):
+        data.ArrayDataset(np.zeros((2, 2, 2, 1), np.int16), np.array([0, 1]), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS (mock data, offline)
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+@pytest.mark.parametrize("name,tfds_name,k", [("cifar10", "cifar10", 10),
+                                               ("CIFAR-100", "cifar100", 100)])
+def test_tfds_cifar_mock(name, tfds_name, k):
+    with tfds.testing.mock_data(num_examples=6):
+        ds = data.load(name, "train")
+        src = tfds.data_source(tfds_name, split="train", download=False)
+        expected = np.stack([src[i]["image"] for i in range(6)])
+        expected_labels = [int(src[i]["label"]) for i in range(6)]
+    assert ds.images.shape == (6, 32, 32, 3) and ds.images.dtype == np.uint8
+    assert ds.num_classes == k and len(ds.class_names) == k
+    np.testing.assert_array_equal(ds.images, expected)
+    np.testing.assert_array_equal(ds.labels, expected_labels)
+
+
+@pytest.mark.parametrize("name,k", [("oxford_iiit_pet", 37), ("dtd", 47)])
+def test_tfds_variable_size_needs_image_size(name, k):
+    with tfds.testing.mock_data(num_examples=5):
+        ds = data.load(name, "train", image_size=(20, 24))
+        with pytest.raises(ValueError, match="image_size"):
+            data.load(name, "train")
+    assert ds.images.shape == (5, 20, 24, 3) and ds.num_classes == k
+
+
+def test_tfds_mnist_fallback_when_no_idx_files(tmp_path):
+    with tfds.testing.mock_data(num_examples=4):
+        ds = data.load("mnist", "test", data_dir=str(tmp_path))
+    assert ds.images.shape == (4, 28, 28, 1) and ds.num_classes == 10
+
+
+def test_missing_tfds_dataset_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"tfds build cifar10") as e:
+        data.load("cifar10", "train", data_dir=str(tmp_path))
+    assert "data_dir" in str(e.value)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load("no_such_dataset_xyz", "train", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        data.load("fashion_mnist", "train", data_dir=str(tmp_path))
+
+
+def test_aircraft_errors_explain_folder_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"<dir>/<split>/<class>"):
+        data.load("fgvc_aircraft", "train")
+    with pytest.raises(FileNotFoundError, match="images_variant_trainval"):
+        data.load(f"folder:{tmp_path}", "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+
+
+def test_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    exact = rng.integers(0, 256, (16, 12, 3), dtype=np.uint8)
+    (tmp_path / "train" / "b_cls").mkdir(parents=True)
+    (tmp_path / "train" / "a_cls").mkdir(parents=True)
+    (tmp_path / "test" / "b_cls").mkdir(parents=True)
+    Image.fromarray(exact).save(tmp_path / "train" / "b_cls" / "0.png")
+    Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(
+        tmp_path / "train" / "b_cls" / "1.jpg")
+    Image.fromarray(rng.integers(0, 256, (9, 40), dtype=np.uint8)).save(  # grayscale
+        tmp_path / "train" / "a_cls" / "x.PNG")
+    (tmp_path / "train" / "a_cls" / "notes.txt").write_text("ignored")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+        tmp_path / "test" / "b_cls" / "t.jpeg")
+
+    ds = data.load(f"folder:{tmp_path}", "train", image_size=(16, 12))
+    assert ds.class_names == ["a_cls", "b_cls"] and ds.num_classes == 2
+    assert ds.images.shape == (3, 16, 12, 3) and ds.images.dtype == np.uint8
+    np.testing.assert_array_equal(ds.labels, [0, 1, 1])
+    np.testing.assert_array_equal(ds.images[1], exact)  # PNG at target size: lossless
+    gray = ds.images[0]
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+
+    test = data.load(f"folder:{tmp_path}", "test", image_size=8)
+    assert test.class_names == ["a_cls", "b_cls"]  # union over splits: ids agree
+    np.testing.assert_array_equal(test.labels, [1])
+    with pytest.raises(ValueError, match="image_size"):
+        data.load(f"folder:{tmp_path}", "train")
+    air = data.load("fgvc_aircraft", "test", data_dir=str(tmp_path), image_size=8)
+    np.testing.assert_array_equal(air.images, test.images)
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files
+
+
+def _idx_bytes(arr, code):
+    head = struct.pack(">BBBB", 0, 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return head + arr.tobytes()
+
+
+@pytest.mark.parametrize("gz,sep", [(True, "-"), (False, "-"), (False, ".")])
+def test_idx_round_trip(tmp_path, gz, sep):
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", 7), ("t10k", 3)):
+        images = rng.integers(0, 256, (n, 5, 6), dtype=np.uint8)
+        labels = rng.integers(0, 4, n).astype(np.uint8)
+        for kind, arr, ndim in (("images", images, 3), ("labels", labels, 1)):
+            raw = _idx_bytes(arr, 0x08)
+            path = tmp_path / (f"{prefix}-{kind}{sep}idx{ndim}-ubyte" + (".gz" if gz else ""))
+            path.write_bytes(gzip.compress(raw) if gz else raw)
+        ds = data.load(f"idx:{tmp_path}", "train" if prefix == "train" else "test")
+        np.testing.assert_array_equal(ds.images, images[..., None])
+        np.testing.assert_array_equal(ds.labels, labels)
+        assert ds.labels.dtype == np.int32
+
+
+def test_fashion_mnist_from_idx_dir(tmp_path):
+    images = np.arange(2 * 28 * 28, dtype=np.int64).reshape(2, 28, 28).astype(np.uint8)
+    data.write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    data.write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([9, 0], np.uint8))
+    ds = data.load("fashion_mnist", "train", data_dir=str(tmp_path))
+    assert ds.class_names[9] == "Ankle boot" and ds.num_classes == 10
+    np.testing.assert_array_equal(ds.images[..., 0], images)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.float32, np.float64])
+def test_write_read_idx_dtypes(tmp_path, dtype):
+    arr = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype)
+    if dtype == np.uint8:
+        arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    data.write_idx(tmp_path / "a.idx", arr)
+    out = data.read_idx(tmp_path / "a.idx")
+    assert out.dtype == arr.dtype
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_idx_bad_magic_and_size(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x12\x34\x08\x01" + struct.pack(">I", 2) + b"\x00\x01")
+    with pytest.raises(ValueError, match="magic"):
+        data.read_idx(bad)
+    short = tmp_path / "short.gz"
+    short.write_bytes(gzip.compress(struct.pack(">BBBBI", 0, 0, 8, 1, 5) + b"\x00\x01"))
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        data.read_idx(short)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(
+        _idx_bytes(np.zeros((2, 3, 3), np.uint8), 0x08))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(3, np.uint8), 0x08))
+    with pytest.raises(ValueError, match="3,\\) labels for 2 images"):
+        data.load(f"idx:{tmp_path}", "train")
+    with pytest.raises(FileNotFoundError, match="t10k-images"):
+        data.load(f"idx:{tmp_path}", "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# digits
+
+
+def test_digits_split():
+    train, test, full = (data.load("digits", s) for s in ("train", "test", "all"))
+    assert full.images.shape == (1797, 8, 8, 1) and full.images.dtype == np.uint8
+    assert full.images.max() == 255 and full.num_classes == 10
+    assert len(train) + len(test) == 1797
+    per_class = np.bincount(full.labels, minlength=10)
+    np.testing.assert_array_equal(np.bincount(test.labels, minlength=10),
+                                  np.round(0.2 * per_class))  # stratified 80/20
+    # train and test partition the full set (as multisets of (image, label) rows).
+    rows = lambda d: sorted(d.images.reshape(len(d), -1).tobytes()[i * 64:(i + 1) * 64]
+                            + bytes([d.labels[i]]) for i in range(len(d)))
+    assert sorted(rows(train) + rows(test)) == rows(full)
+    again = data.load("digits", "train")
+    np.testing.assert_array_equal(again.images, train.images)
+    np.testing.assert_array_equal(again.labels, train.labels)
+    small = data.load("digits", "test", image_size=28)
+    assert small.images.shape == (len(test), 28, 28, 1)
+    with pytest.raises(ValueError, match="splits"):
+        data.load("digits", "validation")
+
+
+# ---------------------------------------------------------------------------------------------
+# subsets
+
+
+def test_balanced_subset_counts_determinism_and_nesting():
+    ds = _ds(600, k=10)
+    prev = None
+    for size in data.FIG11_SIZES:
+        sub = data.balanced_subset(ds, size, seed=3)
+        counts = data.class_counts(sub)
+        assert len(sub) == size and counts.sum() == size
+        assert counts.max() - counts.min() <= (1 if size % 10 else 0)
+        ids = set(_ids(sub))
+        assert len(ids) == size
+        if prev is not None:
+            assert prev <= ids  # nested for a fixed seed
+        prev = ids
+        np.testing.assert_array_equal(sub.labels, ds.labels[sorted(ids)])
+    a = data.balanced_subset(ds, 24, seed=0)
+    b = data.balanced_subset(ds, 24, seed=0)
+    c = data.balanced_subset(ds, 24, seed=1)
+    np.testing.assert_array_equal(_ids(a), _ids(b))
+    assert not np.array_equal(_ids(a), _ids(c))
+    # the remainder goes to different classes for different seeds
+    extras = {tuple(data.class_counts(data.balanced_subset(ds, 13, s))) for s in range(6)}
+    assert len(extras) > 1
+
+
+def test_balanced_subset_errors():
+    ds = data.ArrayDataset(np.zeros((7, 2, 2, 1), np.uint8), [0, 0, 0, 1, 1, 1, 2], 3, "x",
+                           ["cat", "dog", "emu"])
+    with pytest.raises(ValueError, match=r"class 2 \('emu'\) has 1 examples"):
+        data.balanced_subset(ds, 6, seed=0)
+    with pytest.raises(ValueError, match="at least one example per class"):
+        data.balanced_subset(ds, 2, seed=0)
+    assert data.class_counts(data.balanced_subset(ds, 3, seed=0)).tolist() == [1, 1, 1]
+
+
+def test_select_classes_relabels_in_given_order():
+    ds = _ds(4, k=5)
+    sub = data.select_classes(ds, [3, "c1"])
+    assert sub.num_classes == 2 and sub.class_names == ["c3", "c1"]
+    assert len(sub) == 8
+    ids = _ids(sub)
+    np.testing.assert_array_equal(sub.labels, np.where(ds.labels[ids] == 3, 0, 1))
+    assert set(ds.labels[ids]) == {1, 3}
+    down = data.select_classes(ds, range(2, 5))
+    np.testing.assert_array_equal(np.bincount(down.labels), [4, 4, 4])
+    with pytest.raises(ValueError, match="out of range"):
+        data.select_classes(ds, [5])
+    with pytest.raises(ValueError, match="repeated"):
+        data.select_classes(ds, [1, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# device pre-processing
+
+
+def _rand_images(n=16, h=8, w=8, c=3, seed=0):
+    return jax.random.uniform(jax.random.PRNGKey(seed), (n, h, w, c))
+
+
+def test_augment_shapes_dtypes_identity_and_determinism():
+    x = _rand_images()
+    key = jax.random.PRNGKey(1)
+    np.testing.assert_array_equal(data.augment(key, x, 1), x)
+    for level in range(1, 6):
+        for c in (1, 3):
+            xi = x[..., :c]
+            y = data.augment(key, xi, level)
+            assert y.shape == xi.shape and y.dtype == jnp.float32
+            assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+    y1 = data.augment(key, x, 5)
+    np.testing.assert_array_equal(y1, data.augment(key, x, 5))
+    assert not np.allclose(y1, data.augment(jax.random.PRNGKey(2), x, 5))
+    with pytest.raises(ValueError, match="0..5"):
+        data.augment(key, x, 6)
+    jitted = jax.jit(data.augment, static_argnums=2)
+    np.testing.assert_allclose(jitted(key, x, 5), y1, atol=1e-6)
+    u8 = (np.asarray(x) * 255).astype(np.uint8)
+    assert data.augment(key, u8, 3).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("pad_mode", ["constant", "reflect"])
+def test_random_crop_is_a_window_of_the_padded_input(pad_mode):
+    x = _rand_images()
+    y = np.asarray(data.augment(jax.random.PRNGKey(5), x, 2, pad_mode=pad_mode))
+    padded = np.pad(np.asarray(x), ((0, 0), (4, 4), (4, 4), (0, 0)), mode=pad_mode)
+    offsets = []
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy, dx in itertools.product(range(9), range(9))
+                if np.array_equal(padded[i, dy:dy + 8, dx:dx + 8], y[i])]
+        assert hits, f"example {i} is not a window of its padded input"
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 1  # independent per-example offsets
+
+
+def test_flip_is_exact_mirror_and_both_outcomes_occur():
+    x = _rand_images()
+    y = np.asarray(data.augment(jax.random.PRNGKey(0), x, 3, pad=0))
+    x = np.asarray(x)
+    same = [np.array_equal(y[i], x[i]) for i in range(16)]
+    mirrored = [np.array_equal(y[i], x[i, :, ::-1]) for i in range(16)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 0 < sum(mirrored) < 16
+
+
+def test_colour_jitter_and_grayscale():
+    x = _rand_images()
+    key = jax.random.PRNGKey(3)
+    level3 = data.augment(key, x, 3)
+    # zero jitter strength reduces level 4 to level 3 (same keys)
+    np.testing.assert_allclose(data.augment(key, x, 4, jitter=(0, 0, 0)), level3, atol=1e-6)
+    assert not np.allclose(data.augment(key, x, 4), level3, atol=1e-3)
+    # brightness only: every example is its level-3 image times one factor in [0.6, 1.4]
+    bright = np.asarray(data.augment(key, x, 4, jitter=(0.4, 0, 0)))
+    ref = np.asarray(level3)
+    factors = []
+    for i in range(len(x)):
+        ok = (bright[i] < 1) & (ref[i] > 0.05)
+        ratio = bright[i][ok] / ref[i][ok]
+        np.testing.assert_allclose(ratio, ratio.mean(), rtol=1e-4)
+        factors.append(ratio.mean())
+    assert 0.6 <= min(factors) < max(factors) <= 1.4
+    # saturation only: changes colours but keeps each pixel's luma (where nothing clips)
+    sat = np.asarray(data.augment(key, x, 4, jitter=(0, 0, 0.4)))
+    luma = np.array([.299, .587, .114])
+    inside = np.all((sat > 0) & (sat < 1), axis=-1)
+    assert inside.mean() > 0.5 and not np.allclose(sat, ref, atol=1e-3)
+    np.testing.assert_allclose((sat @ luma)[inside], (ref @ luma)[inside], atol=1e-5)
+    gray = np.asarray(data.augment(key, x, 5, jitter=(0, 0, 0), gray_p=1.0))
+    np.testing.assert_allclose(gray[..., 0], gray[..., 1], atol=1e-6)
+    np.testing.assert_allclose(gray[..., 0], gray[..., 2], atol=1e-6)
+    np.testing.assert_allclose(gray[..., 0], np.asarray(level3) @ np.array([.299, .587, .114]),
+                               atol=1e-5)
+    hue = data.augment(key, x, 4, jitter=(0, 0, 0), hue=0.5)
+    assert hue.shape == x.shape and not np.allclose(hue, level3, atol=1e-3)
+    # grayscale input: colour ops skipped, brightness/contrast still applied
+    g = data.augment(key, x[..., :1], 5)
+    assert g.shape == (16, 8, 8, 1)
+
+
+def test_normalize_resize_preprocess():
+    imgs = np.array([0, 255, 51], np.uint8).reshape(1, 1, 3, 1)
+    out = data.normalize(imgs, (0.5,), (0.25,))
+    np.testing.assert_allclose(np.asarray(out).ravel(), [-2.0, 2.0, -1.2], atol=1e-6)
+    assert out.dtype == jnp.float32
+    rgb = np.full((2, 4, 4, 3), 255, np.uint8)
+    n = np.asarray(data.normalize(rgb, data.IMAGENET_MEAN, data.IMAGENET_STD))
+    np.testing.assert_allclose(n[0, 0, 0], (1 - np.array(data.IMAGENET_MEAN))
+                               / np.array(data.IMAGENET_STD), rtol=1e-6)
+    const = jnp.full((2, 8, 8, 3), 0.3)
+    r = data.resize(const, 20)
+    assert r.shape == (2, 20, 20, 3)
+    np.testing.assert_allclose(r, 0.3, atol=1e-6)
+    assert data.resize(const, (8, 8)) is const
+    u8 = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    p = data.preprocess(None, u8, mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD,
+                        image_size=16, aug_level=5, train=False)
+    ref = data.normalize(data.resize(u8.astype(np.float32) / 255, 16), data.CIFAR10_MEAN,
+                         data.CIFAR10_STD)
+    assert p.shape == (4, 16, 16, 3) and p.dtype == jnp.float32
+    np.testing.assert_allclose(p, ref, atol=1e-5)
+    pt = data.preprocess(jax.random.PRNGKey(0), u8, mean=data.CIFAR10_MEAN,
+                         std=data.CIFAR10_STD, image_size=16, aug_level=5)
+    assert pt.shape == p.shape and not np.allclose(pt, p)
+    with pytest.raises(ValueError, match="rng"):
+        data.preprocess(None, u8, mean=(0.5,), std=(0.5,), aug_level=2)
+
+
+def test_dataset_stats_and_constants():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)
+    ds = data.ArrayDataset(imgs, np.zeros(10, int), 1)
+    mean, std = data.dataset_stats(ds, chunk=3)
+    x = imgs.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(std, x.std(0), rtol=1e-8)
+    assert data.stats_for("cifar-10") == (data.CIFAR10_MEAN, data.CIFAR10_STD)
+    with pytest.raises(ValueError, match="channels"):
+        data.stats_for("mnist", channels=3)
+    with pytest.raises(KeyError, match="dataset_stats"):
+        data.stats_for("dtd")
+
+
+# ---------------------------------------------------------------------------------------------
+# batching
+
+
+def test_batches_determinism_coverage_and_resume():
+    ds = _ds(10, k=3)  # 30 examples, unique ids
+    assert data.num_batches(ds, 8) == 3 and data.num_batches(ds, 8, False) == 4
+    epoch0 = list(data.batches(ds, 8, seed=1, epoch=0, drop_remainder=False))
+    assert [len(b[1]) for b in epoch0] == [8, 8, 8, 6]
+    ids = np.concatenate([_ids(data.ArrayDataset(x, y, 3)) for x, y in epoch0])
+    assert sorted(ids) == list(range(30))  # each example exactly once
+    for x, y in epoch0:  # labels travel with their images
+        np.testing.assert_array_equal(y, ds.labels[_ids(data.ArrayDataset(x, y, 3))])
+    again = list(data.batches(ds, 8, seed=1, epoch=0, drop_remainder=False))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(epoch0, again))
+    epoch1 = list(data.batches(ds, 8, seed=1, epoch=1, drop_remainder=False))
+    assert not np.array_equal(epoch0[0][0], epoch1[0][0])
+    other_seed = list(data.batches(ds, 8, seed=2, epoch=0))
+    assert not np.array_equal(epoch0[0][0], other_seed[0][0])
+    dropped = list(data.batches(ds, 8, seed=1, epoch=0))
+    assert len(dropped) == 3 and all(len(b[1]) == 8 for b in dropped)
+    resumed = list(data.batches(ds, 8, seed=1, epoch=0, start=2))
+    np.testing.assert_array_equal(resumed[0][0], dropped[2][0])
+    ordered = list(data.batches(ds, 30, seed=0, shuffle=False))
+    np.testing.assert_array_equal(ordered[0][0], ds.images)
+
+
+def test_prefetch():
+    items = list(data.prefetch(iter(range(10)), size=2, transform=lambda v: v * 2))
+    assert items == [2 * i for i in range(10)]
+
+    def failing():
+        yield 1
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        list(data.prefetch(failing()))
+    it = data.prefetch(iter(range(1000)), size=1)
+    assert next(it) == 0
+    it.close()  # stops the worker without draining

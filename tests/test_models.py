@@ -1,0 +1,232 @@
+"""Tests for ncjax.models: structure, parameter accounting, features, SCL, BatchNorm."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ncjax import models
+from ncjax.models.common import BatchNorm
+from ncjax.models.resnet import max_pool_torch
+
+
+# ----------------------------------------------------------------------------- structure
+
+@pytest.mark.parametrize('name,expected', [('resnet18', 11_689_512), ('resnet34', 21_797_672),
+                                           ('resnet50', 25_557_032)])
+def test_resnet_param_counts_match_torchvision(name, expected):
+  params = models.param_shapes(name, 1000)['params']
+  assert models.count_params(params) == expected
+
+
+def test_vit_b32_backbone_param_count():
+  params = models.param_shapes('vit_b32', 1000, 224)['params']
+  backbone = {k: v for k, v in params.items() if k not in ('head', 'pre_logits')}
+  assert models.count_params(backbone) == 87_455_232
+  assert params['pos_embedding'].shape == (1, 50, 768)
+  p384 = models.param_shapes('vit_b32', 10, 384)['params']
+  assert p384['pos_embedding'].shape == (1, 145, 768)
+  qkv = params['layer1']['MultiHeadDotProductAttention_1']
+  assert qkv['query']['kernel'].shape == (768, 12, 64)
+  assert qkv['query']['bias'].shape == (12, 64)
+  assert qkv['out']['kernel'].shape == (12, 64, 768)
+  rep = models.param_shapes('vit_b32', 10, 224, representation_size=768)['params']
+  assert rep['pre_logits']['kernel'].shape == (768, 768)
+
+
+@pytest.mark.parametrize('name,n,prefix', [
+    ('resnet18', 8, 'block'), ('resnet34', 16, 'block'), ('resnet50', 16, 'block'),
+    ('vit_b32', 12, 'layer'), ('vit_b16', 12, 'layer'), ('vit_s16', 12, 'layer'),
+    ('vit_ti16', 12, 'layer'), ('mlp', 9, 'layer'), ('convnet4', 4, 'block'),
+    ('resnet12', 4, 'block')])
+def test_units_are_top_level(name, n, prefix):
+  us = models.units(name)
+  assert us == tuple(f'{prefix}{i}' for i in range(1, n + 1))
+  size = 28 if name == 'mlp' else 32
+  params = models.param_shapes(name, 5, size)['params']
+  assert set(us) <= set(params) and 'head' in params
+  assert params['head']['kernel'].shape[-1] == 5
+
+
+def test_mlp_options():
+  assert models.units('mlp', depth=3) == ('layer1', 'layer2', 'layer3')
+  p = models.param_shapes('mlp', 10, 28, channels=1, depth=3, width=32, batch_norm=True)
+  assert p['params']['layer1']['dense']['kernel'].shape == (784, 32)
+  assert 'bn' in p['batch_stats']['layer2']
+
+
+# Table 3 of the paper (REFERENCE §3): percentage of parameters fine-tuned.
+TABLE3 = [
+    ('resnet18', 'layer', 'block5', 10, 224, 8.27), ('resnet18', 'layer', 'block5', 100, 224, 8.64),
+    ('resnet18', 'layer', 'block5', 47, 224, 8.42), ('resnet18', 'layer', 'block5', 37, 224, 8.38),
+    ('resnet18', 'linear', None, 10, 224, 0.05), ('resnet18', 'linear', None, 100, 224, 0.46),
+    ('resnet18', 'linear', None, 47, 224, 0.22), ('resnet18', 'linear', None, 37, 224, 0.17),
+    ('resnet50', 'layer', 'block8', 10, 224, 6.52), ('resnet50', 'layer', 'block8', 100, 224, 7.24),
+    ('resnet50', 'layer', 'block8', 47, 224, 6.82), ('resnet50', 'layer', 'block8', 37, 224, 6.73),
+    ('resnet50', 'linear', None, 10, 224, 0.09), ('resnet50', 'linear', None, 100, 224, 0.86),
+    ('resnet50', 'linear', None, 47, 224, 0.41), ('resnet50', 'linear', None, 37, 224, 0.32),
+    ('vit_b32', 'layer', 'layer8', 100, 384, 8.18), ('vit_b32', 'layer', 'layer8', 47, 384, 8.14),
+    ('vit_b32', 'layer', 'layer8', 37, 384, 8.13), ('vit_b32', 'linear', None, 100, 384, 0.09),
+    ('vit_b32', 'linear', None, 47, 384, 0.04), ('vit_b32', 'linear', None, 37, 384, 0.03),
+    ('vit_b32', 'scl', 'layer8', 100, 384, 8.18), ('resnet18', 'scl', 'block5', 10, 224, 8.27),
+]
+
+
+@pytest.mark.parametrize('name,method,unit,k,size,expected', TABLE3)
+def test_finetune_percent_table3(name, method, unit, k, size, expected):
+  assert round(models.finetune_percent(name, method, unit, k, image_size=size), 2) == expected
+
+
+def test_finetune_percent_full_and_errors():
+  assert models.finetune_percent('resnet18', 'full', None, 10) == 100.0
+  # ViT-B/32 at 224 has 95 fewer position embeddings (REFERENCE §3).
+  assert round(models.finetune_percent('vit_b32', 'layer', 'layer8', 100, 224), 2) == 8.19
+  with pytest.raises(ValueError, match='methods'):
+    models.finetune_percent('resnet18', 'partial', 'block5', 10)
+  with pytest.raises(ValueError, match='block8'):
+    models.finetune_percent('resnet18', 'layer', 'block9', 10)
+
+
+def test_registry_errors():
+  with pytest.raises(ValueError, match='resnet18'):
+    models.get('resnet19', 10)
+  with pytest.raises(ValueError, match='block1, block2'):
+    models.get('resnet18', 10, scl_unit='layer3')
+  with pytest.raises(ValueError, match='layer12'):
+    models.get('vit_b32', 10, scl_unit='block1')
+  with pytest.raises(ValueError, match='unknown option'):
+    models.get('resnet18', 10, pool='cls')
+
+
+# ----------------------------------------------------------------------------- features / SCL
+
+@pytest.fixture(scope='module')
+def small_resnet():
+  model = models.get('resnet18', 7, stem='cifar')
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  v = model.init(jax.random.key(0), x)
+  # Non-trivial running statistics.
+  _, st = model.apply(v, x * 2 + 1, train=True, mutable=['batch_stats'])
+  return model, {'params': v['params'], 'batch_stats': st['batch_stats']}, x
+
+
+def test_features_all_units_under_jit(small_resnet):
+  model, v, x = small_resnet
+  feats = jax.jit(functools.partial(models.features, model))(v, x)
+  assert list(feats) == list(models.units('resnet18')) + ['penultimate']
+  widths = [64, 64, 128, 128, 256, 256, 512, 512]
+  for u, w in zip(models.units('resnet18'), widths):
+    assert feats[u].shape == (2, w)
+  assert feats['penultimate'].shape == (2, 512)
+  np.testing.assert_allclose(feats['penultimate'], feats['block8'], rtol=1e-6)
+  eager = models.features(model, v, x)
+  for k in feats:
+    np.testing.assert_allclose(feats[k], eager[k], rtol=1e-5, atol=1e-6)
+  # The apply contract of docs/design.md.
+  _, state = model.apply(v, x, train=False, mutable=['intermediates'])
+  assert isinstance(state['intermediates']['block3'], tuple)
+
+
+def _pad(u, d):
+  return np.pad(np.asarray(u), ((0, 0), (0, d - u.shape[1])))
+
+
+@pytest.mark.parametrize('unit', ['block2', 'block5', 'block8'])
+def test_scl_adds_zero_padded_unit(small_resnet, unit):
+  model, v, x = small_resnet
+  scl = models.get('resnet18', 7, stem='cifar', scl_unit=unit)
+  plain = models.features(model, v, x)
+  f = models.features(scl, v, x)
+  np.testing.assert_allclose(f['penultimate'], plain['penultimate'] + _pad(plain[unit], 512),
+                             rtol=1e-5, atol=1e-6)
+  logits = scl.apply(v, x, train=False)
+  head = v['params']['head']
+  np.testing.assert_allclose(logits, f['penultimate'] @ head['kernel'] + head['bias'],
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_scl_vit_and_mlp():
+  from ncjax.models import ViT
+  kw = dict(num_classes=3, patch_size=8, hidden_size=32, num_layers=3, num_heads=2, mlp_dim=64)
+  x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+  for pool in ('cls', 'mean'):
+    plain = ViT(pool=pool, **kw)
+    v = plain.init(jax.random.key(0), x)
+    v['params']['head']['kernel'] = jax.random.normal(jax.random.key(3), (32, 3))
+    fp = models.features(plain, v, x)
+    fs = models.features(ViT(pool=pool, scl_unit='layer2', **kw), v, x)
+    np.testing.assert_allclose(fs['penultimate'], fp['penultimate'] + fp['layer2'], rtol=1e-5,
+                               atol=1e-6)
+    assert fp['layer1'].shape == (2, 32)
+  m = models.get('mlp', 4, depth=3, width=16)
+  v = m.init(jax.random.key(0), x)
+  fp = models.features(m, v, x)
+  fs = models.features(models.get('mlp', 4, depth=3, width=16, scl_unit='layer1'), v, x)
+  np.testing.assert_allclose(fs['penultimate'], fp['layer3'] + fp['layer1'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('name,size,c', [('mlp', 8, 1), ('convnet4', 32, 3), ('resnet12', 32, 3)])
+def test_small_models_train_and_scl(name, size, c):
+  opts = {'depth': 3, 'width': 16, 'batch_norm': True} if name == 'mlp' else {}
+  m = models.get(name, 5, **opts)
+  x = jax.random.normal(jax.random.key(0), (2, size, size, c))
+  v = m.init(jax.random.key(1), x)
+  logits, st = m.apply(v, x, train=True, mutable=['batch_stats'])
+  assert logits.shape == (2, 5)
+  assert not np.allclose(jax.tree_util.tree_leaves(st)[0], jax.tree_util.tree_leaves(
+      v['batch_stats'])[0])
+  us = models.units(name, **({'depth': 3} if name == 'mlp' else {}))
+  fp = models.features(m, v, x)
+  fs = models.features(models.get(name, 5, scl_unit=us[0], **opts), v, x)
+  d = fp['penultimate'].shape[1]
+  np.testing.assert_allclose(fs['penultimate'], fp['penultimate'] + _pad(fp[us[0]], d),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute():
+  m = models.get('resnet18', 3, stem='cifar', dtype='bfloat16')
+  x = jnp.ones((2, 8, 8, 3))
+  v = m.init(jax.random.key(0), x)
+  assert jax.tree_util.tree_leaves(v['params'])[0].dtype == jnp.float32
+  out = m.apply(v, x)
+  assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+
+
+# ----------------------------------------------------------------------------- torch semantics
+
+def test_batchnorm_running_stats_match_torch():
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 5, 4, 6)).astype(np.float32) * 2 + 1
+  bn = torch.nn.BatchNorm2d(6)
+  with torch.no_grad():
+    bn.weight.copy_(torch.tensor(rng.normal(size=6), dtype=torch.float32))
+    bn.bias.copy_(torch.tensor(rng.normal(size=6), dtype=torch.float32))
+  bn.train()
+  y_t = bn(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+  m = BatchNorm()
+  v = m.init(jax.random.key(0), x, train=False)
+  v = {'params': {'scale': jnp.asarray(bn.weight.detach().numpy()),
+                  'bias': jnp.asarray(bn.bias.detach().numpy())},
+       'batch_stats': v['batch_stats']}
+  y, st = m.apply(v, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(y, y_t, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(st['batch_stats']['mean'], bn.running_mean.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(st['batch_stats']['var'], bn.running_var.numpy(), rtol=1e-6)
+  # Flax's rule (biased variance in the running average) differs, as documented.
+  _, st_b = BatchNorm(unbiased_running_var=False).apply(v, x, train=True, mutable=['batch_stats'])
+  assert not np.allclose(st_b['batch_stats']['var'], bn.running_var.numpy(), rtol=1e-4)
+  # Eval mode uses the running statistics.
+  bn.eval()
+  v2 = {'params': v['params'], 'batch_stats': st['batch_stats']}
+  y_e = m.apply(v2, x, train=False)
+  y_te = bn(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+  np.testing.assert_allclose(y_e, y_te, rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_pads_with_neg_inf():
+  torch = pytest.importorskip('torch')
+  x = -np.abs(np.random.default_rng(0).normal(size=(1, 7, 9, 2))).astype(np.float32) - 1
+  ref = torch.nn.MaxPool2d(3, 2, 1)(torch.from_numpy(x).permute(0, 3, 1, 2))
+  np.testing.assert_array_equal(max_pool_torch(jnp.asarray(x)), ref.permute(0, 2, 3, 1).numpy())
