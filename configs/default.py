@@ -34,7 +34,8 @@ def get_config():
       unit="block5",         # the unit Layer FT / SCL FT tune
       image_size=0,          # model input resolution (0 = the data's own)
       channels=0,            # model input channels (0 = the data's; 3 tiles grayscale to RGB)
-      normalization="dataset",  # 'dataset' (train-split statistics) | 'imagenet' | 'cifar10' ...
+      normalization="dataset",  # 'dataset' (train-split stats) | 'imagenet' | 'inception' | 'cifar10' ...
+      datasets="",           # '' = config.datasets; else this backbone's own dataset list
       options=ml_collections.ConfigDict(dict(stem="cifar", width=16)),
   ))
 

@@ -225,13 +225,16 @@ def _lowrank(centred, dtype):
     """Directions V (d, r) and weights 1/s_j^2 (0 beyond the cutoff) of centred means (K, d)."""
     k, d = centred.shape
     r = min(k - 1, d)
-    _, s, vt = jnp.linalg.svd(centred, full_matrices=False)
-    s, vt = s[:r], vt[:r]
+    # SVD of the (d, K) transpose: its left vectors are V.  (Taking the SVD of the (K, d)
+    # matrix made XLA:CPU pick a column-major layout for the class sums upstream, which
+    # turned the segment_sum scatter into a strided one, 5x slower.)
+    v, s, _ = jnp.linalg.svd(centred.T, full_matrices=False)
+    v, s = v[:, :r], s[:r]
     s2 = s * s
     rtol = 10.0 * d * jnp.finfo(dtype).eps          # == jnp.linalg.pinv default for d x d
     keep = s2 > rtol * s2[0]
     inv_s2 = jnp.where(keep, 1.0 / jnp.where(keep, s2, 1.0), 0.0)
-    return vt.T, inv_s2
+    return v, inv_s2
 
 
 def _nan_unless(ok, value):
@@ -333,7 +336,7 @@ def cdnv(features, labels, num_classes: int | None = None):
 
 
 # ----------------------------------------------------------------------------- numerical rank
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def _numrank_impl(h, y, k, exact, num_iters):
     n, d = h.shape
     counts, sums = _class_sums(h, y, k)
@@ -359,13 +362,13 @@ def _numrank_impl(h, y, k, exact, num_iters):
         u = means / jnp.where(mn > 0, mn, 1.0) + 0.1 * g
         u = u / jnp.linalg.norm(u, axis=1, keepdims=True)
 
-        def step(u, _):
+        def step(_, u):
             a = jnp.dot(h, u.T, precision=_HI) * onehot              # (N, K): h_i . u_{y_i}
             w = lax.dot_general(a, h, (((0,), (0,)), ((), ())), precision=_HI)   # (K, d)
             wn = jnp.linalg.norm(w, axis=1, keepdims=True)
-            return w / jnp.where(wn > 0, wn, 1.0), None
+            return w / jnp.where(wn > 0, wn, 1.0)
 
-        u, _ = lax.scan(step, u, None, length=num_iters)
+        u = lax.fori_loop(0, num_iters, step, u)                     # traced trip count
         a = jnp.dot(h, u.T, precision=_HI) * onehot
         spec2 = jnp.sum(a * a, axis=0)                               # ||H_k u_k||^2 (Rayleigh)
     val = jnp.mean(fro2 / spec2)
@@ -391,7 +394,7 @@ def numerical_rank(features, labels, num_classes: int | None = None, exact: bool
     h, y, k, concrete = _prepare(features, labels, num_classes, "numerical_rank")
     if int(num_iters) < 1:
         raise ValueError(f"numerical_rank: num_iters must be >= 1, got {num_iters}")
-    val, ok = _numrank_impl(h, y, k, bool(exact), int(num_iters))
+    val, ok = _numrank_impl(h, y, k, bool(exact), jnp.asarray(int(num_iters), jnp.int32))
     return _finish(val, ok, h, concrete, "numerical_rank")
 
 

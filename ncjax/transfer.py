@@ -65,6 +65,7 @@ def backbone_config(config, model_name: str):
   base.setdefault("image_size", 0)
   base.setdefault("options", {})
   base.setdefault("normalization", "dataset")
+  base.setdefault("datasets", "")  # '' = config.datasets
   base["options"] = dict(base["options"])
   return base
 
@@ -86,7 +87,12 @@ def normalization(kind: str, ds: data.ArrayDataset, channels: int):
   """(mean, std) per input channel in [0, 1] units: 'imagenet' / a stored dataset name, or
   'dataset' (computed on `ds`, the training split). One-channel statistics are repeated when
   grayscale images feed a `channels`-channel model."""
-  mean, std = data.dataset_stats(ds) if kind == "dataset" else data.stats_for(kind)
+  if kind == "dataset":
+    mean, std = data.dataset_stats(ds)
+  elif kind == "inception":  # vit_jax / Inception: inputs scaled to [-1, 1]
+    mean, std = (0.5,) * channels, (0.5,) * channels
+  else:
+    mean, std = data.stats_for(kind)
   if len(mean) == 1 and channels > 1:
     mean, std = mean * channels, std * channels
   if len(mean) != channels:
@@ -368,7 +374,7 @@ def run(config, workdir: str) -> list[dict]:
       pre_records.append(prec)
       _write_jsonl(os.path.join(workdir, "pretrain.jsonl"), pre_records)
     image_size = int(bb["image_size"]) or None
-    for ds_name in split_list(config.datasets):
+    for ds_name in split_list(bb.get("datasets")) or split_list(config.datasets):
       train_full = load_split(config, ds_name, "train", image_size, classes)
       test_ds = load_split(config, ds_name, _get(config, "test_split", "test") or "test",
                            image_size, classes)
@@ -428,7 +434,7 @@ def run_layer_probes(config, workdir: str) -> list[dict]:
     if config.pretrain.enabled and bb["weights"] in ("", "pretrain"):
       pretrained, _ = pretrain(config, model_name, bb, workdir, mesh)
     image_size = int(bb["image_size"]) or None
-    for ds_name in split_list(config.datasets):
+    for ds_name in split_list(bb.get("datasets")) or split_list(config.datasets):
       train_ds = load_split(config, ds_name, "train", image_size, classes)
       test_ds = load_split(config, ds_name, config.test_split or "test", image_size, classes)
       model = models.get(model_name, train_ds.num_classes, **bb["options"])

@@ -1,0 +1,109 @@
+"""Benchmark NC1: ncjax.metrics.nc1 vs the literal d x d pinv path vs a peer-style numpy/scipy code.
+
+    python benchmarks/nc1.py                 # N=50,000, d in {512, 2048}, K in {10, 100}
+    python benchmarks/nc1.py --quick         # N=5,000, d in {128, 512}, K in {10}
+    python benchmarks/nc1.py --n 20000 --reps 7
+
+Times (median of --reps runs after one warm-up, block_until_ready):
+  floor  one read pass over the features (jitted column sum)
+  nc1    ncjax.metrics.nc1 (low-rank exact path, jitted inside)
+  pinv   ncjax.metrics.nc1_pinv (d x d Sigma_W, Sigma_B, jnp.linalg.pinv)
+  peer   numpy/scipy in the style of tding1/Neural-Collapse: sample mean as global mean,
+         d x d Sigma_W accumulated per class with numpy, scipy.linalg.pinv(Sigma_B)
+         (host; float32 features; skipped with --no-peer or when scipy is missing)
+Runs unchanged on GPU (jax picks the default device; the peer baseline stays on the host).
+"""
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ncjax import metrics  # noqa: E402
+
+try:
+    import scipy.linalg
+except ImportError:  # pragma: no cover
+    scipy = None
+
+
+def peer_nc1(h, y, k):
+    """Peer-style NC1 (tding1/Neural-Collapse conventions): sample global mean, scipy pinv."""
+    d = h.shape[1]
+    mu_g = h.mean(axis=0)
+    sigma_w = np.zeros((d, d), h.dtype)
+    means = np.zeros((k, d), h.dtype)
+    for c in range(k):
+        hc = h[y == c]
+        means[c] = hc.mean(axis=0)
+        r = hc - means[c]
+        sigma_w += r.T @ r
+    sigma_w /= h.shape[0]
+    m = means - mu_g
+    sigma_b = m.T @ m / k
+    return float(np.trace(sigma_w @ scipy.linalg.pinv(sigma_b)) / k)
+
+
+def timeit(fn, reps):
+    jax.block_until_ready(fn())                       # warm-up / compile
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=None, help="samples N (default 50000; 5000 with --quick)")
+    p.add_argument("--dims", type=int, nargs="+", default=None, help="feature dims d")
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="class counts K")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per entry (median reported)")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--no-peer", action="store_true", help="skip the numpy/scipy baseline")
+    p.add_argument("--no-pinv", action="store_true", help="skip nc1_pinv")
+    a = p.parse_args(argv)
+    n = a.n or (5000 if a.quick else 50000)
+    dims = a.dims or ([128, 512] if a.quick else [512, 2048])
+    classes = a.classes or ([10] if a.quick else [10, 100])
+    peer = not a.no_peer and scipy is not None
+
+    dev = jax.devices()[0]
+    print(f"# device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}, N={n}, "
+          f"float32, median of {a.reps} runs; times in ms")
+    floor_fn = jax.jit(lambda h: jnp.sum(h, axis=0))
+    hdr = (f"{'d':>5} {'K':>4} | {'floor':>8} {'nc1':>8} {'pinv':>8} {'peer':>8} | "
+           f"{'nc1/floor':>9} {'pinv/nc1':>8} {'peer/nc1':>8} | {'rel|nc1-pinv|':>13}")
+    print(hdr)
+    print("-" * len(hdr))
+    rng = np.random.default_rng(0)
+    for d in dims:
+        for k in classes:
+            y_np = rng.integers(0, k, n).astype(np.int32)
+            y_np[:k] = np.arange(k)
+            mu = rng.normal(size=(k, d)).astype(np.float32) * 2.0
+            h_np = mu[y_np] + rng.standard_normal((n, d), dtype=np.float32)
+            h, y = jax.device_put(h_np), jax.device_put(y_np)
+            t_floor = timeit(lambda: floor_fn(h), a.reps)
+            t_nc1 = timeit(lambda: metrics.nc1(h, y, k), a.reps)
+            v_nc1 = float(metrics.nc1(h, y, k))
+            if a.no_pinv:
+                t_pinv, v_pinv = float("nan"), float("nan")
+            else:
+                t_pinv = timeit(lambda: metrics.nc1_pinv(h, y, k), max(1, min(a.reps, 3)))
+                v_pinv = float(metrics.nc1_pinv(h, y, k))
+            t_peer = timeit(lambda: peer_nc1(h_np, y_np, k), max(1, min(a.reps, 3))) if peer else float("nan")
+            ms = lambda t: f"{t * 1e3:8.1f}"  # noqa: E731
+            print(f"{d:>5} {k:>4} | {ms(t_floor)} {ms(t_nc1)} {ms(t_pinv)} {ms(t_peer)} | "
+                  f"{t_nc1 / t_floor:9.2f} {t_pinv / t_nc1:8.1f} {t_peer / t_nc1:8.1f} | "
+                  f"{abs(v_nc1 - v_pinv) / abs(v_pinv):13.2e}", flush=True)
+            del h, y, h_np
+
+
+if __name__ == "__main__":
+    main()

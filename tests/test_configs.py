@@ -1,0 +1,104 @@
+"""Every config loads, names real models/units/methods/jobs, and the CLI runs end to end."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags  # noqa: F401  (the loader main uses)
+
+from ncjax import jobs, methods, models, transfer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not p.endswith("__init__.py"))
+
+
+def _load(path, arg=None):
+  import importlib.util
+  sys.path.insert(0, ROOT)
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+def test_paper_configs_exist():
+  names = {os.path.basename(p)[:-3] for p in CONFIGS}
+  assert {"default", "table3", "table5", "table6", "table7", "fig2", "fig9", "fig11",
+          "metrics_digits"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
+def test_config_is_consistent(path):
+  c = _load(path)
+  assert c.job in jobs.JOBS
+  for m in transfer.split_list(c.methods):
+    assert m in methods.METHODS
+  for name in transfer.split_list(c.models):
+    bb = transfer.backbone_config(c, name)
+    unit_list = models.units(name, **{k: v for k, v in bb["options"].items() if k != "pool"})
+    for u in transfer.split_list(c.units) or ([bb["unit"]] if bb["unit"] else []):
+      assert u in unit_list, (name, u)
+
+
+def test_table_unit_sweeps_match_the_paper():
+  assert transfer.split_list(_load(os.path.join(ROOT, "configs", "table5.py")).units) == \
+      ["block1", "block3", "block5", "block7"]
+  assert transfer.split_list(_load(os.path.join(ROOT, "configs", "table6.py")).units) == \
+      ["block1", "block4", "block8", "block14"]
+  assert transfer.split_list(_load(os.path.join(ROOT, "configs", "table7.py")).units) == \
+      ["layer2", "layer5", "layer8", "layer11"]
+  c = _load(os.path.join(ROOT, "configs", "fig11.py"))
+  assert transfer.split_list(c.train_sizes) == ["10", "24", "59", "142", "344", "835", "2022", "4898"]
+
+
+def test_parse_classes():
+  assert transfer.parse_classes("5-9") == [5, 6, 7, 8, 9]
+  assert transfer.parse_classes("0,2, 4") == [0, 2, 4]
+  assert transfer.parse_classes("") is None
+
+
+def test_missing_weights_say_where_they_come_from(tmp_path):
+  c = _load(os.path.join(ROOT, "configs", "table3.py"))
+  bb = transfer.backbone_config(c, "resnet18")
+  bb["weights"] = str(tmp_path / "nope.pth")
+  with pytest.raises(FileNotFoundError, match="download.pytorch.org"):
+    transfer.load_backbone(c, "resnet18", bb, {}, None)
+
+
+def _run_cli(args, workdir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "ncjax.main", f"--workdir={workdir}", *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return out.stdout
+
+
+def test_default_config_end_to_end(tmp_path):
+  """The default job (pre-train on digits 0-4, four methods on digits 5-9) with a tiny step
+  count, through the real command line."""
+  stdout = _run_cli(["--config.optim.steps=2", "--config.pretrain.optim.steps=3"], tmp_path)
+  assert "| Linear Probe |" in stdout and "| SCL FT |" in stdout
+  records = json.load(open(tmp_path / "results.json"))
+  assert [r["method"] for r in records] == ["linear", "layer", "scl", "full"]
+  for r in records:
+    assert r["model"] == "resnet18" and r["dataset"] == "digits" and r["num_classes"] == 5
+    assert 0.0 <= r["accuracy"] <= 100.0 and r["nc1"] > 0
+    assert list(r["layerwise_nc1"]) == [f"block{i}" for i in range(1, 9)]
+    assert r["num_train"] == 1438 - 718 or r["num_train"] > 0
+  pct = {r["method"]: r["percent_params"] for r in records}
+  assert pct["full"] == 100.0 and pct["layer"] == pct["scl"] and pct["linear"] < pct["layer"]
+  for f in ("results.csv", "results.md", "layerwise_nc1.png", "pretrain.jsonl"):
+    assert (tmp_path / f).exists(), f
+  assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_metrics_job(tmp_path):
+  stdout = _run_cli([f"--config={ROOT}/configs/metrics_digits.py"], tmp_path)
+  rows = json.load(open(tmp_path / "metrics.json"))
+  assert [r["features"] for r in rows][0] == "pixels"
+  for r in rows:
+    assert abs(r["nc1"] - r["nc1_pinv"]) <= 1e-3 * r["nc1_pinv"]
+  assert "| pixels |" in stdout

@@ -1,0 +1,237 @@
+"""Tests of the fine-tuning methods (masks) and the one train step."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ncjax import methods, models, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _abstract_params(name, num_classes=10, image_size=32, **options):
+  return models.param_shapes(name, num_classes, image_size=image_size, **options)["params"]
+
+
+# ----------------------------------------------------------------------------- masks
+
+@pytest.mark.parametrize("name,image_size,options", [
+    ("resnet18", 32, {}), ("resnet34", 32, {}), ("resnet50", 32, {}),
+    ("vit_ti16", 32, {}), ("mlp", 28, {}), ("convnet4", 32, {}), ("resnet12", 32, {}),
+])
+def test_masks_select_exactly_the_unit_and_head(name, image_size, options):
+  params = _abstract_params(name, image_size=image_size, **options)
+  all_units = models.units(name)
+  total = methods.count(params)
+  head = methods.count(params["head"])
+  for unit in all_units:
+    for method in ("layer", "scl"):
+      mask = methods.trainable_mask(params, method, unit)
+      flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+      for path, m in flat:
+        top = path[0].key
+        assert m == (top in (unit, "head")), (method, unit, jax.tree_util.keystr(path))
+      assert methods.count(params, mask) == methods.count(params[unit]) + head
+  assert methods.count(params, methods.trainable_mask(params, "linear")) == head
+  assert methods.count(params, methods.trainable_mask(params, "full")) == total
+
+
+def test_percent_trainable_matches_table3_resnet18():
+  # Table 3: ResNet-18 Layer FT block5 on CIFAR-10 8.27%, linear 0.05%; CIFAR-100 8.64%.
+  for k, layer, linear in ((10, 8.27, 0.05), (100, 8.64, 0.46)):
+    params = _abstract_params("resnet18", num_classes=k, image_size=224)
+    assert round(methods.percent_trainable(params, methods.trainable_mask(params, "layer", "block5")), 2) == layer
+    assert round(methods.percent_trainable(params, methods.trainable_mask(params, "linear")), 2) == linear
+
+
+def test_mask_errors_name_the_problem():
+  params = _abstract_params("resnet18")
+  with pytest.raises(ValueError, match="unknown fine-tuning method 'lora'"):
+    methods.trainable_mask(params, "lora", "block5")
+  with pytest.raises(ValueError, match="unit 'block9' is not a top-level module"):
+    methods.trainable_mask(params, "layer", "block9")
+  with pytest.raises(ValueError, match="needs a unit"):
+    methods.trainable_mask(params, "scl", None)
+
+
+def test_partition_combine_roundtrip():
+  params = {"a": {"w": jnp.ones(2)}, "head": {"kernel": jnp.zeros((2, 3))}}
+  mask = methods.trainable_mask(params, "linear")
+  t, f = methods.partition(params, mask)
+  assert t["a"]["w"] is None and f["head"]["kernel"] is None
+  assert jax.tree.leaves(t) == [params["head"]["kernel"]]
+  back = methods.combine(t, f)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+
+
+def test_frozen_leaves_have_no_optimizer_state():
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _abstract_params("resnet18"))
+  mask = methods.trainable_mask(params, "layer", "block5")
+  tx = train.make_optimizer(train.OptimConfig(), 10, mask)
+  state = tx.init(params)
+  n_state = sum(np.size(x) for x in jax.tree.leaves(state) if np.ndim(x) > 0)
+  assert n_state == methods.count(params, mask)  # one momentum buffer per trainable scalar
+
+
+# ----------------------------------------------------------------------------- the train step
+
+def _small_resnet(k=4, **kw):
+  model = models.get("resnet18", k, stem="cifar", width=4, **kw)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 8, 3)), jnp.float32)
+  y = jnp.asarray(np.arange(8) % k, jnp.int32)
+  v = model.init(jax.random.PRNGKey(0), x[:1], train=False)
+  return model, v, x, y
+
+
+def _count_convs(jaxpr) -> int:
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      n += 1
+    for sub in jax.core.jaxprs_in_params(eqn.params) if hasattr(jax.core, "jaxprs_in_params") else []:
+      n += _count_convs(sub)
+    for p in eqn.params.values():
+      if hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
+        n += _count_convs(p.jaxpr)
+      elif hasattr(p, "eqns"):
+        n += _count_convs(p)
+  return n
+
+
+def test_no_backward_pass_through_frozen_prefix():
+  """Count convolutions in the step's jaxpr. ResNet-18 (CIFAR stem) has 20 convolutions (stem,
+  16 in the blocks, 3 downsample). Full FT: 20 forward + 20 weight gradients + 19 input
+  gradients = 59. Layer FT block5: 20 forward + 3 weight gradients (block5's two convs and its
+  downsample) + 8 input gradients (blocks 6-8: 2 + 3 + 2, block5's conv2: 1) = 31. Linear
+  probe: the 20 forward convolutions only."""
+  model, v, x, y = _small_resnet()
+  expected = {"full": 59, "layer": 31, "linear": 20}
+  for method, n in expected.items():
+    mask = methods.trainable_mask(v["params"], method, "block5")
+    tx = train.make_optimizer(train.OptimConfig(), 10, mask)
+    state = train.init_state(v["params"], v["batch_stats"], tx)
+    step = train.make_train_step(train.model_forward(model), tx, mask)
+    jaxpr = jax.make_jaxpr(step)(state, x, y, jax.random.PRNGKey(0))
+    assert _count_convs(jaxpr.jaxpr) == n, method
+
+
+def test_layer_ft_keeps_frozen_params_bit_identical_and_updates_batch_stats():
+  model, v, x, y = _small_resnet()
+  mask = methods.trainable_mask(v["params"], "layer", "block5")
+  tx = train.make_optimizer(train.OptimConfig(lr=0.05), 4, mask)
+  state = train.init_state(v["params"], v["batch_stats"], tx)
+  step = jax.jit(train.make_train_step(train.model_forward(model), tx, mask))
+  new = state
+  for i in range(2):
+    new, m = step(new, x, y, jax.random.PRNGKey(i))
+    assert np.isfinite(float(m["loss"]))
+  for top in v["params"]:
+    same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                                        v["params"][top], new.params[top]))
+    if top in ("block5", "head"):
+      assert not all(same), top
+    else:
+      assert all(same), top
+  # Every BatchNorm's running statistics moved, frozen blocks included (REFERENCE §3).
+  for top in v["batch_stats"]:
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b),
+                                         v["batch_stats"][top], new.batch_stats[top]))
+    assert all(moved), top
+
+
+def test_linear_probe_matches_closed_form_gradient():
+  """One SGD step of the head-only forward equals a hand-computed softmax-regression step."""
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(6, 5)).astype(np.float32)
+  y = np.array([0, 1, 2, 0, 1, 2], np.int32)
+  params = {"body": {"w": jnp.ones(3)},
+            "head": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+                     "bias": jnp.zeros(3, jnp.float32)}}
+  mask = methods.trainable_mask(params, "linear")
+  cfg = train.OptimConfig(lr=0.5, lr_end=0.5, momentum=0.0, weight_decay=0.0)
+  tx = train.make_optimizer(cfg, 1, mask)
+  state = train.init_state(params, {}, tx)
+  step = train.make_train_step(train.head_forward(3), tx, mask)
+  new, _ = step(state, jnp.asarray(f), jnp.asarray(y), jax.random.PRNGKey(0))
+  w = np.asarray(params["head"]["kernel"], np.float64)
+  z = f @ w
+  p = np.exp(z - z.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+  g = p - np.eye(3)[y]
+  np.testing.assert_allclose(new.params["head"]["kernel"], w - 0.5 * f.T @ g / 6, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new.params["head"]["bias"], -0.5 * g.mean(0), rtol=1e-5, atol=1e-6)
+  assert new.params["body"]["w"] is not None and np.array_equal(new.params["body"]["w"], np.ones(3))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _tiny_problem(n=64, k=4, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, 255, size=(n, 6, 6, 1), dtype=np.uint8)
+  y = (np.arange(n) % k).astype(np.int32)
+  model = models.get("mlp", k, depth=2, width=16)
+  v = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 6, 6, 1)), train=False)
+  prepare = lambda rng, x, t: x.astype(jnp.float32) / 255.0
+  return model, v, x, y, prepare
+
+
+def _fit_tiny(tmp, total, stop=None, resume=False, lr=0.1):
+  model, v, x, y, prepare = _tiny_problem()
+  mask = methods.trainable_mask(v["params"], "full")
+  tx = train.make_optimizer(train.OptimConfig(lr=lr), total, mask)
+  step = train.make_train_step(train.model_forward(model), tx, mask, prepare)
+  state = train.init_state(v["params"], {}, tx)
+  return train.fit(state, step, x, y, batch_size=16, total_steps=stop or total, seed=3,
+                   checkpoint_dir=tmp, checkpoint_every=2, resume=resume)
+
+
+def test_resume_is_bit_identical(tmp_path):
+  full, _ = _fit_tiny(str(tmp_path / "a"), total=10)
+  _fit_tiny(str(tmp_path / "b"), total=10, stop=5)        # "interrupted" after step 5
+  resumed, _ = _fit_tiny(str(tmp_path / "b"), total=10, resume=True)
+  assert int(resumed.step) == 10
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(full.opt_state), jax.tree.leaves(resumed.opt_state)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nan_loss_stops_and_names_the_step(tmp_path):
+  with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d+"):
+    _fit_tiny(None, total=6, lr=1e38)
+
+
+def test_batch_iterator_is_deterministic_and_resumable():
+  x = np.arange(20)[:, None]
+  y = np.arange(20, dtype=np.int32)
+  full = [b[1] for b in train.batch_iterator(x, y, 4, seed=1, start_step=0, total_steps=12)]
+  tail = [b[1] for b in train.batch_iterator(x, y, 4, seed=1, start_step=7, total_steps=12)]
+  assert len(full) == 12 and all(np.array_equal(a, b) for a, b in zip(full[7:], tail))
+  assert sorted(np.concatenate(full[:5]).tolist()) == list(range(20))  # one epoch = each once
+  with pytest.raises(ValueError, match="batch size 32 exceeds the 20"):
+    next(train.batch_iterator(x, y, 32, seed=0, start_step=0, total_steps=1))
+
+
+def test_padded_batches_cover_everything_once():
+  seen = []
+  for idx, valid in train.padded_batches(10, 4):
+    assert len(idx) == 4
+    seen.extend(idx[:valid].tolist())
+  assert seen == list(range(10))
+
+
+def test_sharded_step_on_8_devices_matches_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "_sharded_worker.py")],
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  m = re.search(r"devices=(\d+) max_rel_diff=([0-9.e+-]+)", out.stdout)
+  assert m, out.stdout
+  assert int(m.group(1)) == 8
+  assert float(m.group(2)) < 1e-4
