@@ -44,7 +44,8 @@ def get_config():
   c.pretrain.enabled = True
   c.pretrain.dataset = "digits"
   c.pretrain.classes = "0-4"
-  c.pretrain.optim = ml_collections.ConfigDict(dict(epochs=30))
+  # Overrides of c.optim for pre-training (any field of c.optim may be added).
+  c.pretrain.optim = ml_collections.ConfigDict(dict(epochs=30, steps=0))
 
   # --- optimisation (paper, Appendix B: SGD 0.9, wd 1e-4, cosine 0.1 -> 1e-4, 200 epochs) -----
   c.optim = ml_collections.ConfigDict(dict(

@@ -15,6 +15,6 @@ def get_config(arg="fashion_mnist"):
   c.backbone.default.unit = "layer5"
   c.pretrain.dataset = arg
   c.pretrain.classes = ""
-  c.pretrain.optim = {"epochs": 150 if arg != "digits" else 100}
+  c.pretrain.optim = {"epochs": 150 if arg != "digits" else 100, "steps": 0}
   c.optim.batch_size = 128
   return c

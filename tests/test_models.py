@@ -194,6 +194,20 @@ def test_small_models_train_and_scl(name, size, c):
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('name,size', [('resnet18', 33), ('vit_ti16', 32)])
+def test_gradients_flow_to_every_unit(name, size):
+  m = models.get(name, 3)
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  v = random_variables(models.param_shapes(name, 3, size))
+
+  def loss(params):
+    out = m.apply({**v, 'params': params}, x, train=True, mutable=['batch_stats'])[0]
+    return jnp.sum(out ** 2)
+  g = jax.jit(jax.grad(loss))(v['params'])
+  for u in models.units(name):
+    assert any(np.any(np.asarray(l) != 0) for l in jax.tree_util.tree_leaves(g[u])), u
+
+
 def test_bfloat16_compute():
   m = models.get('resnet18', 3, stem='cifar', dtype='bfloat16')
   x = jnp.ones((2, 8, 8, 3))

@@ -423,8 +423,14 @@ def test_vit_pre_logits_and_errors(tmp_path, vit_ckpt):
   _, skipped = weights.load(p3, 'vit_ti16', fresh, strict=False)
   assert sorted(skipped) == sorted([f'{k} (shape (192, 700) != (192, 768))',
                                     'Transformer/encoderblock_5/LayerNorm_2/scale (missing)'])
+  (tmp_path / 'x.pth').write_text('x')
   with pytest.raises(CheckpointError, match='suffix'):
-    weights.load(tmp_path / 'x.pth', 'vit_ti16', fresh) if (tmp_path / 'x.pth').write_text('x') else None
+    weights.load(tmp_path / 'x.pth', 'vit_ti16', fresh)
+  (tmp_path / 'notes.npz').write_text('not a checkpoint')
+  with pytest.raises(CheckpointError, match='not a readable checkpoint'):
+    weights.load(tmp_path / 'notes.npz', 'vit_ti16', fresh)
+  with pytest.raises(ValueError, match='no weight importer'):
+    weights.load(path, 'mlp', fresh)
 
 
 def test_resize_pos_embedding_matches_scipy_zoom():

@@ -30,11 +30,13 @@ def _conv(features, k, stride, dtype, name):
 
 
 def max_pool_torch(x, window: int = 3, stride: int = 2, pad: int = 1):
-  """torch.nn.MaxPool2d(window, stride, pad): -inf padding, floor output size."""
-  init = jnp.array(-jnp.inf, dtype=x.dtype)
-  return jax.lax.reduce_window(
-      x, init, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
-      ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  """torch.nn.MaxPool2d(window, stride, pad): -inf padding, floor output size.
+
+  `nn.max_pool` reduces with init value -inf, which is also what its explicit padding
+  pads with (and keeps the op differentiable: reduce_window_max).
+  """
+  return nn.max_pool(x, (window, window), strides=(stride, stride),
+                     padding=((pad, pad), (pad, pad)))
 
 
 class Stem(nn.Module):
