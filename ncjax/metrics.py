@@ -236,7 +236,7 @@ def _lowrank(centred, dtype):
     w, u = jnp.linalg.eigh(gram)                                     # ascending
     s2, u = w[::-1][:r], u[:, ::-1][:, :r]
     rtol = 10.0 * d * jnp.finfo(dtype).eps          # == jnp.linalg.pinv default for d x d
-    keep = s2 > 0
+    keep = s2 > rtol * s2[0]
     safe = jnp.where(keep, s2, 1.0)
     v = jnp.dot(centred.T, u, precision=_HI) / jnp.sqrt(safe)        # (d, r) orthonormal
     inv_s2 = jnp.where(keep, 1.0 / safe, 0.0)

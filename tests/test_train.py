@@ -235,3 +235,32 @@ def test_sharded_step_on_8_devices_matches_one_device():
   assert m, out.stdout
   assert int(m.group(1)) == 8
   assert float(m.group(2)) < 1e-4
+
+
+def test_two_process_jax_distributed_matches_single_process(tmp_path):
+  """Two processes on localhost (jax.distributed, gloo), each feeding half of every global
+  batch, end with the same parameters as one process feeding the whole batch."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  worker = os.path.join(ROOT, "tests", "_multihost_worker.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  procs = [subprocess.Popen([sys.executable, worker, str(i), port, str(tmp_path / f"p{i}")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in (0, 1)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-3000:]
+  ref = subprocess.run([sys.executable, worker, "-1", port, str(tmp_path / "ref")], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  r = np.load(tmp_path / "ref.npz")
+  assert int(r["devices"]) == 1
+  for i in (0, 1):
+    d = np.load(tmp_path / f"p{i}.npz")
+    assert int(d["devices"]) == 2
+    assert float(d["acc"]) == pytest.approx(float(r["acc"]))
+    for k in r.files:
+      if k.startswith("p"):
+        np.testing.assert_allclose(d[k], r[k], rtol=1e-5, atol=1e-6)

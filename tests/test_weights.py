@@ -2,7 +2,6 @@
 references (a torch ResNet written for the tests; a numpy ViT), and the error paths."""
 import functools
 import math
-import os
 import sys
 
 import jax

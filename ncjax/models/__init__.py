@@ -134,7 +134,9 @@ def finetune_percent(name: str, method: str, unit: Optional[str], num_classes: i
   new head (backbone + new head; the pre-training classifier is not counted), x 100.
   `linear`: head only; `layer`, `scl`: `unit` + head (the SCL skip has no parameters);
   `full`: all. BatchNorm statistics are not parameters. The ViT position embedding
-  depends on `image_size` (the paper's ViT-B/32 numbers are at 384).
+  depends on `image_size` (the paper's ViT-B/32 numbers are at 384). The abstract
+  input is (1, image_size, image_size, channels): pass `image_size=28, channels=1` for
+  the MLP on MNIST. `options` go to `get` (e.g. `stem='cifar'`, `depth=...`).
   """
   if method not in METHODS:
     raise ValueError(f'unknown method {method!r}; methods: {", ".join(METHODS)}')

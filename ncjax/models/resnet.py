@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 

@@ -73,7 +73,10 @@ class ViT(nn.Module):
   num_heads: int = 12
   mlp_dim: int = 3072
   representation_size: Optional[int] = None
-  pool: str = 'cls'  # per-layer pooled feature: 'cls' token or 'mean' of all tokens
+  # Per-layer pooled feature (what each `layer{i}` sows): 'cls' = the class token,
+  # 'mean' = the mean over all 1 + g*g tokens (class token included; the paper's
+  # layer-wise ViT features are 145 x 768 per layer at 384x384).
+  pool: str = 'cls'
   scl_unit: Optional[str] = None
   dtype: Dtype = jnp.float32
 
