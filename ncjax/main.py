@@ -25,6 +25,9 @@ flags.DEFINE_integer("process_id", 0, "This process's index (multi-host).")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    # Keep the console to progress bars and results (orbax logs every checkpoint at INFO).
+    logging.set_verbosity(logging.WARNING)
   if FLAGS.coordinator:
     import jax
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator,
@@ -32,7 +35,15 @@ def main(argv):
   from ncjax import jobs
   config = FLAGS.config
   logging.info("config:\n%s", config)
+  print(f"ncjax: job {config.job!r}, workdir {FLAGS.workdir!r}, devices {jax_devices()}")
   jobs.run(config, FLAGS.workdir)
+
+
+def jax_devices() -> str:
+  import jax
+  d = jax.devices()
+  return f"{len(d)} x {d[0].platform}" + (f" on {jax.process_count()} processes"
+                                          if jax.process_count() > 1 else "")
 
 
 if __name__ == "__main__":
