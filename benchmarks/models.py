@@ -1,4 +1,5 @@
-"""Forward / train-step timings of ncjax models vs independent PyTorch references (CPU).
+"""Forward / train-step timings of ncjax models vs independent PyTorch references (the torch
+reference runs on CUDA when torch sees a GPU, else on the CPU).
 
     python benchmarks/models.py --batch 32 --reps 3 [--models resnet18,vit_b32]
 
@@ -96,14 +97,18 @@ def bench_torch(name, batch, size, reps, num_classes=1000):
     m = TorchViT(size, 32, 768, 12, 12, 3072, num_classes)
   else:
     raise ValueError(f'no torch reference for {name}')
-  x = torch.randn(batch, 3, size, size)
-  y = torch.arange(batch) % num_classes
+  dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+  m = m.to(dev)
+  x = torch.randn(batch, 3, size, size, device=dev)
+  y = torch.arange(batch, device=dev) % num_classes
+  sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
   opt = torch.optim.SGD(m.parameters(), lr=LR)
 
   def fwd():
     m.eval()
     with torch.no_grad():
       m(x)
+    sync()
 
   def step():
     m.train()
@@ -111,6 +116,7 @@ def bench_torch(name, batch, size, reps, num_classes=1000):
     loss = torch.nn.functional.cross_entropy(m(x), y)
     loss.backward()
     opt.step()
+    sync()
 
   return _median_time(fwd, reps), _median_time(step, reps)
 

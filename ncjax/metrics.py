@@ -4,7 +4,7 @@ Notation: features ``H`` of shape ``(N, d)``, integer labels ``y`` of shape ``(N
 ``[0, K)``, ``n_k`` samples in class ``k`` (classes may be imbalanced), class means
 ``mu_k = (1/n_k) sum_{i: y_i = k} h_i``.
 
-Conventions (paper eq. (4) and Appendix A; ``/work/shared/REFERENCE.md`` section 1)
+Conventions (paper eq. (4) and Appendix A; project REFERENCE.md section 1)
 ----------------------------------------------------------------------------------
 * Global mean ``mu_G = (1/K) sum_k mu_k`` -- the mean of the class means (equals the sample
   mean only for balanced classes).

@@ -265,8 +265,12 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
   # by several runs) stay alive.
   state = put_replicated(mesh, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
   mngr = _checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
-  if resume and mngr is not None and mngr.latest_step() is not None:
-    state = restore_latest(checkpoint_dir, state)
+  if mngr is not None and mngr.latest_step() is not None:
+    if resume:
+      state = restore_latest(checkpoint_dir, state)
+    else:  # a fresh run: checkpoints of an earlier run in this directory are stale
+      for s in mngr.all_steps():
+        mngr.delete(s)
   start = int(state.step)
   rng = jax.device_put(jax.random.PRNGKey(seed), replicated(mesh))
   rows = local_rows(batch_size)
