@@ -90,17 +90,16 @@ def _small_resnet(k=4, **kw):
 
 
 def _count_convs(jaxpr) -> int:
+  """Convolutions in a jaxpr, sub-jaxprs (pjit, custom_vjp, ...) included."""
   n = 0
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated":
-      n += 1
-    for sub in jax.core.jaxprs_in_params(eqn.params) if hasattr(jax.core, "jaxprs_in_params") else []:
-      n += _count_convs(sub)
+    n += eqn.primitive.name == "conv_general_dilated"
     for p in eqn.params.values():
-      if hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
-        n += _count_convs(p.jaxpr)
-      elif hasattr(p, "eqns"):
-        n += _count_convs(p)
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          n += _count_convs(sub.jaxpr)
+        elif hasattr(sub, "eqns"):
+          n += _count_convs(sub)
   return n
 
 
