@@ -478,6 +478,7 @@ def run_layer_probes(config, workdir: str) -> list[dict]:
           "percent_params": 100.0 * (f_train["penultimate"].shape[1] + 1) * k
           / (models.count_params(variables["params"])),
           "layerwise_nc1": nc1s, "layerwise_accuracy": accs, "num_train": len(train_ds),
+          "num_classes": k,
           "weights": origin, "seed": seed})
       _write_jsonl(os.path.join(workdir, "records.jsonl"), records)
   return records

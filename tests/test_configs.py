@@ -102,3 +102,40 @@ def test_metrics_job(tmp_path):
   for r in rows:
     assert abs(r["nc1"] - r["nc1_pinv"]) <= 1e-3 * r["nc1_pinv"]
   assert "| pixels |" in stdout
+
+
+def _tiny_mlp_config(job):
+  c = _load(os.path.join(ROOT, "configs", "default.py"))
+  c.job = job
+  c.models = "mlp"
+  c.backbone.default.options = {"depth": 3, "width": 32}
+  c.backbone.default.unit = "layer2"
+  c.optim.steps = 3
+  c.pretrain.optim.steps = 4
+  c.eval_batch_size = 256
+  return c
+
+
+def test_layer_probe_job_records_every_unit(tmp_path):
+  records = jobs.run(_tiny_mlp_config("layer_probe"), str(tmp_path))
+  (r,) = records
+  assert list(r["layerwise_accuracy"]) == ["layer1", "layer2", "layer3"]
+  assert list(r["layerwise_nc1"]) == ["layer1", "layer2", "layer3"]
+  assert all(0 <= a <= 100 for a in r["layerwise_accuracy"].values())
+  assert all(v > 0 for v in r["layerwise_nc1"].values()) and r["nc1"] > 0
+  assert r["weights"] == "pretrain" and r["num_classes"] == 5
+  assert (tmp_path / "nc1_vs_accuracy.png").exists()
+
+
+def test_pretrain_job_measures_source_collapse(tmp_path):
+  records = jobs.run(_tiny_mlp_config("pretrain"), str(tmp_path))
+  (r,) = records
+  assert r["stage"] == "pretrain" and r["dataset"] == "digits" and r["num_classes"] == 5
+  assert list(r["layerwise_nc1"]) == ["layer1", "layer2", "layer3"]
+  assert (tmp_path / "results.md").exists()
+
+
+def test_unknown_job_is_named(tmp_path):
+  c = _tiny_mlp_config("finetune")
+  with pytest.raises(ValueError, match="unknown job 'finetune'"):
+    jobs.run(c, str(tmp_path))
