@@ -10,8 +10,13 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "default.py")
+# `configs/` lives beside the package in the repository: run from the repository root (or
+# a source checkout, when installed in editable mode).
+_DEFAULT_CONFIG = next(
+    (p for p in (os.path.join(os.getcwd(), "configs", "default.py"),
+                 os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "default.py")) if os.path.exists(p)),
+    "configs/default.py")
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.",
                                 lock_config=True)
