@@ -145,11 +145,12 @@ def main(argv=None):
     rows.append((name, jf, tf, js, ts))
     print(f'  done {name}', flush=True)
   print()
-  print('| model | ncjax fwd (s) | torch fwd (s) | fwd ratio ncjax/torch | '
-        'ncjax train step (s) | torch train step (s) | step ratio ncjax/torch |')
+  print('| model | ncjax fwd (ms) | torch fwd (ms) | fwd ratio ncjax/torch | '
+        'ncjax train step (ms) | torch train step (ms) | step ratio ncjax/torch |')
   print('|---|---|---|---|---|---|---|')
   for name, jf, tf, js, ts in rows:
-    print(f'| {name} | {jf:.3f} | {tf:.3f} | {jf / tf:.2f} | {js:.3f} | {ts:.3f} | {js / ts:.2f} |')
+    print(f'| {name} | {jf * 1e3:.2f} | {tf * 1e3:.2f} | {jf / tf:.2f} | {js * 1e3:.2f} | '
+          f'{ts * 1e3:.2f} | {js / ts:.2f} |')
 
 
 if __name__ == '__main__':

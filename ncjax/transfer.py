@@ -204,8 +204,9 @@ def recalibrate_batch_stats(forward, params, batch_stats, prepare, images, batch
     return forward(params, stats, prepare(key, x, False), True)[1]
 
   rows = train.local_rows(batch_size)
-  for x, _ in data.batches(data.ArrayDataset(images, np.zeros(len(images), np.int32), 1),
-                           batch_size, seed=seed, epoch=0):
+  for x, _ in train.batch_iterator(images, np.zeros(len(images), np.int32), batch_size,
+                                  seed=seed, start_step=0,
+                                  total_steps=len(images) // batch_size):
     batch_stats = update(batch_stats, train.to_global(mesh, x[rows]))
   return batch_stats
 
