@@ -262,7 +262,8 @@ def collapse(model, variables, prepare, ds: data.ArrayDataset, batch_size, mesh,
   result = {"nc1": float(pen.nc1()), "cdnv": float(pen.cdnv())}
   result["numerical_rank"] = (float(pen.numerical_rank()) if pen.class_scatter is not None
                               else float("nan"))
-  layerwise = {n: float(s.nc1()) for n, s in stats.items()}
+  # jit returns dicts with sorted keys ('layer10' < 'layer2'): restore the model's unit order.
+  layerwise = {n: float(stats[n].nc1()) for n in models.units(model) if n in stats}
   return result, layerwise
 
 

@@ -139,3 +139,36 @@ def test_unknown_job_is_named(tmp_path):
   c = _tiny_mlp_config("finetune")
   with pytest.raises(ValueError, match="unknown job 'finetune'"):
     jobs.run(c, str(tmp_path))
+
+
+def test_vit_transfer_with_scl_and_on_device_resize(tmp_path):
+  """A ViT through the whole pipeline: digits resized on device 8 -> 32, grayscale tiled to
+  RGB, SCL on layer3, from scratch."""
+  c = _tiny_mlp_config("transfer")
+  c.models = "vit_ti16"
+  c.pretrain.enabled = False
+  c.methods = "linear,scl"
+  c.backbone.default.options = {"pool": "cls"}
+  c.backbone.default.unit = "layer3"
+  c.backbone.default.image_size = 32
+  c.backbone.default.channels = 3
+  c.optim.steps = 2
+  records = jobs.run(c, str(tmp_path))
+  assert [r["method"] for r in records] == ["linear", "scl"]
+  assert all(r["weights"] == "scratch" for r in records)
+  assert list(records[1]["layerwise_nc1"]) == [f"layer{i}" for i in range(1, 13)]
+  assert records[1]["unit"] == "layer3" and records[0]["unit"] == ""
+  assert records[0]["percent_params"] < records[1]["percent_params"] < 100
+
+
+def test_data_scarcity_grid_writes_accuracy_vs_size(tmp_path):
+  """Fig. 11's loop: class-balanced subsets (10 images: batch shrinks to fit)."""
+  c = _tiny_mlp_config("transfer")
+  c.train_sizes = "10,40"
+  c.methods = "linear,full"
+  c.collapse = False
+  records = jobs.run(c, str(tmp_path))
+  assert [(r["method"], r["num_train"]) for r in records] == \
+      [("linear", 10), ("full", 10), ("linear", 40), ("full", 40)]
+  assert records[0]["batch_size"] == 10
+  assert (tmp_path / "accuracy_vs_size.png").exists()
