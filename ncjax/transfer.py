@@ -191,9 +191,13 @@ def effective_batch(batch_size: int, n: int, mesh) -> int:
 
 
 def recalibrate_batch_stats(forward, params, batch_stats, prepare, images, batch_size, mesh,
-                            seed):
-  """One pass over `images` in train mode, updating BatchNorm running statistics only (the
-  statistics every method updates on the downstream data; used before caching features)."""
+                            seed, steps: int = 0):
+  """Forward passes over `images` in train mode that update the BatchNorm running statistics
+  only (every method updates them on the downstream data; used before caching features).
+
+  `steps` batches (at least one epoch): the running statistics are an exponential moving
+  average (momentum 0.9), so ~50 batches forget the pre-training statistics (0.9^50 < 0.01),
+  as they would be forgotten during a linear probe that runs BatchNorm in train mode."""
   if not batch_stats:
     return batch_stats
   key = jax.random.PRNGKey(seed)
@@ -206,7 +210,7 @@ def recalibrate_batch_stats(forward, params, batch_stats, prepare, images, batch
   rows = train.local_rows(batch_size)
   for x, _ in train.batch_iterator(images, np.zeros(len(images), np.int32), batch_size,
                                   seed=seed, start_step=0,
-                                  total_steps=len(images) // batch_size):
+                                  total_steps=max(steps, len(images) // batch_size)):
     batch_stats = update(batch_stats, train.to_global(mesh, x[rows]))
   return batch_stats
 
@@ -305,7 +309,8 @@ def finetune(config, model_name: str, bb: dict, train_ds: data.ArrayDataset,
     # compute them once (after updating BatchNorm statistics on the downstream data, as every
     # method does) and train the head on them with the same train step.
     batch_stats = recalibrate_batch_stats(forward, params, batch_stats, prepare,
-                                          train_ds.images, batch, mesh, seed)
+                                          train_ds.images, batch, mesh, seed,
+                                          steps=min(steps, 50))
     feats = extract(model, {"params": params, "batch_stats": batch_stats}, prepare,
                     train_ds.images, eval_batch, mesh, names=("penultimate",))["penultimate"]
     step = train.make_train_step(train.head_forward(train_ds.num_classes), tx, mask)
@@ -450,7 +455,7 @@ def run_layer_probes(config, workdir: str) -> list[dict]:
       eval_batch = effective_batch(int(config.eval_batch_size), 1 << 30, mesh)
       stats = recalibrate_batch_stats(train.model_forward(model), variables["params"],
                                       variables["batch_stats"], prepare, train_ds.images, batch,
-                                      mesh, seed)
+                                      mesh, seed, steps=50)
       variables = {"params": variables["params"], "batch_stats": stats}
       f_train = extract(model, variables, prepare, train_ds.images, eval_batch, mesh)
       f_test = extract(model, variables, prepare, test_ds.images, eval_batch, mesh)
