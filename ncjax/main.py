@@ -6,6 +6,7 @@ runs its job and writes the report to ``--workdir``.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -17,6 +18,18 @@ _DEFAULT_CONFIG = next(
                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "default.py")) if os.path.exists(p)),
     "configs/default.py")
+
+
+def _config_root_on_path(argv) -> None:
+  """Configs import their base (`from configs import default`): put the folder that holds
+  `configs/` on sys.path, so the CLI also works outside the repository root."""
+  paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")] or [_DEFAULT_CONFIG]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(paths[-1].split(":")[0])))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+
+
+_config_root_on_path(sys.argv)
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.",
                                 lock_config=True)
