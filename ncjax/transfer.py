@@ -115,6 +115,14 @@ def make_prepare(mean, std, image_size: int | None, aug_level: int, channels: in
 
 # ----------------------------------------------------------------------------- variables
 
+def input_shape(bb: dict, ds: data.ArrayDataset) -> tuple[int, int, int, int]:
+  """The model's input shape (1, H, W, C): the backbone's `image_size` / `channels` where set,
+  else the data's own."""
+  image_size = int(bb["image_size"])
+  hw = (image_size, image_size) if image_size else ds.images.shape[1:3]
+  return (1,) + tuple(hw) + (int(_get(bb, "channels", 0)) or ds.images.shape[-1],)
+
+
 def init_variables(model, input_shape: tuple[int, ...], seed: int) -> dict:
   """Fresh ``{'params', 'batch_stats'}`` for `model` on float32 inputs of `input_shape`."""
   x = jnp.zeros((1,) + tuple(input_shape[1:]), jnp.float32)
@@ -286,8 +294,7 @@ def finetune(config, model_name: str, bb: dict, train_ds: data.ArrayDataset,
     options["scl_unit"] = unit
   model = models.get(model_name, train_ds.num_classes, **options)
   image_size = int(bb["image_size"]) or None
-  in_shape = (1,) + ((image_size, image_size) if image_size else train_ds.images.shape[1:3]) \
-      + (int(_get(bb, "channels", 0)) or train_ds.images.shape[-1],)
+  in_shape = input_shape(bb, train_ds)
   variables = init_variables(model, in_shape, seed)
   variables, origin = load_backbone(config, model_name, bb, variables, pretrained)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -445,8 +452,7 @@ def run_layer_probes(config, workdir: str) -> list[dict]:
       train_ds = load_split(config, ds_name, "train", image_size, classes)
       test_ds = load_split(config, ds_name, config.test_split or "test", image_size, classes)
       model = models.get(model_name, train_ds.num_classes, **bb["options"])
-      in_shape = (1,) + ((image_size, image_size) if image_size else train_ds.images.shape[1:3]) \
-          + (int(_get(bb, "channels", 0)) or train_ds.images.shape[-1],)
+      in_shape = input_shape(bb, train_ds)
       variables, origin = load_backbone(config, model_name, bb, init_variables(model, in_shape, seed),
                                         pretrained)
       mean, std = normalization(bb["normalization"], train_ds, in_shape[-1])
