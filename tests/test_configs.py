@@ -172,3 +172,33 @@ def test_data_scarcity_grid_writes_accuracy_vs_size(tmp_path):
       [("linear", 10), ("full", 10), ("linear", 40), ("full", 40)]
   assert records[0]["batch_size"] == 10
   assert (tmp_path / "accuracy_vs_size.png").exists()
+
+
+def test_pretrained_vit_checkpoint_through_the_pipeline(tmp_path):
+  """A vit_jax-layout checkpoint (ViT-Ti/16 at 224, i.e. a 14x14 grid) fine-tuned at 32x32:
+  the position embedding is resized to 2x2 on import, the frozen weights stay the file's."""
+  import numpy as np
+  from test_weights import _vit_jax_checkpoint
+  ck = _vit_jax_checkpoint()
+  path = tmp_path / "ViT-Ti_16.npz"
+  np.savez(path, **ck)
+  c = _tiny_mlp_config("transfer")
+  c.models = "vit_ti16"
+  c.pretrain.enabled = False
+  c.methods = "layer"
+  c.backbone.default.update(dict(weights=str(path), unit="layer12", image_size=32, channels=3,
+                                 normalization="inception"))
+  c.backbone.default.options = {"pool": "cls"}
+  bb = transfer.backbone_config(c, "vit_ti16")
+  ds = transfer.load_split(c, "digits", "train", 32, [5, 6, 7, 8, 9])
+  model = models.get("vit_ti16", ds.num_classes, pool="cls")
+  fresh = transfer.init_variables(model, transfer.input_shape(bb, ds), 0)
+  loaded, origin = transfer.load_backbone(c, "vit_ti16", bb, fresh, None)
+  assert origin == str(path)
+  np.testing.assert_array_equal(loaded["params"]["embedding"]["kernel"], ck["embedding/kernel"])
+  assert loaded["params"]["pos_embedding"].shape == (1, 5, 192)
+  np.testing.assert_allclose(loaded["params"]["pos_embedding"][0, 0],
+                             ck["Transformer/posembed_input/pos_embedding"][0, 0])
+  (r,) = jobs.run(c, str(tmp_path / "run"))
+  assert r["weights"] == str(path) and r["unit"] == "layer12"
+  assert 0 <= r["accuracy"] <= 100 and r["nc1"] > 0
