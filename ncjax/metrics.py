@@ -33,8 +33,9 @@ SVD, obtained from the eigendecomposition of the K x K Gram ``M M^T = U S^2 U^T`
 
 ``R V`` is formed as ``H V - (mu V)[y]``, so the N x d residual is never materialised: two
 read passes over H (class sums by ``segment_sum``, then ``H @ V``).  Measured on the 2-core
-CPU at N=50,000, K=10: about 2x the time of one read pass (``benchmarks/nc1.py``), 80-130x
-faster than the d x d pinv path.
+CPU at N=50,000, K=10: 2-3x the time of one read pass (XLA's CPU scatter and skinny GEMM run
+below the bandwidth of a plain reduction) and 17-130x faster than the d x d pinv path
+(``benchmarks/nc1.py``; numbers in ``benchmarks/RESULTS.md``).
 At most ``r = min(K-1, d)`` directions are kept, and a direction is kept only if
 ``s_j^2 > rtol * s_max^2`` with ``rtol = 10 * d * eps(dtype)`` -- exactly the default cutoff
 ``jnp.linalg.pinv(Sigma_B, hermitian=True)`` applies to the eigenvalues ``s_j^2/K`` of the

@@ -86,8 +86,10 @@ def units(name_or_model, **options) -> Tuple[str, ...]:
 def features(model: nn.Module, variables, x) -> Dict[str, jax.Array]:
   """Pooled output of every unit and the penultimate feature, eval mode.
 
-  Returns a flat dict `{unit: (N, C_unit), ..., 'penultimate': (N, D)}`. Pure; can be
-  wrapped in `jax.jit` (e.g. `jax.jit(functools.partial(features, model))`).
+  Returns a flat dict `{unit: (N, C_unit), ..., 'penultimate': (N, D)}` in unit order. Pure;
+  can be wrapped in `jax.jit` (e.g. `jax.jit(functools.partial(features, model))`), but a
+  jitted function returns its dicts with sorted keys ('layer10' before 'layer2'): iterate
+  over `units(model)` when order matters.
   """
   v = {k: val for k, val in variables.items() if k != 'intermediates'}
   _, state = model.apply(v, x, train=False, mutable=['intermediates'])
