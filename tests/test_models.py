@@ -254,3 +254,18 @@ def test_max_pool_pads_with_neg_inf():
   x = -np.abs(np.random.default_rng(0).normal(size=(1, 7, 9, 2))).astype(np.float32) - 1
   ref = torch.nn.MaxPool2d(3, 2, 1)(torch.from_numpy(x).permute(0, 3, 1, 2))
   np.testing.assert_array_equal(max_pool_torch(jnp.asarray(x)), ref.permute(0, 2, 3, 1).numpy())
+
+
+def test_layerwise_metrics_take_model_features_directly():
+  """Issue contract: `metrics.layerwise` consumes `models.features` output as is, and its
+  numbers equal the one-shot metrics on each pooled feature."""
+  from ncjax import metrics
+  model = models.get('resnet18', 3, stem='cifar', width=4)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(24, 8, 8, 3)), jnp.float32)
+  y = np.arange(24) % 3
+  v = model.init(jax.random.PRNGKey(0), x[:1], train=False)
+  feats = jax.jit(functools.partial(models.features, model))(v, x)
+  out = metrics.layerwise(feats, y, 3, metrics=('nc1',))
+  assert set(out) == set(models.units(model)) | {'penultimate'}
+  for name in ('block1', 'block8', 'penultimate'):
+    assert out[name]['nc1'] == pytest.approx(float(metrics.nc1(feats[name], y, 3)), rel=1e-6)
