@@ -202,3 +202,19 @@ def test_pretrained_vit_checkpoint_through_the_pipeline(tmp_path):
   (r,) = jobs.run(c, str(tmp_path / "run"))
   assert r["weights"] == str(path) and r["unit"] == "layer12"
   assert 0 <= r["accuracy"] <= 100 and r["nc1"] > 0
+
+
+def test_cli_on_8_simulated_devices(tmp_path):
+  """The whole job (training, padded evaluation, streamed NC metrics) on an 8-device mesh,
+  with a batch size the devices do not divide (rounded down to 56)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-m", "ncjax.main", f"--workdir={tmp_path}",
+                        f"--config={ROOT}/configs/fig2.py:digits", "--config.optim.batch_size=60",
+                        "--config.pretrain.optim.steps=5"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "devices 8 x cpu" in out.stdout
+  (r,) = json.load(open(tmp_path / "results.json"))
+  assert r["batch_size"] == 56 and r["steps"] == 5
+  assert list(r["layerwise_nc1"]) == [f"layer{i}" for i in range(1, 10)]
