@@ -44,8 +44,20 @@ def get_config():
   c.pretrain.enabled = True
   c.pretrain.dataset = "digits"
   c.pretrain.classes = "0-4"
+  c.pretrain.loss = "ce"              # ce | mse | supcon (Table 1)
+  c.pretrain.projection_layers = 0    # projection head, dropped after pre-training (Fig. 3)
+  c.pretrain.projection_width = 0     # 0 = the penultimate width
+  c.pretrain.projection_dim = 128     # SupCon embedding size
+  c.pretrain.temperature = 0.1        # SupCon
+  c.pretrain.adversarial_eps = 0.0    # l_inf PGD radius in [0, 1] pixel units, e.g. 8/255 (Fig. 4)
+  c.pretrain.adversarial_steps = 7
   # Overrides of c.optim for pre-training (any field of c.optim may be added).
-  c.pretrain.optim = ml_collections.ConfigDict(dict(epochs=30, steps=0))
+  c.pretrain.optim = ml_collections.ConfigDict(dict(epochs=30, steps=0, aug_level=1))
+
+  # --- variants: the whole job once per variant, one combined report ---------------------------
+  # "tag: field=value field=value; tag2: ..." (dotted config fields), e.g. Table 1's
+  # "mse: pretrain.loss=mse; ce: pretrain.loss=ce". Records carry the tag as `pretrain`.
+  c.variants = ""
 
   # --- optimisation (paper, Appendix B: SGD 0.9, wd 1e-4, cosine 0.1 -> 1e-4, 200 epochs) -----
   c.optim = ml_collections.ConfigDict(dict(

@@ -17,6 +17,53 @@ import numpy as np
 JOBS = ("transfer", "pretrain", "layer_probe", "metrics")
 
 
+def parse_variants(spec: str) -> list[tuple[str, dict[str, str]]]:
+  """``"mse: pretrain.loss=mse; supcon+mlp: pretrain.loss=supcon pretrain.projection_layers=2"``
+  -> ``[('mse', {'pretrain.loss': 'mse'}), ('supcon+mlp', {...})]``."""
+  out = []
+  for part in (p.strip() for p in str(spec or "").split(";")):
+    if not part:
+      continue
+    tag, sep, assigns = part.partition(":")
+    if not sep or not tag.strip():
+      raise ValueError(f"variant {part!r} must read 'tag: field=value ...'")
+    fields = {}
+    for a in assigns.split():
+      key, eq, value = a.partition("=")
+      if not eq:
+        raise ValueError(f"variant {tag.strip()!r}: {a!r} is not field=value")
+      fields[key] = value
+    out.append((tag.strip(), fields))
+  return out
+
+
+def with_overrides(config, fields: dict[str, str]):
+  """A copy of `config` with dotted `fields` set, each parsed as its existing field's type."""
+  c = config.copy_and_resolve_references()
+  for key, value in fields.items():
+    *path, last = key.split(".")
+    holder = c
+    for p in path:
+      holder = holder[p]
+    if last not in holder:
+      raise ValueError(f"variant field {key!r} is not a config field")
+    old = holder[last]
+    if isinstance(old, bool):
+      value = value.lower() in ("1", "true", "yes")
+    elif isinstance(old, int):
+      value = int(value)
+    elif isinstance(old, float):
+      value = eval_number(value)
+    holder[last] = value
+  return c
+
+
+def eval_number(text: str) -> float:
+  """'8/255' -> 0.0313...; plain numbers as float."""
+  num, sep, den = text.partition("/")
+  return float(num) / float(den) if sep else float(num)
+
+
 def run(config, workdir: str) -> list[dict]:
   job = config.job
   if job not in JOBS:
@@ -24,18 +71,30 @@ def run(config, workdir: str) -> list[dict]:
   os.makedirs(workdir, exist_ok=True)
   if job == "metrics":
     return metrics_job(config, workdir)
-  from ncjax import report, transfer
-  if job == "transfer":
-    records = transfer.run(config, workdir)
-  elif job == "pretrain":
-    records = transfer.run_pretrain_only(config, workdir)
+  from ncjax import report
+  variants = parse_variants(config.get("variants", ""))
+  if variants:
+    records = []
+    for tag, fields in variants:
+      for r in _run_job(with_overrides(config, fields), os.path.join(workdir, tag)):
+        records.append(dict(r, pretrain=tag))
   else:
-    records = transfer.run_layer_probes(config, workdir)
+    records = _run_job(config, workdir)
   if jax.process_index() == 0:
     paths = report.write_all(records, workdir, plots=bool(config.plots))
     print(report.markdown_table(records))
     print("wrote: " + ", ".join(os.path.relpath(p, workdir) for p in paths if p))
   return records
+
+
+def _run_job(config, workdir: str) -> list[dict]:
+  from ncjax import transfer
+  os.makedirs(workdir, exist_ok=True)
+  if config.job == "transfer":
+    return transfer.run(config, workdir)
+  if config.job == "pretrain":
+    return transfer.run_pretrain_only(config, workdir)
+  return transfer.run_layer_probes(config, workdir)
 
 
 def metrics_job(config, workdir: str) -> list[dict]:

@@ -89,10 +89,12 @@ REQUIRED_FIELDS = (
     "layerwise_nc1",
     "num_train",
 )
-OPTIONAL_FIELDS = ("layerwise_accuracy", "pretrain", "seed", "wall_s")
+OPTIONAL_FIELDS = ("layerwise_accuracy", "pretrain", "seed", "wall_s", "source_nc1",
+                   "source_accuracy")
 
 _STRING_FIELDS = ("model", "dataset", "method", "unit", "pretrain")
-_FLOAT_FIELDS = ("accuracy", "nc1", "cdnv", "numerical_rank", "percent_params", "wall_s")
+_FLOAT_FIELDS = ("accuracy", "nc1", "cdnv", "numerical_rank", "percent_params", "wall_s",
+                 "source_nc1", "source_accuracy")
 _INT_FIELDS = ("num_train", "seed")
 _DICT_FIELDS = ("layerwise_nc1", "layerwise_accuracy")
 
@@ -135,6 +137,8 @@ _SECTION_TITLES = {
     "percent_params": "Percentage of parameters fine-tuned",
     "cdnv": "CDNV of the penultimate layer feature",
     "numerical_rank": "Numerical rank of the penultimate layer feature",
+    "source_nc1": "NC1 of the pre-trained model on the source data",
+    "source_accuracy": "Source test accuracy of the pre-trained model",
 }
 DEFAULT_SECTIONS = ("accuracy", "nc1", "percent_params")
 
@@ -422,7 +426,16 @@ _FORMATTERS = {
     "percent_params": fmt_percent,
     "cdnv": fmt_nc1,
     "numerical_rank": lambda v: MISSING if _num(v) is None else f"{_num(v):.1f}",
+    "source_nc1": fmt_nc1,
+    "source_accuracy": fmt_accuracy,
 }
+
+
+def default_sections(records: Sequence[Mapping]) -> tuple[str, ...]:
+    """`DEFAULT_SECTIONS`, plus the source-data sections when records carry them (Table 1)."""
+    extra = tuple(f for f in ("source_nc1", "source_accuracy")
+                  if any(_num(r.get(f)) is not None for r in records))
+    return DEFAULT_SECTIONS + extra
 
 
 def _md_escape(s: str) -> str:
@@ -436,13 +449,14 @@ def _md_row(cells: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- tables
 
 
-def markdown_table(records: Sequence[Mapping], sections: Sequence[str] = DEFAULT_SECTIONS) -> str:
+def markdown_table(records: Sequence[Mapping], sections: Sequence[str] | None = None) -> str:
     """Table 3 layout as GitHub Markdown.
 
     Columns: (model, dataset) pairs in first-seen order, headed "ResNet18 / Cifar-10".
     Sections (default): "Transfer accuracy" (percent, 2 decimals), "NC1 evaluated on the
     penultimate layer feature" (2 decimals), "Percentage of parameters fine-tuned" ("8.27%",
-    "100%"); ``sections`` may also name ``cdnv`` and ``numerical_rank``. Rows: one per method
+    "100%"), and the source-data NC1 / accuracy when records carry ``source_nc1`` (Table 1);
+    ``sections`` may also name ``cdnv`` and ``numerical_rank``. Rows: one per method
     in the order linear, layer, scl, full, then others in first-seen order. A method that
     has several units within one column (a unit sweep) gets one row per unit, labelled
     "Layer FT (block5)". Missing cells are "–"; records sharing a cell are averaged.
@@ -450,6 +464,8 @@ def markdown_table(records: Sequence[Mapping], sections: Sequence[str] = DEFAULT
     records = validate(records)
     if not records:
         return ""
+    if sections is None:
+        sections = default_sections(records)
     for s in sections:
         if s not in _FORMATTERS:
             raise ValueError(f"unknown section {s!r}; choose from {sorted(_FORMATTERS)}")
@@ -688,6 +704,35 @@ def plot_nc1_vs_accuracy(records: Sequence[Mapping], path: str) -> str | None:
     return _save(fig, path)
 
 
+def plot_source_nc1_vs_accuracy(records: Sequence[Mapping], path: str) -> str | None:
+    """Table 1 / Fig. 4: transfer accuracy (percent, y) against the pre-trained model's NC1
+    on the *source* data (``source_nc1``, x, log scale), one point per record labelled by its
+    ``pretrain`` tag, one subplot per (model, dataset, method). Returns None unless some
+    panel has two or more such points."""
+    records = validate(records)
+    panels: dict[tuple, list] = {}
+    for r in records:
+        x, y = _positive(r.get("source_nc1")), _num(r["accuracy"])
+        if x is not None and y is not None:
+            panels.setdefault((r["model"], r["dataset"], r["method"]), []).append(
+                (x, y, str(r.get("pretrain") or "")))
+    panels = {k: v for k, v in panels.items() if len(v) >= 2}
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels))
+    for ((model, dataset, method), pts), ax in zip(panels.items(), axes):
+        xs, ys, tags = zip(*pts)
+        _scatter_with_fit(ax, xs, ys, method_name(method), annotate=tags)
+        _fit_line(ax, xs, ys)
+        ax.set_xscale("log")
+        ax.set_xlabel("NC1 on the source data (pre-training)")
+        ax.set_ylabel("transfer accuracy (%)")
+        ax.set_title(f"{MODEL_NAMES.get(model, model)} / {DATASET_NAMES.get(dataset, dataset)}",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_accuracy_vs_size(records: Sequence[Mapping], path: str) -> str | None:
     """Fig. 11: transfer accuracy (percent) against ``num_train`` (log x), one line per
     method (and unit for swept methods), one subplot per (model, dataset) that has more
@@ -726,7 +771,7 @@ def write_all(records: Sequence[Mapping], workdir: str, plots: bool = True) -> l
     """Writes ``results.json``, ``results.csv``, ``results.md`` (Table 3 layout, plus the
     unit-sweep tables when a method was swept over units) and, if ``plots``, the PNGs the
     records support (``layerwise_nc1.png``, ``nc1_vs_accuracy.png``,
-    ``accuracy_vs_size.png``) into ``workdir``. Returns the paths written."""
+    ``accuracy_vs_size.png``, ``source_nc1_vs_accuracy.png``) into ``workdir``. Returns the paths written."""
     records = validate(records)
     os.makedirs(workdir, exist_ok=True)
     paths = [
@@ -749,6 +794,7 @@ def write_all(records: Sequence[Mapping], workdir: str, plots: bool = True) -> l
             (plot_layerwise_nc1, "layerwise_nc1.png"),
             (plot_nc1_vs_accuracy, "nc1_vs_accuracy.png"),
             (plot_accuracy_vs_size, "accuracy_vs_size.png"),
+            (plot_source_nc1_vs_accuracy, "source_nc1_vs_accuracy.png"),
         ):
             p = fn(records, os.path.join(workdir, name))
             if p is not None:

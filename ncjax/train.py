@@ -115,18 +115,28 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
+# adversary(params, batch_stats, x, labels, rng) -> perturbed x (model-input units)
+Adversary = Callable[[PyTree, PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
 def make_train_step(forward: Forward, tx: optax.GradientTransformation, mask: PyTree,
                     prepare: Prepare | None = None,
-                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy):
+                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
+                    adversary: Adversary | None = None):
   """The one train step shared by every model and method (not jitted; see `jit_train_step`).
 
-  Returns ``step(state, x, labels, rng) -> (state, metrics)``; ``metrics`` holds the scalar
-  ``loss`` and ``accuracy`` (fraction) of the batch before the update.
+  `prepare` turns the raw batch into model input on device (augmentation draws from the step's
+  key); `adversary` (e.g. `pgd_adversary`) perturbs that input before the update (adversarial
+  pre-training). Returns ``step(state, x, labels, rng) -> (state, metrics)``; ``metrics``
+  holds the scalar ``loss`` and ``accuracy`` (fraction; NaN when the outputs are not one row
+  of logits per label, e.g. SupCon embeddings) of the batch before the update.
   """
   def step(state: TrainState, x, labels, rng):
     rng = jax.random.fold_in(rng, state.step)
     if prepare is not None:
       x = prepare(rng, x, True)
+    if adversary is not None:
+      x = adversary(state.params, state.batch_stats, x, labels, jax.random.fold_in(rng, 1))
     trainable, frozen = methods.partition(state.params, mask)
 
     def objective(trainable):
@@ -139,9 +149,38 @@ def make_train_step(forward: Forward, tx: optax.GradientTransformation, mask: Py
     trainable = optax.apply_updates(trainable, updates)
     new_state = state.replace(step=state.step + 1, params=methods.combine(trainable, frozen),
                               batch_stats=new_stats, opt_state=opt_state)
-    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    if logits.shape[0] == labels.shape[0]:
+      acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    else:
+      acc = jnp.full((), jnp.nan)
     return new_state, {"loss": loss, "accuracy": acc}
   return step
+
+
+def pgd_adversary(forward: Forward, loss_fn, eps, *, steps: int = 7,
+                  step_size=None) -> Adversary:
+  """l_inf PGD (Madry et al.): `steps` signed-gradient ascent steps of size `step_size`
+  (default 2.5 eps / steps) from a uniform random start in the eps-ball.
+
+  `eps` is in model-input units: for inputs normalised per channel by `std`, pass
+  ``eps_pixels / std`` (shape (C,)) to bound the attack in [0, 1] pixel units. The attack runs
+  the model in train mode (batch statistics, as the update does) and discards its BatchNorm
+  updates."""
+  eps = jnp.asarray(eps, jnp.float32)
+  size = 2.5 * eps / steps if step_size is None else jnp.asarray(step_size, jnp.float32)
+
+  def attack(params, batch_stats, x, labels, rng):
+    def loss_of(delta):
+      return loss_fn(forward(params, batch_stats, x + delta, True)[0], labels)
+
+    def body(_, delta):
+      g = jax.grad(loss_of)(delta)
+      return jnp.clip(delta + size * jnp.sign(g), -eps, eps)
+
+    delta = jax.random.uniform(rng, x.shape, x.dtype, -1.0, 1.0) * eps
+    delta = jax.lax.fori_loop(0, steps, body, delta)
+    return jax.lax.stop_gradient(x + delta)
+  return attack
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -354,21 +354,118 @@ def finetune(config, model_name: str, bb: dict, train_ds: data.ArrayDataset,
 
 # ----------------------------------------------------------------------------- pre-training
 
+def projected_forward(model, head) -> train.Forward:
+  """`Forward` over ``params = {'backbone': …, 'projection': …}``: the backbone's penultimate
+  feature through a `ncjax.models.ProjectionHead` (the backbone's own classifier is unused)."""
+  def forward(params, batch_stats, x, is_train):
+    variables = {"params": params["backbone"]}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    mutable = ["intermediates"] + (["batch_stats"] if is_train and batch_stats else [])
+    _, state = model.apply(variables, x, train=is_train, mutable=mutable)
+    z = head.apply({"params": params["projection"]}, state["intermediates"]["penultimate"][0])
+    return z, state.get("batch_stats", batch_stats)
+  return forward
+
+
+def two_views(prepare) -> train.Prepare:
+  """Training input of two independent augmentations of the batch, stacked (2N, ...)."""
+  def p(rng, x, is_train):
+    if not is_train:
+      return prepare(rng, x, False)
+    k1, k2 = jax.random.split(rng)
+    return jnp.concatenate([prepare(k1, x, True), prepare(k2, x, True)])
+  return p
+
+
+def supcon_objective(temperature: float):
+  """SupCon on the stacked two-view embeddings (2N, D) produced with `two_views`."""
+  from ncjax import losses
+
+  def loss(z, labels):
+    n = labels.shape[0]
+    return losses.supcon(z.reshape(2, n, -1).swapaxes(0, 1), labels, temperature)
+  return loss
+
+
 def pretrain(config, model_name: str, bb: dict, workdir, mesh) -> tuple[dict, dict]:
-  """Trains `model_name` from scratch on the source data (every parameter trains). Returns
-  its variables and a record of its source accuracy and penultimate NC1 on the source data."""
-  pc = config.pretrain
-  classes = parse_classes(pc.classes)
+  """Trains `model_name` from scratch on the source data; every parameter trains.
+
+  ``config.pretrain`` selects the loss (``ce`` | ``mse`` | ``supcon``), an optional projection
+  head (``projection_layers``; dropped afterwards), augmentation (``optim.aug_level``) and
+  l_inf adversarial training (``adversarial_eps`` in [0, 1] pixel units, PGD). Returns the
+  backbone's variables and a record of its source test accuracy (NaN for SupCon, which has
+  no classifier) and its collapse on the source training data (Table 1, Fig. 2-4)."""
+  from ncjax import losses
+  t0 = time.time()
+  pc, seed = config.pretrain, int(config.seed)
+  optim = config.optim.copy_and_resolve_references()
+  optim.update(dict(pc.optim))
+  loss_name = str(_get(pc, "loss", "ce"))
+  layers = int(_get(pc, "projection_layers", 0))
+  eps = float(_get(pc, "adversarial_eps", 0.0))
+  supcon = loss_name == "supcon"
+  losses.get(loss_name)  # a clear error for an unknown loss before any work
+  if supcon and eps > 0:
+    raise ValueError("adversarial pre-training is implemented for the ce and mse losses only")
   image_size = int(bb["image_size"]) or None
+  classes = parse_classes(pc.classes)
   src = load_split(config, pc.dataset, "train", image_size, classes)
   src_test = load_split(config, pc.dataset, "test", image_size, classes)
-  sub = config.copy_and_resolve_references()
-  sub.optim.update(dict(pc.optim))
-  sub.collapse = True
-  rec, variables = finetune(sub, model_name, dict(bb, weights=""), src, src_test, "full", None,
-                            None, workdir, mesh, run_name=f"pretrain-{model_name}-{pc.dataset}")
-  rec["stage"] = "pretrain"
-  return variables, rec
+  model = models.get(model_name, src.num_classes, **bb["options"])
+  in_shape = input_shape(bb, src)
+  variables = init_variables(model, in_shape, seed)
+  mean, std = normalization(bb["normalization"], src, in_shape[-1])
+  prepare = make_prepare(mean, std, image_size, int(optim.aug_level), in_shape[-1])
+  if layers == 0 and not supcon:
+    forward, params, loss_fn = train.model_forward(model), variables["params"], losses.get(loss_name)
+  else:
+    dim = jax.eval_shape(lambda v, x: models.features(model, v, x), variables,
+                         jnp.zeros(in_shape, jnp.float32))["penultimate"].shape[-1]
+    head = models.ProjectionHead(
+        layers=layers, width=int(_get(pc, "projection_width", 0)) or dim,
+        num_classes=None if supcon else src.num_classes,
+        out_dim=int(_get(pc, "projection_dim", 128)) if supcon else None)
+    params = {"backbone": variables["params"],
+              "projection": head.init(jax.random.PRNGKey(seed + 1), jnp.zeros((1, dim)))["params"]}
+    forward = projected_forward(model, head)
+    loss_fn = (supcon_objective(float(_get(pc, "temperature", 0.1))) if supcon
+               else losses.get(loss_name))
+  adversary = None
+  if eps > 0:
+    adversary = train.pgd_adversary(forward, loss_fn, eps / np.asarray(std, np.float32),
+                                    steps=int(_get(pc, "adversarial_steps", 7)))
+  mask = jax.tree.map(lambda _: True, params)
+  batch = effective_batch(int(optim.batch_size), len(src), mesh)
+  steps = total_steps(optim, len(src), batch)
+  tx = train.make_optimizer(train.OptimConfig.from_config(optim), steps, mask)
+  step = train.make_train_step(forward, tx, mask, two_views(prepare) if supcon else prepare,
+                               loss_fn=loss_fn, adversary=adversary)
+  run_name = f"pretrain-{model_name}-{pc.dataset}"
+  state, history = train.fit(
+      train.init_state(params, variables["batch_stats"], tx), step, src.images, src.labels,
+      batch_size=batch, total_steps=steps, seed=seed, mesh=mesh,
+      checkpoint_dir=os.path.join(workdir, "checkpoints", run_name),
+      checkpoint_every=int(config.checkpoint_every), resume=bool(config.resume), desc=run_name)
+  projected = "backbone" in state.params
+  backbone = {"params": state.params["backbone"] if projected else state.params,
+              "batch_stats": state.batch_stats}
+  eval_batch = effective_batch(int(config.eval_batch_size), 1 << 30, mesh)
+  acc = float("nan") if supcon else train.accuracy(
+      forward, state.params, state.batch_stats, prepare, src_test.images, src_test.labels,
+      eval_batch, mesh)
+  pen, layerwise = collapse(model, backbone, prepare, src, eval_batch, mesh)
+  record = {
+      "model": model_name, "dataset": src.name, "method": "full", "unit": "",
+      "accuracy": acc, "percent_params": 100.0, "num_train": len(src),
+      "num_test": len(src_test), "num_classes": src.num_classes, "steps": steps,
+      "batch_size": batch, "weights": "scratch", "seed": seed, "stage": "pretrain",
+      "loss": loss_name, "projection_layers": layers, "adversarial_eps": eps,
+      "aug_level": int(optim.aug_level),
+      "final_train_loss": history[-1]["loss"] if history else float("nan"),
+      **pen, "layerwise_nc1": layerwise, "wall_s": time.time() - t0}
+  logging.info("%s: source accuracy %.2f%%, source NC1 %.4g", run_name, acc, pen["nc1"])
+  return backbone, record
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -403,6 +500,8 @@ def run(config, workdir: str) -> list[dict]:
                                         f"n{size}" if size else "") if p)
             rec, _ = finetune(config, model_name, bb, train_ds, test_ds, method, unit,
                               pretrained, workdir, mesh, run_name=name)
+            if pretrained is not None:  # Table 1 / Fig. 4: source collapse vs transfer
+              rec.update(source_nc1=prec["nc1"], source_accuracy=prec["accuracy"])
             records.append(rec)
             _write_jsonl(os.path.join(workdir, "records.jsonl"), records)
   return records

@@ -8,6 +8,12 @@ import torch.nn.functional as F
 
 from ncjax import losses
 
+# Jitted once per shape: op-by-op eager dispatch is several times slower on 2 CPU cores.
+# (Eager calls are covered by test_all_losses_jit and the error tests.)
+_ce = jax.jit(losses.cross_entropy)
+_mse = jax.jit(losses.mse)
+_supcon = jax.jit(losses.supcon)
+
 
 # ----------------------------------------------------------------------------- references
 def _supcon_loop(x, y, tau, tau_base=None):
@@ -48,7 +54,7 @@ def test_cross_entropy_matches_torch(eps):
     labels = rng.integers(0, 7, size=13)
     want = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels),
                            label_smoothing=eps).item()
-    got = _x64(losses.cross_entropy, logits, labels, label_smoothing=eps)
+    got = _x64(_ce, logits, labels, label_smoothing=eps)
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
@@ -57,7 +63,7 @@ def test_cross_entropy_float32_large_logits_stable():
     labels = np.array([0, 0])
     want = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels),
                            label_smoothing=0.1).item()
-    got = float(losses.cross_entropy(logits, labels, label_smoothing=0.1))
+    got = float(_ce(logits, labels, label_smoothing=0.1))
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -67,21 +73,21 @@ def test_mse_hand_computed():
     # example 2: label 0, f = (2, -1, 1):             3*(2-2)^2 + 1 + 1       = 2
     f = np.array([[1.0, 0.0, 0.5], [2.0, -1.0, 1.0]])
     y = np.array([1, 0])
-    np.testing.assert_allclose(_x64(losses.mse, f, y, scale=2.0, positive_weight=3.0),
+    np.testing.assert_allclose(_x64(_mse, f, y, scale=2.0, positive_weight=3.0),
                                (13.25 + 2.0) / 2, rtol=1e-14)
     # plain one-hot target, k=1: (1-0)^2 + (0-1)^2 + 0.25 = 2.25 ; (2-1)^2 + 1 + 1 = 3
-    np.testing.assert_allclose(_x64(losses.mse, f, y), (2.25 + 3.0) / 2, rtol=1e-14)
+    np.testing.assert_allclose(_x64(_mse, f, y), (2.25 + 3.0) / 2, rtol=1e-14)
     # only the true-class term is weighted: k=5, M=1 -> 1 + 5*1 + .25 ; 5*1 + 1 + 1
-    np.testing.assert_allclose(_x64(losses.mse, f, y, positive_weight=5.0),
+    np.testing.assert_allclose(_x64(_mse, f, y, positive_weight=5.0),
                                (6.25 + 7.0) / 2, rtol=1e-14)
 
 
 def test_mse_zero_at_target_and_sum_over_classes():
     y = np.array([2, 0, 1, 2])
     target = 4.0 * np.eye(3)[y]
-    assert _x64(losses.mse, target, y, scale=4.0, positive_weight=7.0) == 0.0
+    assert _x64(_mse, target, y, scale=4.0, positive_weight=7.0) == 0.0
     # zero logits: only the true class contributes k*M^2 per example (sum, not mean, over K)
-    np.testing.assert_allclose(_x64(losses.mse, np.zeros((4, 3)), y, scale=4.0,
+    np.testing.assert_allclose(_x64(_mse, np.zeros((4, 3)), y, scale=4.0,
                                     positive_weight=7.0), 7.0 * 16.0, rtol=1e-14)
 
 
@@ -93,7 +99,7 @@ def test_supcon_matches_loop(v, tau, tau_base):
     y = np.array([0, 0, 0, 0, 0, 1, 1, 2, 3, 3, 3])      # imbalanced; with V=1 class 2 has
     x = rng.normal(size=(len(y), v, 5)) * rng.uniform(0.5, 3, size=(len(y), v, 1))
     want = _supcon_loop(x, y, tau, tau_base)           # an anchor without positives
-    got = _x64(losses.supcon, x, y, temperature=tau, base_temperature=tau_base)
+    got = _x64(_supcon, x, y, temperature=tau, base_temperature=tau_base)
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
@@ -102,28 +108,28 @@ def test_supcon_anchor_without_positive_is_excluded():
     y = np.array([0, 0, 1, 1, 2])
     x = rng.normal(size=(5, 1, 4))
     # The singleton's loop term would be -log(0/..) = inf if it were counted.
-    full = _x64(losses.supcon, x, y)
+    full = _x64(_supcon, x, y)
     np.testing.assert_allclose(full, _supcon_loop(x, y, 0.1), rtol=1e-10)
     assert np.isfinite(full)
     # Its presence still matters as a negative for the others.
-    assert abs(full - _x64(losses.supcon, x[:4], y[:4])) > 1e-6
+    assert abs(full - _x64(_supcon, x[:4], y[:4])) > 1e-6
 
 
 def test_supcon_no_positive_at_all_is_zero():
     x = np.random.default_rng(4).normal(size=(4, 1, 3)).astype(np.float32)
-    out = losses.supcon(x, np.arange(4))
+    out = _supcon(x, np.arange(4))
     assert float(out) == 0.0
-    g = jax.grad(lambda e: losses.supcon(e, jnp.arange(4)))(x)
+    g = jax.grad(lambda e: _supcon(e, jnp.arange(4)))(x)
     assert np.all(np.isfinite(np.asarray(g)))
     # one example, one view
-    assert float(losses.supcon(x[:1], np.array([0]))) == 0.0
+    assert float(_supcon(x[:1], np.array([0]))) == 0.0
 
 
 def test_supcon_v2_singleton_class_has_positive():
     # V=2: a class with one example still has a positive (its other view).
     x = np.random.default_rng(5).normal(size=(3, 2, 4))
     y = np.array([0, 1, 2])
-    got = _x64(losses.supcon, x, y)
+    got = _x64(_supcon, x, y)
     assert got > 0
     np.testing.assert_allclose(got, _supcon_loop(x, y, 0.1), rtol=1e-10)
 
@@ -133,7 +139,7 @@ def test_supcon_invariant_to_embedding_scale():
     x = rng.normal(size=(8, 2, 6)).astype(np.float32)
     y = np.array([0, 1, 0, 1, 2, 2, 0, 3])
     c = rng.uniform(0.01, 100, size=(8, 2, 1)).astype(np.float32)
-    np.testing.assert_allclose(float(losses.supcon(x * c, y)), float(losses.supcon(x, y)),
+    np.testing.assert_allclose(float(_supcon(x * c, y)), float(_supcon(x, y)),
                                rtol=1e-5)
 
 
@@ -144,7 +150,7 @@ def test_supcon_finite_gradient_at_collapse(tau):
     etf = np.eye(k, d) - np.eye(k, d).mean(0)
     y = np.repeat(np.arange(k), n_per)
     x = np.repeat(etf[y][:, None, :], v, axis=1).astype(np.float32) * 7.0
-    loss, g = jax.value_and_grad(lambda e: losses.supcon(e, y, temperature=tau))(x)
+    loss, g = jax.value_and_grad(lambda e: _supcon(e, y, temperature=tau))(x)
     assert np.isfinite(float(loss))
     assert np.all(np.isfinite(np.asarray(g)))
     # value at collapse: all positives at cosine 1, negatives at -1/(K-1)
@@ -160,7 +166,7 @@ def test_supcon_gradient_matches_finite_differences():
     x = rng.normal(size=(6, 2, 3))
     y = np.array([0, 0, 1, 1, 1, 2])
     with jax.enable_x64(True):
-        f = lambda e: losses.supcon(e, jnp.asarray(y), temperature=0.3)
+        f = lambda e: _supcon(e, jnp.asarray(y), temperature=0.3)
         g = np.asarray(jax.grad(f)(jnp.asarray(x)))
         d = rng.normal(size=x.shape)
         h = 1e-6
@@ -190,7 +196,7 @@ def test_get():
     assert losses.get("ce") is losses.cross_entropy
     assert losses.get("mse") is losses.mse
     assert losses.get("supcon") is losses.supcon
-    with pytest.raises(ValueError, match=r"unknown loss 'l1'.*ce, mse, supcon"):
+    with pytest.raises(ValueError, match=r"unknown loss 'l1'; valid names: ce, mse, supcon"):
         losses.get("l1")
 
 

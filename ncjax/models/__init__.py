@@ -17,6 +17,7 @@ import numpy as np
 import flax.linen as nn
 
 from ncjax.models.common import BatchNorm, add_skip, sow_unit
+from ncjax.models.heads import ProjectionHead
 from ncjax.models.resnet import ResNet
 from ncjax.models.resnet import CONFIGS as _RESNET_CONFIGS
 from ncjax.models.small import MLP, ConvNet4, ResNet12
@@ -24,7 +25,8 @@ from ncjax.models.vit import ViT
 from ncjax.models.vit import CONFIGS as _VIT_CONFIGS
 
 __all__ = ['get', 'units', 'features', 'count_params', 'finetune_percent', 'names',
-           'param_shapes', 'ResNet', 'ViT', 'MLP', 'ConvNet4', 'ResNet12', 'BatchNorm']
+           'param_shapes', 'ResNet', 'ViT', 'MLP', 'ConvNet4', 'ResNet12', 'BatchNorm',
+           'ProjectionHead']
 
 METHODS = ('linear', 'layer', 'scl', 'full')
 
