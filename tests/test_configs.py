@@ -26,8 +26,8 @@ def _load(path, arg=None):
 
 def test_paper_configs_exist():
   names = {os.path.basename(p)[:-3] for p in CONFIGS}
-  assert {"default", "table3", "table5", "table6", "table7", "fig2", "fig9", "fig11",
-          "metrics_digits"} <= names
+  assert {"default", "table1", "table3", "table5", "table6", "table7", "fig2", "fig3", "fig4",
+          "fig5", "fig9", "fig11", "metrics_digits"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
