@@ -52,7 +52,7 @@ def get_config():
   c.pretrain.adversarial_eps = 0.0    # l_inf PGD radius in [0, 1] pixel units, e.g. 8/255 (Fig. 4)
   c.pretrain.adversarial_steps = 7
   # Overrides of c.optim for pre-training (any field of c.optim may be added).
-  c.pretrain.optim = ml_collections.ConfigDict(dict(epochs=30, steps=0, aug_level=1))
+  c.pretrain.optim = ml_collections.ConfigDict(dict(epochs=30, steps=0, aug_level=1, lr=0.1))
 
   # --- variants: the whole job once per variant, one combined report ---------------------------
   # "tag: field=value field=value; tag2: ..." (dotted config fields), e.g. Table 1's

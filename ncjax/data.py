@@ -748,7 +748,7 @@ def _augment_one(key, img, level: int, pad: int, pad_mode: str,
     return img
 
 
-def augment(rng, images, level: int, *, pad: int = 4, pad_mode: str = "constant",
+def augment(rng, images, level: int, *, pad: int | None = None, pad_mode: str = "constant",
             jitter: tuple[float, float, float] = (0.4, 0.4, 0.4), hue: float = 0.0,
             gray_p: float = 0.2) -> jax.Array:
     """Random augmentation of float images (N, H, W, C) in [0, 1], paper levels 1-5.
@@ -756,6 +756,8 @@ def augment(rng, images, level: int, *, pad: int = 4, pad_mode: str = "constant"
     * 1 (and 0): identity (standardisation is :func:`normalize`'s job);
     * 2: + random crop: pad ``pad`` pixels (``pad_mode`` 'constant' = zeros as torchvision's
       ``RandomCrop(padding=4)``, or 'reflect'), crop back to H x W at a random offset;
+      ``pad=None`` scales CIFAR's 4 pixels at 32 px to the image: ``max(1, H // 8)`` (so an
+      8 x 8 digit shifts by at most 1 pixel, not half its size);
     * 3: + horizontal flip with p = 0.5;
     * 4: + colour jitter: brightness, contrast, saturation factors uniform in [1-j, 1+j]
       (``jitter``), optional hue rotation of up to ``hue`` turns, applied in that order;
@@ -772,6 +774,8 @@ def augment(rng, images, level: int, *, pad: int = 4, pad_mode: str = "constant"
     images = _to_float01(images)
     if level <= 1:
         return images
+    if pad is None:
+        pad = max(1, images.shape[1] // 8)
     keys = jax.random.split(rng, images.shape[0])
     fn = lambda k, im: _augment_one(k, im, level, pad, pad_mode, tuple(jitter), hue, gray_p)
     return jax.vmap(fn)(keys, images)

@@ -308,7 +308,7 @@ def test_augment_shapes_dtypes_identity_and_determinism():
 @pytest.mark.parametrize("pad_mode", ["constant", "reflect"])
 def test_random_crop_is_a_window_of_the_padded_input(pad_mode):
     x = _rand_images()
-    y = np.asarray(data.augment(jax.random.PRNGKey(5), x, 2, pad_mode=pad_mode))
+    y = np.asarray(data.augment(jax.random.PRNGKey(5), x, 2, pad=4, pad_mode=pad_mode))
     padded = np.pad(np.asarray(x), ((0, 0), (4, 4), (4, 4), (0, 0)), mode=pad_mode)
     offsets = []
     for i in range(len(x)):
@@ -447,3 +447,21 @@ def test_prefetch():
     it = data.prefetch(iter(range(1000)), size=1)
     assert next(it) == 0
     it.close()  # stops the worker without draining
+
+
+def test_default_crop_padding_scales_with_the_image():
+    """pad=None: H // 8 pixels (4 at CIFAR's 32 px, 1 for the 8 x 8 digits)."""
+    x = _rand_images()  # 8 x 8
+    y = np.asarray(data.augment(jax.random.PRNGKey(5), x, 2))
+    padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    for i in range(len(x)):
+        assert any(np.array_equal(padded[i, dy:dy + 8, dx:dx + 8], y[i])
+                   for dy in range(3) for dx in range(3)), i
+    big = jnp.zeros((2, 32, 32, 1)).at[:, 0, 0, 0].set(1.0)  # a marker pixel in the corner
+    shifts = set()
+    for seed in range(40):
+        z = np.asarray(data.augment(jax.random.PRNGKey(seed), big, 2))
+        pos = np.argwhere(z[0, :, :, 0] == 1.0)
+        if len(pos):
+            shifts.add(tuple(pos[0]))
+    assert max(max(p) for p in shifts) == 4  # the marker moves by up to 4 pixels at 32 px
