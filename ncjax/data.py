@@ -232,10 +232,12 @@ def load(name: str, split: str, *, data_dir: str | None = None,
     """
     hw = _as_hw(image_size)
     key = name.strip()
+    # Paths in configs are written like "folder:~/data/fgvc-aircraft".
+    data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
     if key.startswith("folder:"):
-        return _load_folder(key[len("folder:"):], split, hw)
+        return _load_folder(os.path.expanduser(key[len("folder:"):]), split, hw)
     if key.startswith("idx:"):
-        return _load_idx_dir(key[len("idx:"):], split, hw, name=key)
+        return _load_idx_dir(os.path.expanduser(key[len("idx:"):]), split, hw, name=key)
     low = key.lower().replace("-", "_")
     if low == "digits":
         return _finish(_load_digits(split), hw)

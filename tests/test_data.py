@@ -465,3 +465,14 @@ def test_default_crop_padding_scales_with_the_image():
         if len(pos):
             shifts.add(tuple(pos[0]))
     assert max(max(p) for p in shifts) == 4  # the marker moves by up to 4 pixels at 32 px
+
+
+def test_folder_path_expands_the_home_directory(tmp_path, monkeypatch):
+    """Configs write data paths as "folder:~/..."; the tilde must reach the file system."""
+    for split in ("train", "test"):
+        d = tmp_path / "data" / split / "cls"
+        d.mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(d / "a.png")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ds = data.load("folder:~/data", "train", image_size=4)
+    assert len(ds) == 1 and ds.class_names == ["cls"]
