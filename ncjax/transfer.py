@@ -83,6 +83,22 @@ def load_split(config, name: str, split: str, image_size: int | None,
   return ds
 
 
+def downstream_splits(config, bb: dict):
+  """Yields ``(name, train split, test split)`` for each downstream dataset of a backbone
+  (its own `datasets`, else ``config.datasets``), restricted to ``downstream_classes``."""
+  classes = parse_classes(_get(config, "downstream_classes", ""))
+  image_size = int(bb["image_size"]) or None
+  test_split = _get(config, "test_split", "test") or "test"
+  for name in split_list(bb.get("datasets")) or split_list(config.datasets):
+    yield (name, load_split(config, name, "train", image_size, classes),
+           load_split(config, name, test_split, image_size, classes))
+
+
+def uses_pretraining(config, bb: dict) -> bool:
+  """Whether the backbone starts from `pretrain` (enabled, and no weights file given)."""
+  return bool(config.pretrain.enabled) and bb["weights"] in ("", "pretrain")
+
+
 def normalization(kind: str, ds: data.ArrayDataset, channels: int):
   """(mean, std) per input channel in [0, 1] units: 'imagenet' / a stored dataset name, or
   'dataset' (computed on `ds`, the training split). One-channel statistics are repeated when
@@ -475,20 +491,15 @@ def run(config, workdir: str) -> list[dict]:
   mesh = train.data_mesh()
   os.makedirs(workdir, exist_ok=True)
   records, pre_records = [], []
-  classes = parse_classes(_get(config, "downstream_classes", ""))
   sizes = [int(s) for s in split_list(_get(config, "train_sizes", ""))] or [0]
   for model_name in split_list(config.models):
     bb = backbone_config(config, model_name)
     pretrained = None
-    if config.pretrain.enabled and bb["weights"] in ("", "pretrain"):
+    if uses_pretraining(config, bb):
       pretrained, prec = pretrain(config, model_name, bb, workdir, mesh)
       pre_records.append(prec)
       _write_jsonl(os.path.join(workdir, "pretrain.jsonl"), pre_records)
-    image_size = int(bb["image_size"]) or None
-    for ds_name in split_list(bb.get("datasets")) or split_list(config.datasets):
-      train_full = load_split(config, ds_name, "train", image_size, classes)
-      test_ds = load_split(config, ds_name, _get(config, "test_split", "test") or "test",
-                           image_size, classes)
+    for ds_name, train_full, test_ds in downstream_splits(config, bb):
       for size in sizes:
         train_ds = data.balanced_subset(train_full, size, int(config.seed)) if size else train_full
         train_ds.name = ds_name
@@ -538,18 +549,15 @@ def run_layer_probes(config, workdir: str) -> list[dict]:
   import flax.linen as nn
   mesh = train.data_mesh()
   os.makedirs(workdir, exist_ok=True)
-  classes = parse_classes(_get(config, "downstream_classes", ""))
   seed, optim = int(config.seed), config.optim
   records = []
   for model_name in split_list(config.models):
     bb = backbone_config(config, model_name)
     pretrained = None
-    if config.pretrain.enabled and bb["weights"] in ("", "pretrain"):
+    if uses_pretraining(config, bb):
       pretrained, _ = pretrain(config, model_name, bb, workdir, mesh)
     image_size = int(bb["image_size"]) or None
-    for ds_name in split_list(bb.get("datasets")) or split_list(config.datasets):
-      train_ds = load_split(config, ds_name, "train", image_size, classes)
-      test_ds = load_split(config, ds_name, config.test_split or "test", image_size, classes)
+    for ds_name, train_ds, test_ds in downstream_splits(config, bb):
       model = models.get(model_name, train_ds.num_classes, **bb["options"])
       in_shape = input_shape(bb, train_ds)
       variables, origin = load_backbone(config, model_name, bb, init_variables(model, in_shape, seed),
