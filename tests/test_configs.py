@@ -9,6 +9,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the loader main uses)
 
 from ncjax import jobs, methods, models, transfer
+from tiny_config import tiny_mlp_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -105,15 +106,7 @@ def test_metrics_job(tmp_path):
 
 
 def _tiny_mlp_config(job):
-  c = _load(os.path.join(ROOT, "configs", "default.py"))
-  c.job = job
-  c.models = "mlp"
-  c.backbone.default.options = {"depth": 3, "width": 32}
-  c.backbone.default.unit = "layer2"
-  c.optim.steps = 3
-  c.pretrain.optim.steps = 4
-  c.eval_batch_size = 256
-  return c
+  return tiny_mlp_config(job, depth=3)
 
 
 def test_layer_probe_job_records_every_unit(tmp_path):

@@ -1,28 +1,15 @@
 """Pre-training studies: losses in the train step, projection heads, PGD, variants sweeps."""
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ncjax import jobs, losses, methods, models, train, transfer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from tiny_config import tiny_mlp_config
 
 
 def _config(job="pretrain"):
-  from configs import default
-  c = default.get_config()
-  c.job = job
-  c.models = "mlp"
-  c.backbone.default.options = {"depth": 2, "width": 32}
-  c.backbone.default.unit = "layer2"
-  c.optim.steps = 3
-  c.pretrain.optim.steps = 4
-  return c
+  return tiny_mlp_config(job, depth=2)
 
 
 def test_projection_head_shapes():
