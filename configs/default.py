@@ -70,6 +70,13 @@ def get_config():
   c.eval_batch_size = 512
   c.cache_linear_features = True  # linear probe without augmentation: features computed once
 
+  # --- compute and memory ----------------------------------------------------------------------
+  c.dtype = "float32"        # float32 | bfloat16: compute dtype; parameters, optimizer state,
+                             # BatchNorm statistics, the loss and NC metrics stay float32
+  c.data_budget_mb = 4096    # a split's decoded uint8 images up to this size are held in host
+                             # memory (at native resolution); larger splits stream from disk
+  c.compile_cache_dir = "~/.cache/ncjax/jax"  # JAX persistent compilation cache ('' = off)
+
   # --- evaluation / bookkeeping ---------------------------------------------------------------
   c.collapse = True          # NC1 / CDNV / numerical rank + layer-wise NC1 on downstream train data
   c.checkpoint_every = 0     # orbax checkpoint every N steps (0: only at the end of each run)

@@ -1,7 +1,26 @@
 """Datasets, batching and on-device pre-processing for ncjax.
 
-Host side (numpy): every loader returns an in-memory :class:`ArrayDataset` of ``uint8`` NHWC
-images and ``int32`` labels.  Sources:
+What is held where (host memory never scales with the *model's* input resolution):
+
+* **Labels** (int32, N) are always in host memory.
+* **Images** stay ``uint8`` NHWC at the source's *native* resolution (CIFAR 32x32, Fashion-MNIST
+  28x28, digits 8x8).  They are resized to the model's input size **on the device, per batch,
+  after augmentation** (:func:`preprocess`).  Sources whose images differ in size (Pets, DTD,
+  Aircraft, most image folders), or are larger than the model's input, are decoded once to a
+  bounded size: scaled so that they cover ``decode_size`` (the shorter side becomes the model's
+  size), then centre-cropped to it (:func:`fit_image`).
+* TFDS and image-folder splits load **lazily**: :func:`load` returns a dataset whose
+  ``images`` is an :class:`ImageSource`, an array-like that decodes rows by index.  Class
+  selection and ``balanced_subset`` act on the labels only, so subsets are taken before any
+  image is decoded.  :func:`materialize` then decodes the chosen rows into one numpy array
+  when they fit a memory budget; a larger split (ImageNet scale) stays an
+  :class:`ImageSource` and is read by index, batch by batch, in a background thread
+  (``ncjax.train`` wraps its batch iterators in :func:`prefetch`).
+* On the device: one batch of uint8 images at a time, its pre-processed float copy, and (for
+  linear probes) the cached (N, D) features.
+
+Sources (every loader returns an :class:`ArrayDataset` of ``uint8`` NHWC images and ``int32``
+labels):
 
 * ``digits``: scikit-learn's ``load_digits()`` (1,797 8x8 images, shipped inside the wheel),
   split 80/20 per class with a fixed seed.
@@ -36,6 +55,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import gzip
 import os
 import pathlib
@@ -46,11 +66,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 __all__ = [
-    "ArrayDataset", "load", "balanced_subset", "select_classes", "class_counts",
+    "ArrayDataset", "ImageSource", "load", "materialize", "fit_image", "balanced_subset", "select_classes", "class_counts",
     "read_idx", "write_idx", "batches", "num_batches", "prefetch",
-    "normalize", "resize", "augment", "preprocess", "dataset_stats", "stats_for",
+    "normalize", "resize", "augment", "preprocess", "Preprocess", "dataset_stats", "stats_for",
     "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN",
     "CIFAR100_STD", "MNIST_MEAN", "MNIST_STD", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",
     "FIG11_SIZES", "FASHION_MNIST_CLASSES", "DEFAULT_FASHION_MNIST_DIR",
@@ -117,7 +138,8 @@ class ArrayDataset:
     """An in-memory image-classification dataset.
 
     Attributes:
-      images: (N, H, W, C) ``uint8`` (0..255) or ``float32`` (assumed in [0, 1]) numpy array.
+      images: (N, H, W, C) ``uint8`` (0..255) or ``float32`` (assumed in [0, 1]) numpy array,
+        or an :class:`ImageSource` (uint8, decoded lazily by index).
       labels: (N,) ``int32`` in ``[0, num_classes)``.
       num_classes: K.
       name: a human-readable name (e.g. ``'cifar10:train'``).
@@ -131,7 +153,7 @@ class ArrayDataset:
     class_names: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
-        images = np.asarray(self.images)
+        images = self.images if isinstance(self.images, ImageSource) else np.asarray(self.images)
         if images.ndim != 4:
             raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
         if images.dtype == np.float64:
@@ -167,7 +189,9 @@ class ArrayDataset:
     def take(self, indices, name: str | None = None) -> "ArrayDataset":
         """The examples at ``indices`` (a copy), same classes."""
         indices = np.asarray(indices, dtype=np.int64)
-        return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes,
+        images = (self.images.take(indices) if isinstance(self.images, ImageSource)
+                  else self.images[indices])
+        return ArrayDataset(images, self.labels[indices], self.num_classes,
                             self.name if name is None else name, list(self.class_names))
 
 
@@ -177,7 +201,7 @@ def class_counts(ds: ArrayDataset) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading.
+# Lazily decoded images.
 
 def _as_hw(image_size) -> tuple[int, int] | None:
     if image_size is None:
@@ -188,32 +212,124 @@ def _as_hw(image_size) -> tuple[int, int] | None:
     return int(h), int(w)
 
 
-def _resize_host(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear (antialiased on down-scaling) resize of one uint8 HWC image with PIL."""
+def fit_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """One uint8 HWC image scaled (bilinear, antialiased when shrinking) so that it covers
+    ``hw`` = (H, W), then centre-cropped to exactly H x W.  For a square target this is the
+    usual "shorter side to the model's size, centre crop", so no image is distorted and no
+    decoded image is larger than the model needs."""
     from PIL import Image
 
-    if image.shape[:2] == hw:
-        return image
     h, w = hw
-    if image.shape[-1] == 1:
-        out = Image.fromarray(image[..., 0]).resize((w, h), Image.BILINEAR)
-        return np.asarray(out)[..., None]
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    ih, iw = image.shape[:2]
+    if (ih, iw) == (h, w):
+        return image
+    scale = max(h / ih, w / iw)
+    # Round the covering size up by at most a pixel so the crop never runs out of image.
+    sh, sw = max(h, int(round(ih * scale))), max(w, int(round(iw * scale)))
+    gray = image.shape[-1] == 1
+    im = Image.fromarray(image[..., 0] if gray else image).resize((sw, sh), Image.BILINEAR)
+    top, left = (sh - h) // 2, (sw - w) // 2
+    out = np.asarray(im.crop((left, top, left + w, top + h)))
+    return out[..., None] if gray else out
 
 
-def _stack(images: Sequence[np.ndarray], hw, what: str) -> np.ndarray:
-    if hw is not None:
-        images = [_resize_host(im, hw) for im in images]
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"{what}: images have different sizes (e.g. {sorted(shapes)[:3]}); "
-                         "pass image_size=... to resize them")
-    return np.stack(images).astype(np.uint8)
+class ImageSource:
+    """A lazily decoded (N, H, W, C) ``uint8`` image array.
 
+    Indexing with an int, a slice or an integer array decodes just those rows (in a thread
+    pool: PIL releases the GIL while decoding), so a split can be subset, streamed batch by
+    batch, or :func:`materialize`-d without ever holding more than it needs.
+
+    Args:
+      read: ``read(ids) -> list of HWC uint8 arrays`` for a list of *source* row ids.
+      ids: (N,) the source rows this array covers (a view after :meth:`take`).
+      shape: (H, W, C) of every decoded row; rows of another size are passed through
+        :func:`fit_image` (``fit=True``) or rejected.
+      name: for error messages.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, read: Callable[[list[int]], list[np.ndarray]], ids, shape, *,
+                 fit: bool, name: str = ""):
+        self._read, self._ids = read, np.asarray(ids, np.int64)
+        self._row_shape, self._fit, self.name = tuple(int(s) for s in shape), fit, name
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self._ids),) + self._row_shape
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def take(self, indices) -> "ImageSource":
+        """A view of rows ``indices`` (nothing is decoded)."""
+        return ImageSource(self._read, self._ids[np.asarray(indices, np.int64)], self._row_shape,
+                           fit=self._fit, name=self.name)
+
+    def _decode(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((len(ids),) + self._row_shape, np.uint8)
+        h, w, c = self._row_shape
+        for j, im in enumerate(self._read([int(i) for i in ids])):
+            im = np.asarray(im, np.uint8)
+            if im.ndim == 2:
+                im = im[..., None]
+            if im.shape[-1] != c:
+                raise ValueError(f"{self.name}: an image has {im.shape[-1]} channels, "
+                                 f"expected {c}")
+            if im.shape[:2] != (h, w):
+                if not self._fit:
+                    raise ValueError(f"{self.name}: images have different sizes ({im.shape[:2]} "
+                                     f"and {(h, w)}); pass decode_size=... to fit them")
+                im = fit_image(im, (h, w))
+            out[j] = im
+        return out
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self._decode(self._ids[[int(index)]])[0]
+        return self._decode(self._ids[index])
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+def materialize(ds: "ArrayDataset", budget_mb: float = 4096) -> "ArrayDataset":
+    """Decodes a lazily loaded dataset into one in-memory numpy array when its uint8 images
+    take at most ``budget_mb`` MiB; otherwise returns it unchanged (it then streams from disk
+    by index).  Call it *after* taking subsets, so only the rows used are decoded."""
+    if not isinstance(ds.images, ImageSource):
+        return ds
+    if budget_mb < 0:
+        raise ValueError(f"budget_mb must be >= 0, got {budget_mb}")
+    src = ds.images
+    if src.nbytes > budget_mb * 2 ** 20:
+        logging.info("%s: %.0f MiB of images > the %.0f MiB budget: streaming from disk",
+                     ds.name, src.nbytes / 2 ** 20, budget_mb)
+        return ds
+    from tqdm.auto import tqdm
+
+    images = np.empty(src.shape, np.uint8)
+    chunk = 512
+    with tqdm(total=len(src), desc=f"decoding {ds.name}", disable=len(src) < 2000,
+              mininterval=5) as bar:
+        for s in range(0, len(src), chunk):
+            images[s:s + chunk] = src[s:s + chunk]
+            bar.update(min(chunk, len(src) - s))
+    return ArrayDataset(images, ds.labels, ds.num_classes, ds.name, list(ds.class_names))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
 
 def load(name: str, split: str, *, data_dir: str | None = None,
-         image_size: int | tuple[int, int] | None = None) -> ArrayDataset:
-    """Loads a dataset split into memory as uint8 NHWC images.
+         decode_size: int | tuple[int, int] | None = None) -> ArrayDataset:
+    """Loads a dataset split: labels in memory, uint8 NHWC images at native resolution.
 
     Args:
       name: ``digits``, ``fashion_mnist``, ``mnist``, ``idx:<dir>``, ``folder:<dir>``,
@@ -223,24 +339,29 @@ def load(name: str, split: str, *, data_dir: str | None = None,
       split: e.g. ``'train'`` / ``'test'`` (TFDS split syntax is passed through to TFDS).
       data_dir: the TFDS data directory, or for ``fashion_mnist`` / ``mnist`` a directory of
         IDX files (used as IDX dir if it holds IDX files, else as a TFDS data_dir).
-      image_size: resize every image to this size (int or (H, W)) on the host, bilinear.
-        Required when the source images differ in size (image folders, Pets, DTD).
+      decode_size: the model's input size (int or (H, W)).  It bounds decoding only: images
+        that differ in size, or are larger than it, are fitted to it (:func:`fit_image`);
+        fixed-size sources no larger than it keep their native resolution (the device resizes
+        each batch).  Required when a source's images differ in size (Pets, DTD, folders).
+
+    TFDS and image-folder splits come back lazily (``images`` is an :class:`ImageSource`);
+    :func:`materialize` decodes them.  digits and IDX files are small and load eagerly.
 
     Raises:
       FileNotFoundError: the data is not on this machine; the message says how to get it.
       ValueError: unknown dataset / split, malformed files.
     """
-    hw = _as_hw(image_size)
+    hw = _as_hw(decode_size)
     key = name.strip()
     # Paths in configs are written like "folder:~/data/fgvc-aircraft".
     data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
     if key.startswith("folder:"):
         return _load_folder(os.path.expanduser(key[len("folder:"):]), split, hw)
     if key.startswith("idx:"):
-        return _load_idx_dir(os.path.expanduser(key[len("idx:"):]), split, hw, name=key)
+        return _load_idx_dir(os.path.expanduser(key[len("idx:"):]), split, name=key)
     low = key.lower().replace("-", "_")
     if low == "digits":
-        return _finish(_load_digits(split), hw)
+        return _load_digits(split)
     if low in _AIRCRAFT_NAMES:
         if data_dir is None:
             raise FileNotFoundError("load('fgvc_aircraft') needs data_dir=<image folder>. "
@@ -252,7 +373,7 @@ def load(name: str, split: str, *, data_dir: str | None = None,
         candidates = (data_dir,) if data_dir else _DEFAULT_IDX_DIRS[low]
         for d in candidates:
             if d and _find_idx_file(d, "train" if split == "train" else "t10k", "images"):
-                return _load_idx_dir(d, split, hw, name=low)
+                return _load_idx_dir(d, split, name=low)
         try:
             return _load_tfds(low, split, data_dir, hw)
         except FileNotFoundError as e:
@@ -265,10 +386,22 @@ def load(name: str, split: str, *, data_dir: str | None = None,
     return _load_tfds(TFDS_ALIASES.get(low, key), split, data_dir, hw)
 
 
-def _finish(ds: ArrayDataset, hw) -> ArrayDataset:
-    if hw is not None and ds.images.shape[1:3] != hw:
-        ds.images = _stack(list(ds.images), hw, ds.name)
-    return ds
+def _decoded_shape(shapes: Iterable[tuple[int, ...]], hw, what: str) -> tuple[tuple[int, ...], bool]:
+    """The (H, W, C) every row is decoded to, and whether rows must be fitted to it: the
+    native shape when all rows share one no larger than ``hw`` (in pixels), else ``hw``."""
+    shapes = set(shapes)
+    channels = {s[-1] for s in shapes}
+    if len(channels) > 1:
+        raise ValueError(f"{what}: images have different channel counts {sorted(channels)}")
+    c = channels.pop()
+    if len(shapes) == 1:
+        (h, w, _), = shapes
+        if hw is None or h * w <= hw[0] * hw[1]:
+            return (h, w, c), False
+    elif hw is None:
+        raise ValueError(f"{what}: images have different sizes (e.g. {sorted(shapes)[:3]}); "
+                         "pass decode_size=... (the model's input size) to fit them")
+    return (hw[0], hw[1], c), True
 
 
 # -- digits -----------------------------------------------------------------------------------
@@ -361,7 +494,7 @@ def _find_idx_file(directory, prefix: str, kind: str) -> pathlib.Path | None:
     return None
 
 
-def _load_idx_dir(directory: str, split: str, hw, name: str) -> ArrayDataset:
+def _load_idx_dir(directory: str, split: str, name: str) -> ArrayDataset:
     prefixes = {"train": "train", "test": "t10k", "t10k": "t10k"}
     if split not in prefixes:
         raise ValueError(f"IDX datasets have splits 'train' and 'test'; got {split!r}")
@@ -387,20 +520,32 @@ def _load_idx_dir(directory: str, split: str, hw, name: str) -> ArrayDataset:
         k, class_names = 10, [str(c) for c in range(10)]
     else:
         k, class_names = int(labels.max()) + 1 if len(labels) else 1, []
-    ds = ArrayDataset(images, labels.astype(np.int32), k, f"{name}:{split}", class_names)
-    return _finish(ds, hw)
+    return ArrayDataset(images, labels.astype(np.int32), k, f"{name}:{split}", class_names)
 
 
 # -- image folder -----------------------------------------------------------------------------
 
-def _read_image(path, hw) -> np.ndarray:
+def _read_image(path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        if hw is not None and im.size != (hw[1], hw[0]):
-            im = im.resize((hw[1], hw[0]), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _image_size(path) -> tuple[int, int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:  # reads the header only
+        return im.size[1], im.size[0], 3
+
+
+def _threaded(fn, items: Sequence[Any], desc: str) -> list:
+    from tqdm.auto import tqdm
+
+    workers = min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc,
+                         disable=len(items) < 1000, mininterval=5))
 
 
 def _load_folder(directory: str, split: str, hw) -> ArrayDataset:
@@ -425,14 +570,13 @@ def _load_folder(directory: str, split: str, hw) -> ArrayDataset:
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(_IMAGE_EXTENSIONS)}) under "
                                 f"{str(split_dir)!r}/<class>/")
-    from tqdm.auto import tqdm
-
-    workers = min(8, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        images = list(tqdm(pool.map(lambda f: _read_image(f, hw), files), total=len(files),
-                           desc=f"reading {split_dir}", disable=len(files) < 1000))
-    return ArrayDataset(_stack(images, None, str(split_dir)), np.asarray(labels, np.int32),
-                        len(classes), f"folder:{directory}:{split}", classes)
+    # Headers only: whether the folder has one native size decides how rows are decoded.
+    shape, fit = _decoded_shape(_threaded(_image_size, files, f"scanning {split_dir}"), hw,
+                                str(split_dir))
+    read = lambda ids: _threaded(lambda i: _read_image(files[i]), ids, "decoding")
+    images = ImageSource(read, np.arange(len(files)), shape, fit=fit, name=str(split_dir))
+    return ArrayDataset(images, np.asarray(labels, np.int32), len(classes),
+                        f"folder:{directory}:{split}", classes)
 
 
 # -- TFDS -------------------------------------------------------------------------------------
@@ -448,6 +592,36 @@ def _tfds_missing_message(name: str, split: str, data_dir) -> str:
         "pass data_dir=<data_dir> (or set TFDS_DATA_DIR).")
 
 
+def _read_records(source, ids: list[int]) -> list:
+    if hasattr(source, "__getitems__"):
+        try:
+            return list(source.__getitems__(ids))
+        except TypeError:  # some sources (e.g. TFDS's mock) lack batched reads
+            pass
+    return [source[i] for i in ids]
+
+
+def _tfds_labels(tfds, open_source, source, label_key: str, what: str) -> np.ndarray:
+    """All labels of a split.  Records are read with the image left encoded where TFDS can
+    (``SkipDecoding``), so labelling an ImageNet-size split does not decode every image."""
+    try:
+        fast = open_source(decoders={"image": tfds.decode.SkipDecoding()})
+        _read_records(fast, [0])
+        source = fast
+    except Exception:  # noqa: BLE001 - not supported here (e.g. under mock_data): decode
+        pass
+    from tqdm.auto import tqdm
+
+    n, chunk = len(source), 1024
+    labels = np.empty(n, np.int64)
+    with tqdm(total=n, desc=f"labels of {what}", disable=n < 5000, mininterval=5) as bar:
+        for s in range(0, n, chunk):
+            ids = list(range(s, min(n, s + chunk)))
+            labels[s:s + len(ids)] = [int(r[label_key]) for r in _read_records(source, ids)]
+            bar.update(len(ids))
+    return labels
+
+
 def _load_tfds(name: str, split: str, data_dir, hw) -> ArrayDataset:
     try:
         import tensorflow_datasets as tfds
@@ -455,8 +629,10 @@ def _load_tfds(name: str, split: str, data_dir, hw) -> ArrayDataset:
         raise ImportError(f"loading {name!r} needs tensorflow-datasets "
                           "(`pip install tensorflow-datasets`; TensorFlow is not needed)") from e
     not_found = getattr(getattr(tfds.core, "registered", None), "DatasetNotFoundError", ())
+    open_source = functools.partial(tfds.data_source, name, split=split, data_dir=data_dir,
+                                    download=False)
     try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        source = open_source()
     except not_found as e:
         raise ValueError(f"unknown dataset {name!r}: not a built-in name (digits, "
                          "fashion_mnist, mnist, idx:<dir>, folder:<dir>, fgvc_aircraft) nor a "
@@ -474,35 +650,19 @@ def _load_tfds(name: str, split: str, data_dir, hw) -> ArrayDataset:
     image_key = _feature_key(features, "image", tfds.features.Image, name)
     label_key = _feature_key(features, "label", tfds.features.ClassLabel, name)
     label_feature = features[label_key]
-    n = len(source)
-    images, labels = [], np.empty(n, np.int32)
-    from tqdm.auto import tqdm
-
-    chunk = 256
-    batched = hasattr(source, "__getitems__")
-    with tqdm(total=n, desc=f"reading {name}:{split}", disable=n < 1000) as bar:
-        for start in range(0, n, chunk):
-            keys = list(range(start, min(n, start + chunk)))
-            records = None
-            if batched:
-                try:
-                    records = source.__getitems__(keys)
-                except TypeError:  # some sources (e.g. TFDS's mock) lack batched reads
-                    batched = False
-            if records is None:
-                records = [source[i] for i in keys]
-            for i, ex in zip(keys, records):
-                im = np.asarray(ex[image_key])
-                if im.ndim == 2:
-                    im = im[..., None]
-                if hw is not None:
-                    im = _resize_host(im, hw)
-                images.append(im)
-                labels[i] = int(ex[label_key])
-            bar.update(len(keys))
-    return ArrayDataset(_stack(images, None, f"{name}:{split}"), labels,
-                        label_feature.num_classes, f"{name}:{split}",
-                        list(label_feature.names))
+    what = f"{name}:{split}"
+    h, w, c = features[image_key].shape
+    if h is None or w is None:  # images of many sizes: fitted to the model's size
+        if hw is None:
+            raise ValueError(f"{what}: images have different sizes; pass decode_size=... "
+                             "(the model's input size) to fit them")
+        shape, fit = (hw[0], hw[1], c or 3), True
+    else:
+        shape, fit = _decoded_shape([(h, w, c or 3)], hw, what)
+    labels = _tfds_labels(tfds, open_source, source, label_key, what)
+    read = lambda ids: [r[image_key] for r in _read_records(source, ids)]
+    return ArrayDataset(ImageSource(read, np.arange(len(labels)), shape, fit=fit, name=what),
+                        labels, label_feature.num_classes, what, list(label_feature.names))
 
 
 def _feature_key(features, preferred: str, kind, name: str) -> str:
@@ -565,7 +725,8 @@ def select_classes(ds: ArrayDataset, classes: Iterable[int | str]) -> ArrayDatas
     lut = np.full(ds.num_classes, -1, np.int32)
     lut[ids] = np.arange(len(ids), dtype=np.int32)
     keep = np.flatnonzero(lut[ds.labels] >= 0)
-    return ArrayDataset(ds.images[keep], lut[ds.labels[keep]], len(ids),
+    sub = ds.take(keep)
+    return ArrayDataset(sub.images, lut[sub.labels], len(ids),
                         f"{ds.name}[classes {ids}]", [ds.class_names[c] for c in ids])
 
 
@@ -801,3 +962,39 @@ def preprocess(rng, images, *, mean, std, image_size=None, aug_level: int = 1,
     if image_size is not None:
         x = resize(x, image_size)
     return normalize(x, mean, std)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class Preprocess:
+    """The on-device pre-processing of one model: ``prepare(rng, uint8 batch, train)``.
+
+    (grayscale -> ``channels`` copies) -> [0, 1] -> :func:`augment` (training only) ->
+    :func:`resize` to ``image_size`` -> :func:`normalize`.
+
+    A pytree: ``mean`` / ``std`` ((C,) float32, [0, 1] units) are its leaves, the rest is
+    static.  Passed as an *argument* to a jitted function, a change of statistics (another
+    training subset) reuses the compiled program; only the static fields key a recompile.
+    """
+
+    mean: Any
+    std: Any
+    image_size: int | None = None
+    aug_level: int = 1
+    channels: int | None = None
+
+    def __call__(self, rng, x, train: bool) -> jax.Array:
+        if self.channels is not None and x.shape[-1] != self.channels:
+            if x.shape[-1] != 1:
+                raise ValueError(f"images have {x.shape[-1]} channels but the model takes "
+                                 f"{self.channels}")
+            x = jnp.repeat(x, self.channels, axis=-1)
+        return preprocess(rng, x, mean=self.mean, std=self.std, image_size=self.image_size,
+                          aug_level=self.aug_level, train=train)
+
+    def tree_flatten(self):
+        return (self.mean, self.std), (self.image_size, self.aug_level, self.channels)
+
+    @classmethod
+    def tree_unflatten(cls, static, leaves):
+        return cls(*leaves, *static)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -71,7 +72,10 @@ def run(config, workdir: str) -> list[dict]:
   os.makedirs(workdir, exist_ok=True)
   if job == "metrics":
     return metrics_job(config, workdir)
-  from ncjax import report
+  from ncjax import report, train
+  cache = train.enable_compilation_cache(str(config.compile_cache_dir))
+  compiles = train.compile_stats()
+  since, t0 = compiles.snapshot(), time.time()
   variants = parse_variants(config.get("variants", ""))
   if variants:
     records = []
@@ -84,6 +88,8 @@ def run(config, workdir: str) -> list[dict]:
     paths = report.write_all(records, workdir, plots=bool(config.plots))
     print(report.markdown_table(records))
     print("wrote: " + ", ".join(os.path.relpath(p, workdir) for p in paths if p))
+    print(f"{time.time() - t0:.1f} s; {compiles.summary(since)}"
+          + (f"; compilation cache {cache}" if cache else ""))
   return records
 
 

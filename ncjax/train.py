@@ -20,7 +20,10 @@ The pieces, each a plain function over pytrees:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import threading
+import time
 from typing import Any, Callable, Iterator
 
 import flax
@@ -83,11 +86,15 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, mask: PyTree) -> optax.Gr
 def init_state(params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=batch_stats if batch_stats is not None else {},
-                    opt_state=tx.init(params))
+                    opt_state=jax.jit(tx.init)(params))  # one program, not one per shape
 
 
+@functools.lru_cache(maxsize=None)
 def model_forward(model) -> Forward:
-  """`Forward` of a Flax model whose ``__call__(x, train)`` returns logits."""
+  """`Forward` of a Flax model whose ``__call__(x, train)`` returns logits.
+
+  Cached per model (Flax modules hash by their fields), so the jitted evaluation functions
+  below, keyed on the forward, compile once per model and input shape, not once per run."""
   def forward(params, batch_stats, x, train):
     variables = {"params": params}
     if batch_stats:
@@ -99,6 +106,7 @@ def model_forward(model) -> Forward:
   return forward
 
 
+@functools.lru_cache(maxsize=None)
 def head_forward(num_classes: int) -> Forward:
   """`Forward` that runs only the classifier ``params['head']`` (a Dense layer, see
   docs/design.md) on cached penultimate features (N, D)."""
@@ -142,6 +150,7 @@ def make_train_step(forward: Forward, tx: optax.GradientTransformation, mask: Py
     def objective(trainable):
       params = methods.combine(trainable, frozen)
       logits, new_stats = forward(params, state.batch_stats, x, True)
+      logits = logits.astype(jnp.float32)  # a bfloat16 model's loss is still float32
       return loss_fn(logits, labels), (logits, new_stats)
 
     (loss, (logits, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
@@ -217,9 +226,11 @@ def to_global(mesh: Mesh, local: np.ndarray) -> jax.Array:
   return jax.make_array_from_process_local_data(batch_sharded(mesh), np.asarray(local))
 
 
-def put_replicated(mesh: Mesh, tree: PyTree) -> PyTree:
+def put_replicated(mesh: Mesh, tree: PyTree, copy: bool = False) -> PyTree:
+  """`tree` replicated over `mesh`; ``copy=True`` never aliases the input buffers (a
+  transfer, not a compiled copy per leaf shape)."""
   sharding = replicated(mesh)
-  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+  return jax.device_put(tree, sharding, may_alias=False if copy else None)
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -302,7 +313,7 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
   train_step = jit_train_step(step_fn, mesh)
   # The step donates its state; copy so the caller's arrays (e.g. pre-trained weights shared
   # by several runs) stay alive.
-  state = put_replicated(mesh, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
+  state = put_replicated(mesh, state, copy=True)
   mngr = _checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
   if mngr is not None and mngr.latest_step() is not None:
     if resume:
@@ -328,23 +339,26 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
                     "accuracy": float(np.mean([float(m["accuracy"]) for m in window]))})
     window.clear()
 
-  batches = batch_iterator(images, labels, batch_size, seed=seed, start_step=start,
-                           total_steps=total_steps)
-  bar = tqdm(total=total_steps, initial=start, desc=desc, leave=False,
-             disable=jax.process_index() != 0 or None)
+  from ncjax import data
+  # Batches are gathered (and, for a lazily decoded split, decoded) a few steps ahead in a
+  # background thread while the device runs the current step.
+  batches = data.prefetch(batch_iterator(images, labels, batch_size, seed=seed,
+                                         start_step=start, total_steps=total_steps), size=3)
+  bar = progress(batches, total=total_steps, initial=start, desc=desc)
   step = start
-  for x, y in batches:
+  for x, y in bar:
     state, m = train_step(state, to_global(mesh, x[rows]), to_global(mesh, y[rows]),
                           rng)
     step += 1
     window.append(m)
-    bar.update(1)
     if step % log_every == 0 or step == total_steps:
       flush(step)
-      bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+      if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
     if mngr is not None and checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
       mngr.save(step, args=ocp.args.StandardSave(state))
-  bar.close()
+  if hasattr(bar, "close"):
+    bar.close()
   flush(step)
   if mngr is not None:
     if mngr.latest_step() != int(state.step):
@@ -367,33 +381,139 @@ def padded_batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
     yield idx, valid
 
 
-def predict(apply_fn: Callable[[jax.Array], Any], inputs: np.ndarray, batch_size: int, *,
+@functools.lru_cache(maxsize=None)
+def _jit_eval(fn, mesh: Mesh, num_args: int):
+  rep, dat = replicated(mesh), batch_sharded(mesh)
+  return jax.jit(fn, in_shardings=(rep,) * num_args + (dat,))
+
+
+def predict(fn: Callable[..., Any], inputs, batch_size: int, *, args: tuple = (),
             mesh: Mesh | None = None, desc: str = "eval") -> Iterator[tuple[Any, slice]]:
-  """Runs the jitted `apply_fn` over `inputs` in padded global batches; yields the host
-  outputs trimmed to the valid rows and the rows' slice of `inputs`."""
+  """Runs ``fn(*args, x)`` over `inputs` in padded global batches; yields the host outputs
+  trimmed to the valid rows and the rows' slice of `inputs`.
+
+  `fn` must be a stable function object (module level or cached): its jitted version is
+  cached per ``(fn, mesh)``, and `args` (parameters, statistics, a `data.Preprocess`) are
+  traced arguments, so evaluating another model state reuses the compiled program.
+  `inputs` may be a numpy array or a lazily decoded `data.ImageSource` (read ahead in a
+  background thread)."""
+  from ncjax import data
   mesh = mesh or data_mesh()
   check_batch_size(batch_size, mesh)
-  fn = jax.jit(apply_fn, in_shardings=batch_sharded(mesh))
+  jitted = _jit_eval(fn, mesh, len(args))
+  args = put_replicated(mesh, args)
   rows = local_rows(batch_size)
   n = len(inputs)
-  for idx, valid in tqdm(list(padded_batches(n, batch_size)), desc=desc, leave=False,
-                         disable=jax.process_index() != 0 or None):
-    out = fn(to_global(mesh, inputs[idx][rows]))
+  batches = data.prefetch((idx, valid, inputs[idx][rows])
+                          for idx, valid in padded_batches(n, batch_size))
+  for idx, valid, x in progress(batches, total=-(-n // batch_size), desc=desc):
+    out = jitted(*args, to_global(mesh, x))
     out = jax.tree.map(lambda a: to_host(a)[:valid], out)
     yield out, slice(int(idx[0]), int(idx[0]) + valid)
+
+
+@functools.lru_cache(maxsize=None)
+def logits_fn(forward: Forward, static_prepare: Prepare | None = None):
+  """``fn(params, batch_stats, prepare, x) -> logits`` (eval mode), one per forward.
+
+  `prepare` is a traced argument when it is a pytree of arrays (`data.Preprocess`); a plain
+  function is bound here as `static_prepare` instead (and `prepare` passed as None)."""
+  def fn(params, batch_stats, prepare, x):
+    prepare = static_prepare or prepare
+    if prepare is not None:
+      x = prepare(None, x, False)  # eval: no augmentation, so no key
+    return forward(params, batch_stats, x, False)[0]
+  return fn
+
+
+def _is_array_tree(tree) -> bool:
+  return all(hasattr(leaf, "dtype") for leaf in jax.tree.leaves(tree))
 
 
 def accuracy(forward: Forward, params, batch_stats, prepare: Prepare | None, images, labels,
              batch_size: int, mesh: Mesh | None = None) -> float:
   """Top-1 accuracy in percent (eval mode, no augmentation)."""
-  key = jax.random.key(0)
-
-  def logits_fn(x):
-    if prepare is not None:
-      x = prepare(key, x, False)
-    return forward(params, batch_stats, x, False)[0]
-
   correct = 0
-  for logits, rows in predict(logits_fn, images, batch_size, mesh=mesh, desc="eval"):
+  traced = _is_array_tree(prepare)
+  fn = logits_fn(forward, None if traced else prepare)
+  for logits, rows in predict(fn, images, batch_size, mesh=mesh,
+                              args=(params, batch_stats, prepare if traced else None),
+                              desc="eval"):
     correct += int(np.sum(np.argmax(logits, -1) == labels[rows]))
   return 100.0 * correct / len(labels)
+
+
+# ----------------------------------------------------------------------------- telemetry
+
+def progress(iterable, *, total: int, desc: str, initial: int = 0, leave: bool = False):
+  """tqdm on a terminal; when stdout is not a terminal (nohup, Slurm, Colab `!python`),
+  a plain progress line at most every 30 s instead, so a long phase is never silent."""
+  import sys
+  disable = jax.process_index() != 0
+  if disable or sys.stdout.isatty():
+    return tqdm(iterable, total=total, initial=initial, desc=desc, leave=leave,
+                disable=disable or None)
+  return _log_progress(iterable, total, desc, initial)
+
+
+def _log_progress(iterable, total, desc, initial, every_s: float = 30.0):
+  t0 = last = time.monotonic()
+  done = initial
+  for item in iterable:
+    yield item
+    done += 1
+    now = time.monotonic()
+    if now - last >= every_s and done < total:
+      rate = (done - initial) / (now - t0)
+      eta = (total - done) / rate if rate > 0 else float("nan")
+      print(f"{desc}: {done}/{total} ({rate:.2f}/s, ~{eta:.0f} s left)", flush=True)
+      last = now
+
+
+class CompileStats:
+  """Counts XLA compilations and their wall time (from `jax.monitoring` events), and loads
+  from the persistent compilation cache. One process-wide instance: `compile_stats()`."""
+
+  def __init__(self):
+    self.count, self.seconds, self.cache_hits = 0, 0.0, 0
+    self._lock = threading.Lock()
+
+  def _on_duration(self, event: str, seconds: float, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      with self._lock:
+        self.count += 1
+        self.seconds += seconds
+
+  def _on_event(self, event: str, **_):
+    if event == "/jax/compilation_cache/cache_hits":
+      with self._lock:
+        self.cache_hits += 1
+
+  def snapshot(self) -> tuple[int, float, int]:
+    with self._lock:
+      return self.count, self.seconds, self.cache_hits
+
+  def summary(self, since: tuple[int, float, int] = (0, 0.0, 0)) -> str:
+    n, s, h = (a - b for a, b in zip(self.snapshot(), since))
+    return (f"{n} XLA compilations in {s:.1f} s"
+            + (f" ({h} loaded from the persistent cache)" if h else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def compile_stats() -> CompileStats:
+  stats = CompileStats()
+  jax.monitoring.register_event_duration_secs_listener(stats._on_duration)
+  jax.monitoring.register_event_listener(stats._on_event)
+  return stats
+
+
+def enable_compilation_cache(directory: str) -> str | None:
+  """Turns on JAX's persistent compilation cache in `directory` (``~`` expanded); '' leaves
+  it off. Programs that took over a second to compile are stored, so a rerun (or the next
+  config on the same machine) loads them instead of compiling. Returns the path used."""
+  if not directory:
+    return None
+  path = os.path.abspath(os.path.expanduser(directory))
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path

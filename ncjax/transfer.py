@@ -74,24 +74,33 @@ def backbone_config(config, model_name: str):
 
 def load_split(config, name: str, split: str, image_size: int | None,
                classes: list[int] | None) -> data.ArrayDataset:
+  """A split at its native resolution (variable-size images fitted to `image_size`), lazily
+  decoded where the source allows: take subsets, then `materialize`."""
   source = _get(_get(config, "dataset_sources", {}) or {}, name, "") or name
   ds = data.load(source, split, data_dir=_get(config, "data_dir") or None,
-                 image_size=image_size or None)
+                 decode_size=image_size or None)
   if classes:
     ds = data.select_classes(ds, classes)
   ds.name = name
   return ds
 
 
+def materialize(config, ds: data.ArrayDataset) -> data.ArrayDataset:
+  """`data.materialize` within ``config.data_budget_mb`` (larger splits stream from disk)."""
+  return data.materialize(ds, float(config.data_budget_mb))
+
+
 def downstream_splits(config, bb: dict):
   """Yields ``(name, train split, test split)`` for each downstream dataset of a backbone
-  (its own `datasets`, else ``config.datasets``), restricted to ``downstream_classes``."""
+  (its own `datasets`, else ``config.datasets``), restricted to ``downstream_classes``.
+  The train split may still be lazy (subset it, then `materialize`); the test split is
+  materialised."""
   classes = parse_classes(_get(config, "downstream_classes", ""))
   image_size = int(bb["image_size"]) or None
   test_split = _get(config, "test_split", "test") or "test"
   for name in split_list(bb.get("datasets")) or split_list(config.datasets):
     yield (name, load_split(config, name, "train", image_size, classes),
-           load_split(config, name, test_split, image_size, classes))
+           materialize(config, load_split(config, name, test_split, image_size, classes)))
 
 
 def uses_pretraining(config, bb: dict) -> bool:
@@ -116,17 +125,27 @@ def normalization(kind: str, ds: data.ArrayDataset, channels: int):
   return mean, std
 
 
-def make_prepare(mean, std, image_size: int | None, aug_level: int, channels: int):
-  """On-device pre-processing of uint8 batches: (grayscale -> `channels` copies) -> [0,1] ->
-  augment (training only) -> resize to `image_size` -> normalise."""
-  def prepare(rng, x, is_train):
-    if x.shape[-1] != channels:
-      if x.shape[-1] != 1:
-        raise ValueError(f"images have {x.shape[-1]} channels but the model takes {channels}")
-      x = jnp.repeat(x, channels, axis=-1)
-    return data.preprocess(rng, x, mean=mean, std=std, image_size=image_size or None,
-                           aug_level=aug_level, train=is_train)
-  return prepare
+def make_prepare(mean, std, image_size: int | None, aug_level: int,
+                 channels: int) -> data.Preprocess:
+  """On-device pre-processing of uint8 batches at native resolution: (grayscale ->
+  `channels` copies) -> [0,1] -> augment (training only) -> resize to `image_size` ->
+  normalise (`data.Preprocess`)."""
+  return data.Preprocess(np.asarray(mean, np.float32), np.asarray(std, np.float32),
+                         image_size=image_size or None, aug_level=int(aug_level),
+                         channels=int(channels))
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def build_model(config, model_name: str, num_classes: int, options: dict):
+  """`models.get` with the config's compute dtype (``config.dtype``: parameters, optimizer
+  state and BatchNorm statistics stay float32; the loss and the NC metrics are computed in
+  float32)."""
+  dtype = str(config.dtype)
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"config.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+  return models.get(model_name, num_classes, **{**options, "dtype": dtype})
 
 
 # ----------------------------------------------------------------------------- variables
@@ -139,10 +158,15 @@ def input_shape(bb: dict, ds: data.ArrayDataset) -> tuple[int, int, int, int]:
   return (1,) + tuple(hw) + (int(_get(bb, "channels", 0)) or ds.images.shape[-1],)
 
 
+@functools.lru_cache(maxsize=None)
+def _jit_init(model):
+  return jax.jit(functools.partial(model.init, train=False))
+
+
 def init_variables(model, input_shape: tuple[int, ...], seed: int) -> dict:
   """Fresh ``{'params', 'batch_stats'}`` for `model` on float32 inputs of `input_shape`."""
   x = jnp.zeros((1,) + tuple(input_shape[1:]), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(seed), x)
+  variables = _jit_init(model)(jax.random.PRNGKey(seed), x)
   variables = dict(variables)
   variables.setdefault("batch_stats", {})
   return variables
@@ -224,32 +248,45 @@ def recalibrate_batch_stats(forward, params, batch_stats, prepare, images, batch
   as they would be forgotten during a linear probe that runs BatchNorm in train mode."""
   if not batch_stats:
     return batch_stats
-  key = jax.random.PRNGKey(seed)
-  rep, dat = train.replicated(mesh), train.batch_sharded(mesh)
-
-  @functools.partial(jax.jit, in_shardings=(rep, dat), out_shardings=rep)
-  def update(stats, x):
-    return forward(params, stats, prepare(key, x, False), True)[1]
-
+  update = _jit_recalibrate(forward, mesh)
+  params, prepare = train.put_replicated(mesh, (params, prepare))
+  batch_stats = train.put_replicated(mesh, jax.tree.map(jnp.array, batch_stats))
   rows = train.local_rows(batch_size)
   for x, _ in train.batch_iterator(images, np.zeros(len(images), np.int32), batch_size,
                                   seed=seed, start_step=0,
                                   total_steps=max(steps, len(images) // batch_size)):
-    batch_stats = update(batch_stats, train.to_global(mesh, x[rows]))
+    batch_stats = update(params, batch_stats, prepare, train.to_global(mesh, x[rows]))
   return batch_stats
 
 
+@functools.lru_cache(maxsize=None)
+def _jit_recalibrate(forward, mesh):
+  rep, dat = train.replicated(mesh), train.batch_sharded(mesh)
+
+  def update(params, stats, prepare, x):
+    return forward(params, stats, prepare(None, x, False), True)[1]
+  return jax.jit(update, in_shardings=(rep, rep, rep, dat), out_shardings=rep,
+                 donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=None)
+def features_fn(model, names: tuple[str, ...] | None = None):
+  """``fn(variables, prepare, x) -> {name: (N, C) float32}``: pooled features (eval mode) of
+  the units and 'penultimate' (or only `names`); one per model, so `train.predict` compiles
+  it once per model and input shape."""
+  def fn(variables, prepare, x):
+    f = models.features(model, variables, prepare(None, x, False))
+    return {k: v.astype(jnp.float32) for k, v in f.items() if names is None or k in names}
+  return fn
+
+
 def extract(model, variables, prepare, images, batch_size, mesh, names=None):
-  """Pooled features (eval mode) of `images`: dict name -> (N, C) numpy, for the units and
-  'penultimate' (or only `names`)."""
-  key = jax.random.PRNGKey(0)
-
-  def fn(x):
-    f = models.features(model, variables, prepare(key, x, False))
-    return {k: v for k, v in f.items() if names is None or k in names}
-
+  """Pooled features (eval mode) of `images`: dict name -> (N, C) numpy float32, for the
+  units and 'penultimate' (or only `names`)."""
   out: dict[str, list] = {}
-  for f, _ in train.predict(fn, images, batch_size, mesh=mesh, desc="features"):
+  fn = features_fn(model, None if names is None else tuple(names))
+  for f, _ in train.predict(fn, images, batch_size, args=(variables, prepare), mesh=mesh,
+                            desc="features"):
     for k, v in f.items():
       out.setdefault(k, []).append(np.asarray(v, np.float32))
   return {k: np.concatenate(v) for k, v in out.items()}
@@ -262,30 +299,16 @@ def collapse(model, variables, prepare, ds: data.ArrayDataset, batch_size, mesh,
 
   Memory is independent of N: d x d per layer (and K x d x d for the penultimate numerical
   rank, computed only when K*d*d <= `rank_limit`)."""
-  key = jax.random.PRNGKey(0)
   k = ds.num_classes
   stats: dict[str, metrics.CollapseStats] = {}
-
-  @jax.jit
-  def feats(x):
-    return models.features(model, variables, prepare(key, x, False))
-
-  @jax.jit
-  def update(st, f, y):
-    return {n: st[n].update(f[n], y) for n in st}
-
-  rows = train.local_rows(batch_size)
-  for idx, valid in train.padded_batches(len(ds), batch_size):
-    x = train.to_global(mesh, ds.images[idx][rows])
-    f = feats(x)
-    f = {n: jnp.asarray(train.to_host(v)[:valid]) for n, v in f.items()}
-    y = jnp.asarray(ds.labels[idx][:valid])
+  for f, rows in train.predict(features_fn(model), ds.images, batch_size,
+                               args=(variables, prepare), mesh=mesh, desc="collapse"):
+    y = ds.labels[rows]
     if not stats:
       for n, v in f.items():
         second = n == "penultimate" and k * v.shape[1] ** 2 <= rank_limit
         stats[n] = metrics.CollapseStats.create(k, v.shape[1], per_class_second_moment=second)
-    stats = update(stats, f, y) if valid == batch_size else \
-        {n: stats[n].update(f[n], y) for n in stats}
+    stats = _update_stats(stats, f, y)
   pen = stats.pop("penultimate")
   result = {"nc1": float(pen.nc1()), "cdnv": float(pen.cdnv())}
   result["numerical_rank"] = (float(pen.numerical_rank()) if pen.class_scatter is not None
@@ -293,6 +316,11 @@ def collapse(model, variables, prepare, ds: data.ArrayDataset, batch_size, mesh,
   # jit returns dicts with sorted keys ('layer10' < 'layer2'): restore the model's unit order.
   layerwise = {n: float(stats[n].nc1()) for n in models.units(model) if n in stats}
   return result, layerwise
+
+
+@jax.jit
+def _update_stats(stats, f, y):
+  return {n: stats[n].update(f[n], y) for n in stats}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -308,7 +336,7 @@ def finetune(config, model_name: str, bb: dict, train_ds: data.ArrayDataset,
   options = dict(bb["options"])
   if method == "scl":
     options["scl_unit"] = unit
-  model = models.get(model_name, train_ds.num_classes, **options)
+  model = build_model(config, model_name, train_ds.num_classes, options)
   image_size = int(bb["image_size"]) or None
   in_shape = input_shape(bb, train_ds)
   variables = init_variables(model, in_shape, seed)
@@ -426,9 +454,9 @@ def pretrain(config, model_name: str, bb: dict, workdir, mesh) -> tuple[dict, di
     raise ValueError("adversarial pre-training is implemented for the ce and mse losses only")
   image_size = int(bb["image_size"]) or None
   classes = parse_classes(pc.classes)
-  src = load_split(config, pc.dataset, "train", image_size, classes)
-  src_test = load_split(config, pc.dataset, "test", image_size, classes)
-  model = models.get(model_name, src.num_classes, **bb["options"])
+  src = materialize(config, load_split(config, pc.dataset, "train", image_size, classes))
+  src_test = materialize(config, load_split(config, pc.dataset, "test", image_size, classes))
+  model = build_model(config, model_name, src.num_classes, bb["options"])
   in_shape = input_shape(bb, src)
   variables = init_variables(model, in_shape, seed)
   mean, std = normalization(bb["normalization"], src, in_shape[-1])
@@ -502,6 +530,7 @@ def run(config, workdir: str) -> list[dict]:
     for ds_name, train_full, test_ds in downstream_splits(config, bb):
       for size in sizes:
         train_ds = data.balanced_subset(train_full, size, int(config.seed)) if size else train_full
+        train_ds = materialize(config, train_ds)  # decode only the rows this run uses
         train_ds.name = ds_name
         for method in split_list(config.methods):
           units = (split_list(_get(config, "units", "")) or [bb["unit"]]
@@ -558,7 +587,8 @@ def run_layer_probes(config, workdir: str) -> list[dict]:
       pretrained, _ = pretrain(config, model_name, bb, workdir, mesh)
     image_size = int(bb["image_size"]) or None
     for ds_name, train_ds, test_ds in downstream_splits(config, bb):
-      model = models.get(model_name, train_ds.num_classes, **bb["options"])
+      train_ds = materialize(config, train_ds)
+      model = build_model(config, model_name, train_ds.num_classes, bb["options"])
       in_shape = input_shape(bb, train_ds)
       variables, origin = load_backbone(config, model_name, bb, init_variables(model, in_shape, seed),
                                         pretrained)

@@ -56,7 +56,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
                                                ("CIFAR-100", "cifar100", 100)])
 def test_tfds_cifar_mock(name, tfds_name, k):
     with tfds.testing.mock_data(num_examples=6):
-        ds = data.load(name, "train")
+        ds = data.materialize(data.load(name, "train"))
         src = tfds.data_source(tfds_name, split="train", download=False)
         expected = np.stack([src[i]["image"] for i in range(6)])
         expected_labels = [int(src[i]["label"]) for i in range(6)]
@@ -67,12 +67,18 @@ def test_tfds_cifar_mock(name, tfds_name, k):
 
 
 @pytest.mark.parametrize("name,k", [("oxford_iiit_pet", 37), ("dtd", 47)])
-def test_tfds_variable_size_needs_image_size(name, k):
+def test_tfds_variable_size_needs_decode_size(name, k):
     with tfds.testing.mock_data(num_examples=5):
-        ds = data.load(name, "train", image_size=(20, 24))
-        with pytest.raises(ValueError, match="image_size"):
+        lazy = data.load(name, "train", decode_size=(20, 24))
+        assert isinstance(lazy.images, data.ImageSource)
+        ds = data.materialize(lazy)
+        src = tfds.data_source(name, split="train", download=False)
+        first = src[0]["image"]
+        with pytest.raises(ValueError, match="decode_size"):
             data.load(name, "train")
     assert ds.images.shape == (5, 20, 24, 3) and ds.num_classes == k
+    assert isinstance(ds.images, np.ndarray)
+    np.testing.assert_array_equal(ds.images[0], data.fit_image(first, (20, 24)))
 
 
 def test_tfds_mnist_fallback_when_no_idx_files(tmp_path):
@@ -117,21 +123,26 @@ def test_image_folder(tmp_path):
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
         tmp_path / "test" / "b_cls" / "t.jpeg")
 
-    ds = data.load(f"folder:{tmp_path}", "train", image_size=(16, 12))
+    ds = data.load(f"folder:{tmp_path}", "train", decode_size=(16, 12))
+    assert isinstance(ds.images, data.ImageSource)  # lazily decoded
     assert ds.class_names == ["a_cls", "b_cls"] and ds.num_classes == 2
     assert ds.images.shape == (3, 16, 12, 3) and ds.images.dtype == np.uint8
     np.testing.assert_array_equal(ds.labels, [0, 1, 1])
     np.testing.assert_array_equal(ds.images[1], exact)  # PNG at target size: lossless
     gray = ds.images[0]
     assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+    with Image.open(tmp_path / "train" / "b_cls" / "1.jpg") as im:  # 30x20: fitted, not stretched
+        np.testing.assert_array_equal(ds.images[2], data.fit_image(np.asarray(im), (16, 12)))
 
-    test = data.load(f"folder:{tmp_path}", "test", image_size=8)
+    # One native size no larger than the model's: kept as it is (the device resizes).
+    test = data.load(f"folder:{tmp_path}", "test", decode_size=224)
     assert test.class_names == ["a_cls", "b_cls"]  # union over splits: ids agree
+    assert test.images.shape == (1, 8, 8, 3)
     np.testing.assert_array_equal(test.labels, [1])
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError, match="decode_size"):
         data.load(f"folder:{tmp_path}", "train")
-    air = data.load("fgvc_aircraft", "test", data_dir=str(tmp_path), image_size=8)
-    np.testing.assert_array_equal(air.images, test.images)
+    air = data.load("fgvc_aircraft", "test", data_dir=str(tmp_path), decode_size=8)
+    np.testing.assert_array_equal(np.asarray(air.images), np.asarray(test.images))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +227,8 @@ def test_digits_split():
     again = data.load("digits", "train")
     np.testing.assert_array_equal(again.images, train.images)
     np.testing.assert_array_equal(again.labels, train.labels)
-    small = data.load("digits", "test", image_size=28)
-    assert small.images.shape == (len(test), 28, 28, 1)
+    native = data.load("digits", "test", decode_size=224)  # fixed size: never resized on the host
+    np.testing.assert_array_equal(native.images, test.images)
     with pytest.raises(ValueError, match="splits"):
         data.load("digits", "validation")
 
@@ -474,5 +485,98 @@ def test_folder_path_expands_the_home_directory(tmp_path, monkeypatch):
         d.mkdir(parents=True)
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(d / "a.png")
     monkeypatch.setenv("HOME", str(tmp_path))
-    ds = data.load("folder:~/data", "train", image_size=4)
+    ds = data.load("folder:~/data", "train", decode_size=4)
     assert len(ds) == 1 and ds.class_names == ["cls"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Host memory independent of the model's resolution (issue 7 §1)
+
+
+def test_fit_image_covers_then_crops_the_centre():
+    img = np.arange(4 * 8 * 3, dtype=np.uint8).reshape(4, 8, 3)
+    np.testing.assert_array_equal(data.fit_image(img, (4, 4)), img[:, 2:6])  # scale 1: crop
+    tall = np.arange(10 * 4, dtype=np.uint8).reshape(10, 4, 1)
+    np.testing.assert_array_equal(data.fit_image(tall, (4, 4)), tall[3:7])
+    small = np.random.default_rng(0).integers(0, 256, (2, 3, 3), dtype=np.uint8)
+    up = data.fit_image(small, (4, 4))  # 2x3 -> covers 4x4 at 4x6, then the middle 4 columns
+    ref = np.asarray(Image.fromarray(small).resize((6, 4), Image.BILINEAR))[:, 1:5]
+    np.testing.assert_array_equal(up, ref)
+
+
+def _folder(tmp_path, n_per_class=6, size=(12, 10)):
+    rng = np.random.default_rng(1)
+    for c in range(3):
+        d = tmp_path / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        for i in range(n_per_class):
+            h, w = size[0] + i, size[1] + 2 * i  # every image another size
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return f"folder:{tmp_path}"
+
+
+def test_subsets_are_taken_before_any_image_is_decoded(tmp_path, monkeypatch):
+    name = _folder(tmp_path)
+    decoded = []
+    real = data._read_image
+    monkeypatch.setattr(data, "_read_image", lambda p: decoded.append(p) or real(p))
+    ds = data.load(name, "train", decode_size=8)
+    ds = data.select_classes(ds, [2, 0])
+    sub = data.balanced_subset(ds, 4, seed=0)
+    assert decoded == [] and isinstance(sub.images, data.ImageSource)
+    out = data.materialize(sub)
+    assert len(decoded) == 4 and out.images.shape == (4, 8, 8, 3)
+    # The same rows as decoding everything and then subsetting.
+    full = data.materialize(data.load(name, "train", decode_size=8))
+    every = full.take(np.flatnonzero(np.isin(full.labels, [0, 2])))
+    rows = {im.tobytes() for im in every.images}
+    assert all(im.tobytes() in rows for im in out.images)
+
+
+def test_over_budget_splits_stream_through_training_and_eval(tmp_path):
+    from ncjax import train
+    ds = data.load(_folder(tmp_path), "train", decode_size=8)
+    assert data.materialize(ds, budget_mb=0) is ds  # over budget: stays lazy
+    whole = data.materialize(ds)
+    x = np.asarray(ds.images[np.asarray([5, 1, 7])])
+    np.testing.assert_array_equal(x, whole.images[[5, 1, 7]])
+    # train.predict reads the lazy rows in padded batches, like an in-memory array.
+    lazy = np.concatenate([o for o, _ in train.predict(_sum_rows, ds.images, 4)])
+    eager = np.concatenate([o for o, _ in train.predict(_sum_rows, whole.images, 4)])
+    np.testing.assert_array_equal(lazy, eager)
+    assert lazy.shape == (len(ds),)
+
+
+def _sum_rows(x):
+    return x.astype(np.int32).sum(axis=(1, 2, 3))
+
+
+@pytest.mark.parametrize("native,size,channels,std", [
+    ((8, 8, 1), 32, 1, data.MNIST_STD), ((28, 28, 1), 224, 3, data.FASHION_MNIST_STD),
+    ((32, 32, 3), 224, 3, data.CIFAR10_STD), ((32, 32, 3), 20, 3, data.CIFAR10_STD)])
+def test_device_resize_matches_the_old_host_resize(native, size, channels, std):
+    """Batches at native resolution resized on the device (what runs now) equal the batches
+    the pipeline used to build by resizing every image on the host with PIL (bilinear) and
+    storing uint8, within PIL's uint8 rounding."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4,) + native, dtype=np.uint8)
+    smooth = np.asarray(jax.image.resize(x.astype(np.float32), x.shape, "linear"))
+    x = np.clip(np.round(smooth), 0, 255).astype(np.uint8)
+    mean = (0.5,) * len(std)
+    prep = data.Preprocess(np.asarray(mean, np.float32), np.asarray(std, np.float32),
+                           image_size=size, channels=channels)
+    on_device = np.asarray(prep(None, x, False))
+
+    def pil(im):  # the host path this replaces (PIL bilinear, antialiased when shrinking)
+        im = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
+        out = np.asarray(im.resize((size, size), Image.BILINEAR))
+        return out[..., None] if out.ndim == 2 else out
+
+    host = np.stack([pil(im) for im in x])
+    on_host = np.asarray(prep(None, host, False))
+    assert on_device.shape == on_host.shape == (4, size, size, channels)
+    # PIL rounds to uint8 (0.5/255) after fixed-point weights (a few pixels in 1e5 land one
+    # level off); in normalised units:
+    tol = 1.5 / 255 / min(std)
+    np.testing.assert_allclose(on_device, on_host, atol=tol)
+    assert np.abs(on_device - on_host).mean() < 0.35 / 255 / min(std)  # ~ rounding alone
