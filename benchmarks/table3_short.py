@@ -49,6 +49,9 @@ def main():
   p.add_argument("--weights", default="", help="torchvision resnet18 checkpoint (default: scratch)")
   p.add_argument("--data_dir", default="", help="TFDS data_dir holding a prepared cifar10")
   p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "table3_short"))
+  p.add_argument("--image_size", type=int, default=224, help="model input (CPU smoke: 32)")
+  p.add_argument("--synthetic_train", type=int, default=50_000)
+  p.add_argument("--synthetic_test", type=int, default=10_000)
   args = p.parse_args()
 
   c = table3.get_config()
@@ -56,6 +59,7 @@ def main():
   c.optim.epochs, c.checkpoint_every, c.plots = args.epochs, 0, False
   c.train_sizes = str(args.train_size) if args.train_size else ""
   c.backbone.resnet18.weights = args.weights
+  c.backbone.resnet18.image_size = args.image_size
   c.data_dir = args.data_dir
   try:
     data.load("cifar10", "test", data_dir=args.data_dir or None)
@@ -63,7 +67,7 @@ def main():
     d = os.path.join(args.workdir, "synthetic_cifar10")
     os.makedirs(d, exist_ok=True)
     with c.unlocked():
-      c.dataset_sources.cifar10 = synthetic_cifar(d)
+      c.dataset_sources.cifar10 = synthetic_cifar(d, args.synthetic_train, args.synthetic_test)
     print(f"TFDS cifar10 not prepared: synthetic CIFAR-10-shaped data in {d}")
   t0 = time.time()
   jobs.run(c, args.workdir)

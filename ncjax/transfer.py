@@ -250,7 +250,7 @@ def recalibrate_batch_stats(forward, params, batch_stats, prepare, images, batch
     return batch_stats
   update = _jit_recalibrate(forward, mesh)
   params, prepare = train.put_replicated(mesh, (params, prepare))
-  batch_stats = train.put_replicated(mesh, jax.tree.map(jnp.array, batch_stats))
+  batch_stats = train.put_replicated(mesh, batch_stats, copy=True)  # donated below
   rows = train.local_rows(batch_size)
   for x, _ in train.batch_iterator(images, np.zeros(len(images), np.int32), batch_size,
                                   seed=seed, start_step=0,

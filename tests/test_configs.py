@@ -211,3 +211,30 @@ def test_cli_on_8_simulated_devices(tmp_path):
   (r,) = json.load(open(tmp_path / "results.json"))
   assert r["batch_size"] == 56 and r["steps"] == 5
   assert list(r["layerwise_nc1"]) == [f"layer{i}" for i in range(1, 10)]
+
+
+def test_bfloat16_default_config_matches_float32_accuracy(tmp_path):
+  """The default job in bfloat16 compute (float32 parameters, optimizer state, BatchNorm
+  statistics and loss) reaches the float32 run's accuracy within 1 point (the mean over its
+  four methods). Per method the test split's 179 images make one image 0.56 points, so a
+  method may differ by up to 2 points (3 images) on its own."""
+  from configs import default
+  acc = {}
+  for dtype in ("float32", "bfloat16"):
+    c = default.get_config()
+    c.dtype, c.collapse, c.plots, c.compile_cache_dir = dtype, False, False, ""
+    acc[dtype] = {r["method"]: r["accuracy"] for r in jobs.run(c, str(tmp_path / dtype))}
+  assert list(acc["bfloat16"]) == ["linear", "layer", "scl", "full"]
+  print(acc)
+  for method, a32 in acc["float32"].items():
+    assert a32 > 80.0, acc  # a real transfer, not two equal failures
+    assert abs(acc["bfloat16"][method] - a32) <= 2.0, acc
+  mean = {d: sum(a.values()) / len(a) for d, a in acc.items()}
+  assert abs(mean["bfloat16"] - mean["float32"]) <= 1.0, acc
+
+
+def test_unknown_dtype_is_an_error_naming_the_field(tmp_path):
+  c = tiny_mlp_config("transfer")
+  c.dtype = "float16"
+  with pytest.raises(ValueError, match="config.dtype"):
+    jobs.run(c, str(tmp_path))
