@@ -31,17 +31,51 @@ SVD, obtained from the eigendecomposition of the K x K Gram ``M M^T = U S^2 U^T`
     NC1 = (1/K) tr(Sigma_W Sigma_B^+) = sum_j v_j^T Sigma_W v_j / s_j^2
         = sum_j (1/N) ||R v_j||^2 / s_j^2,         R = H - mu_y  (N x d residuals).
 
-``R V`` is formed as ``H V - (mu V)[y]``, so the N x d residual is never materialised: two
-read passes over H (class sums by ``segment_sum``, then ``H @ V``).  Measured on the 2-core
-CPU at N=50,000, K=10: 2-3x the time of one read pass (XLA's CPU scatter and skinny GEMM run
-below the bandwidth of a plain reduction) and 17-130x faster than the d x d pinv path
-(``benchmarks/nc1.py``; numbers in ``benchmarks/RESULTS.md``).
+Two read passes over H (class sums, then the projected residuals ``R V``), no N x d
+temporary and no d x d matrix; on the 2-core CPU at N=50,000, K=10 about 3x the time of one
+read pass and 17-130x faster than the d x d pinv path (``benchmarks/nc1.py``).
 At most ``r = min(K-1, d)`` directions are kept, and a direction is kept only if
 ``s_j^2 > rtol * s_max^2`` with ``rtol = 10 * d * eps(dtype)`` -- exactly the default cutoff
 ``jnp.linalg.pinv(Sigma_B, hermitian=True)`` applies to the eigenvalues ``s_j^2/K`` of the
-d x d ``Sigma_B``, so :func:`nc1` and :func:`nc1_pinv` agree.  Float32 accuracy: the result
-has relative error of order ``eps * ||h|| / (within-class spread)``, so a huge common offset
-of the features costs digits linearly (not quadratically); use float64 if it matters.
+d x d ``Sigma_B``, so :func:`nc1` and :func:`nc1_pinv` agree.
+
+Precision: the shifted frame, dtypes and scale
+----------------------------------------------
+Every sum and every product is taken in a *shifted frame*, never on ``h`` itself.  The first
+pass sums ``h_i - c_{y_i}`` with ``c_k`` the first row of class k (an exact data point, so the
+difference is of the order of the within-class spread whatever the features' offset);
+class means are kept as ``c_k + m_k`` and never added up, and centred means are formed as
+``(c_k - c_0) + m_k`` minus their mean.  The second pass of :func:`cdnv` and :func:`nc1_pinv`
+uses the same per-class shifts; that of :func:`nc1` works on ``h_i - c`` with ``c`` the mean
+of the class means (one common point: a per-class shift needs a gather that XLA:CPU cannot
+fuse into the matmul kernel).  So a common offset costs no precision -- post-ReLU features
+with large means included -- and the summing itself is shifted too (``sum h`` in float32 at
+offset 1e6 is wrong by more than the spread).  Measured in float32 against a float64
+computation on the same float32 values (offset 1e6, unit spread, N=5000, d=64, K=10):
+relative errors 1e-7 to 3e-7 for nc1, nc1_pinv, cdnv and :class:`CollapseStats`, where the
+unshifted code was wrong by a factor of up to 200.  Under strong collapse :func:`nc1` keeps
+the float32 rounding of the between-class distances: a relative error of order
+``eps / sqrt(NC1)`` (1e-5 at NC1 = 2e-9), like the unshifted code without offset; cdnv,
+nc1_pinv and CollapseStats stay near 1e-7 there.
+On CPU XLA fuses ``h - c`` neither into the scatter of the first pass nor into a matmul: it
+writes the shifted N x d array to freshly allocated memory (measured 4-8x slower than the
+pass itself).  So the first pass runs over small row blocks (the shifted block stays in
+cache), and the second pass of nc1 is written as a sum of products, which XLA:CPU compiles
+into one kernel together with the shift.
+Scale: before anything is squared, the centred means, projections and residuals are divided
+by a power of two taken from the centred means (exact), so features scaled by 1e-30 or 1e30
+give the same metrics; only class sums that overflow the dtype raise.
+
+Dtypes (the rule): computation is in float64 for float64 or 64-bit integer features when
+``jax_enable_x64`` is on, and in float32 otherwise (float16, bfloat16, float32, integers).
+Float64 (or 64-bit integer) NumPy input without x64 is never cast blindly: it is first
+translated in float64 on the host (by its column mean; the metrics are translation invariant),
+then rounded to float32, so only the relative rounding of the *spread* is lost; a float64
+input warns once per process that float32 was used.  (:func:`numerical_rank` is not
+translation invariant and rounds directly: its value is well conditioned.)  Integers are
+converted to float before any arithmetic (never summed as integers, never narrowed to
+int32: NumPy int64 goes through float64 on the host, exact below 2**53).  Inside ``jit``,
+int32 features convert to float32 exactly only below 2**24 in magnitude.
 
 Other metrics
 -------------
@@ -50,7 +84,7 @@ Other metrics
   Two coinciding class means give ``inf``.
 * :func:`numerical_rank`: ``(1/K) sum_k ||H_k||_F^2 / ||H_k||_2^2`` with ``H_k`` the
   *uncentred* class-k features.  The spectral norm is found by power iteration (see the
-  function for its accuracy) or exactly (``exact=True``).
+  function for its accuracy) or exactly (``exact=True``, O(N d^2) to form the class Grams).
 * :func:`nc2_etf`: ``|| G/||G||_F - E/||E||_F ||_F`` with ``G`` the K x K Gram matrix of the
   centred class means after normalising each to unit length and ``E = K/(K-1) (I - 11^T/K)``
   the simplex-ETF Gram.  0 iff the centred means form a simplex ETF up to per-class scale
@@ -60,19 +94,22 @@ Other metrics
 
 Input checking and jit
 ----------------------
-Every public function checks shapes and dtypes (always, also at trace time) and, when the
-inputs are concrete arrays, their values: labels in ``[0, K)``, every class non-empty,
-``K >= 2``, finite features.  Violations raise ``ValueError`` naming the problem.  The
-finiteness check costs nothing extra: NaN/Inf in the features make the class sums
-non-finite, which the computation reports back.
+Every public function checks shapes, dtypes and Python arguments (always, also at trace
+time) and, when the inputs are concrete arrays, their values: labels in ``[0, K)``, every
+class non-empty, ``K >= 2``, finite features, no overflow.  Violations raise ``ValueError``
+naming the problem: wrong rank or dtype, ``d = 0`` or no rows, non-integer ``num_classes``,
+``num_iters`` or ``token_index``, an inferred ``K = max(label) + 1`` larger than the number of
+samples (checked before any allocation of K), NaN/Inf features, and class sums or Grams that
+overflow the dtype.  The finiteness check costs nothing extra: NaN/Inf in the features make
+the class sums non-finite, which the computation reports back.
 
 Inside a caller's ``jax.jit`` the inputs are tracers and the value checks cannot run.  A
 jitted caller must then (a) pass ``num_classes`` (it cannot be inferred from traced labels),
 and guarantee (b) labels in ``[0, num_classes)``, (c) every class has at least one sample,
 (d) finite features.  If (b)-(d) fail, the metrics return NaN (not an exception and not a
 silently wrong number): out-of-range labels and empty classes are detected from the counts,
-non-finite features from the class sums.  ``num_iters`` of :func:`numerical_rank` and the
-``exact`` flag must be Python values.
+non-finite features and overflow from the sums and the result.  ``num_iters`` of
+:func:`numerical_rank` and the ``exact`` flag must be Python values.
 
 Sharded inputs: the one-shot functions run on arrays sharded over a mesh whose axes are
 ``Auto`` (``jax.sharding.Mesh(devices, names)``), the usual data-parallel setting.  With
@@ -82,16 +119,20 @@ over the sharded batch axis; there, accumulate :class:`CollapseStats` per shard 
 
 Streaming (:class:`CollapseStats`)
 ---------------------------------
-Additive sufficient statistics about a fixed *per-class shift* ``c_k`` (the class mean of the
-first batch that contained class k): counts ``n_k``, sums ``sum (h - c_k)``, squared norms
+Additive sufficient statistics about a fixed *per-class shift* ``c_k`` (the first row of
+class k that an update saw): counts ``n_k``, sums ``sum (h - c_k)``, squared norms
 ``sum ||h - c_k||^2``, the total d x d scatter ``sum (h - c_{y})(h - c_{y})^T`` and, optionally,
 per-class K x d x d scatters (needed for the numerical rank).  Memory is
 ``O(K d + d^2)`` (``O(K d^2)`` with ``per_class_second_moment=True``), independent of N.
-Because every quantity is taken about a point close to its class mean, neither a large
-common offset nor strong collapse causes the catastrophic cancellation of
-``sum hh^T - n mu mu^T`` in float32.  Two statistics with different shifts are merged by
-exactly re-expressing one about the other's shift (associative up to rounding);
+Because every quantity is taken about a point of its own class, neither a large common
+offset nor strong collapse causes the catastrophic cancellation of ``sum hh^T - n mu mu^T``
+in float32.  ``update(features, labels, mask)`` takes a row mask, so a padded last batch
+never has to leave the device.  Two statistics with different shifts are merged by exactly
+re-expressing one about the other's shift (associative up to rounding);
 ``stats.psum(axis_name)`` does the same across a mesh axis inside ``jit``/``shard_map``.
+The statistics hold squared features, so residuals ``|h - c_k|`` must lie between about 1e-19
+and 1e19 in float32 (1e-154 and 1e154 in float64); outside, an update raises (concrete) or
+gives NaN statistics (jit).  The one-shot functions have no such limit.
 
 Only ``jax`` and ``numpy`` are imported.
 """
@@ -99,6 +140,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -112,6 +154,9 @@ __all__ = [
 ]
 
 _HI = lax.Precision.HIGHEST
+# Bytes of float32 features per row block of the shifted first pass on CPU (_row_block).
+_BLOCK_BYTES = 1 << 16
+_warned_float32 = False
 
 
 # ----------------------------------------------------------------------------- validation
@@ -119,11 +164,41 @@ def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def _on_device(x) -> bool:
+    return isinstance(x, (jax.Array, jax.core.Tracer))
+
+
+def _wide(dt) -> bool:
+    """A 64-bit float or integer dtype (kept on device only with x64)."""
+    dt = np.dtype(dt)
+    return dt.itemsize == 8 and dt.kind in "fiu"
+
+
 def _compute_dtype(dtype):
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float64:
-        return jnp.dtype(jnp.float64) if jax.config.jax_enable_x64 else jnp.dtype(jnp.float32)
+    """float64 for 64-bit floats/integers under x64, else float32 (module docstring)."""
+    if _wide(dtype) and jax.config.jax_enable_x64:
+        return jnp.dtype(jnp.float64)
     return jnp.dtype(jnp.float32)
+
+
+def _warn_float32(fn: str):
+    global _warned_float32
+    if not _warned_float32:
+        _warned_float32 = True
+        warnings.warn(f"ncjax.metrics.{fn}: float64 input but jax_enable_x64 is off: computing "
+                      "in float32 (after centring in float64 on the host, so the result stays "
+                      "accurate for well-posed inputs); enable x64 for float64 results.  This "
+                      "warning is shown once.", stacklevel=3)
+
+
+def _as_int(value, name: str, fn: str, minimum: int | None = None) -> int:
+    """A Python or NumPy integer (bool, float and str are refused, never truncated)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{fn}: {name} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{fn}: need {name} >= {minimum}, got {value}")
+    return value
 
 
 def _check_features(features, fn: str, ndims=(2,)):
@@ -136,6 +211,11 @@ def _check_features(features, fn: str, ndims=(2,)):
     if dt == np.bool_ or not (np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.integer)
                               or dt == jnp.bfloat16):
         raise ValueError(f"{fn}: features must be real numbers (float or int), got dtype {dt}")
+    if features.shape[0] == 0:
+        raise ValueError(f"{fn}: no samples (features have shape {tuple(features.shape)})")
+    if 0 in features.shape:
+        raise ValueError(f"{fn}: features have an empty dimension (shape "
+                         f"{tuple(features.shape)}; d = 0?)")
     return features
 
 
@@ -153,11 +233,13 @@ def _check_labels(labels, n: int, fn: str):
 
 
 def _resolve_classes(labels, num_classes, fn: str, require_all: bool = True) -> int:
-    """Checks label values (when concrete) and returns the static number of classes K."""
+    """Checks label values (when concrete) and returns the static number of classes K.
+
+    K is bounded before anything of size K is allocated: with every class required to be
+    non-empty, K <= N (a stray label 2**32 would otherwise make ``bincount`` ask for 32 GiB).
+    """
     if num_classes is not None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-            raise ValueError(f"{fn}: num_classes must be a Python int, got {num_classes!r}")
-        num_classes = int(num_classes)
+        num_classes = _as_int(num_classes, "num_classes", fn)
     if _is_traced(labels):
         if num_classes is None:
             raise ValueError(f"{fn}: num_classes must be given when labels are traced "
@@ -177,58 +259,160 @@ def _resolve_classes(labels, num_classes, fn: str, require_all: bool = True) -> 
     if k < 2:
         raise ValueError(f"{fn}: need K >= 2 classes, got K={k}")
     if require_all:
+        if k > lab.size:
+            src = f"label {hi} implies" if num_classes is None else "num_classes ="
+            raise ValueError(f"{fn}: {src} K={k} classes but there are only {lab.size} "
+                             "samples, so some class is empty (labels must be 0..K-1)")
         counts = np.bincount(lab.astype(np.int64), minlength=k)
         empty = np.flatnonzero(counts == 0)
         if empty.size:
             raise ValueError(f"{fn}: class {int(empty[0])} has no samples"
                              + (f" (empty classes: {empty[:10].tolist()})" if empty.size > 1 else ""))
+    elif k > np.iinfo(np.int32).max:
+        raise ValueError(f"{fn}: num_classes={k} does not fit int32 labels")
     return k
 
 
-def _raise_nonfinite(features, fn: str):
+def _raise_nonfinite(features, fn: str, dtype):
     f = np.asarray(features)
     bad = np.argwhere(~np.isfinite(f))
     if bad.size:
         i = tuple(int(v) for v in bad[0])
         raise ValueError(f"{fn}: features contain NaN or Inf (first at index {i}: {f[i]})")
     raise ValueError(f"{fn}: non-finite intermediate result: the features overflow "
-                     f"{f.dtype} (rescale them or use float64)")
+                     f"{np.dtype(dtype).name} (their class sums or squares exceed its range; "
+                     "rescale them or use float64)")
 
 
-def _prepare(features, labels, num_classes, fn):
+def _to_jax(features, fn: str, translate: bool):
+    """Features as a jax array without any lossy cast (see the dtype rule in the docstring).
+
+    Device arrays and tracers are returned as they are (the jitted code casts them block by
+    block).  64-bit NumPy input without x64 is centred in float64 here, where the precision
+    exists, and then rounded to float32.
+    """
+    if _on_device(features):
+        return features
+    a = np.asarray(features)
+    if not _wide(a.dtype) or jax.config.jax_enable_x64:
+        return jnp.asarray(a)
+    if a.dtype.kind == "f":
+        _warn_float32(fn)
+    a = a.astype(np.float64)
+    if translate:
+        with np.errstate(invalid="ignore", over="ignore"):
+            a = a - a.mean(axis=0)
+    with np.errstate(over="ignore"):
+        return jnp.asarray(a.astype(np.float32))
+
+
+def _labels_int32(labels):
+    if _on_device(labels):
+        return labels.astype(jnp.int32)
+    return jnp.asarray(np.asarray(labels).astype(np.int32))
+
+
+def _prepare(features, labels, num_classes, fn, translate=True):
+    """Checks everything checkable; returns (h, y, K, concrete) with h uncast (see _to_jax)."""
     features = _check_features(features, fn)
     labels = _check_labels(labels, features.shape[0], fn)
     k = _resolve_classes(labels, num_classes, fn)
     concrete = not (_is_traced(features) or _is_traced(labels))
-    features = jnp.asarray(features)
-    features = features.astype(_compute_dtype(features.dtype))
-    labels = jnp.asarray(labels).astype(jnp.int32)
-    return features, labels, k, concrete
+    return _to_jax(features, fn, translate), _labels_int32(labels), k, concrete
 
 
 def _finish(value, ok, features, concrete, fn):
-    """Concrete inputs: raise if the computation flagged invalid values (see _validity)."""
+    """Concrete inputs: raise if the computation flagged invalid values (see _pass1)."""
     if concrete and not bool(ok):
-        _raise_nonfinite(features, fn)
+        _raise_nonfinite(features, fn, value.dtype)
     return value
 
 
 # ----------------------------------------------------------------------------- building blocks
-def _class_sums(h, y, k):
-    """One read pass: counts (K,) and class sums (K, d).
+def _row_block(n: int, d: int) -> int:
+    """Rows per block of the shifted first pass (static).
 
-    ``segment_sum`` (a scatter-add) measured as fast as a plain column sum on CPU, about 2x
-    faster than the one-hot ``(K x N) @ (N x d)`` matmul.  Out-of-range labels are dropped
-    (and then detected through the counts).
+    On CPU XLA does not fuse ``h - c`` into the scatter: it writes the shifted N x d array to
+    freshly allocated memory first (4-8x slower than the plain pass, measured).  A block of
+    ~64 KiB stays in L1/L2; blocks of 256 KiB and more were slower on the 2-core CPU.
+    Other backends fuse the shift, so there the whole array is one block.
     """
-    sums = jax.ops.segment_sum(h, y, num_segments=k)
-    counts = jax.ops.segment_sum(jnp.ones(y.shape, h.dtype), y, num_segments=k)
-    return counts, sums
+    if jax.default_backend() != "cpu":
+        return n
+    b = max(8, _BLOCK_BYTES // (4 * d))
+    return min(n, 1 << (b.bit_length() - 1))
 
 
-def _validity(counts, sums, n):
-    """True iff every label was in range, no class is empty and the sums are finite."""
-    return (jnp.all(counts > 0) & (jnp.sum(counts) == n) & jnp.all(jnp.isfinite(sums)))
+def _fold_rows(body, carry, block: int, *arrays):
+    """``carry = body(carry, *blocks)`` over consecutive row blocks of ``arrays``, in order."""
+    n = arrays[0].shape[0]
+    full = n // block
+    if full:
+        def step(i, c):
+            return body(c, *(lax.dynamic_slice_in_dim(a, i * block, block) for a in arrays))
+        carry = lax.fori_loop(0, full, step, carry)
+    if n % block:
+        carry = body(carry, *(a[full * block:] for a in arrays))
+    return carry
+
+
+def _add_rows(acc, y, rows):
+    """``acc[y_i] += rows_i`` (in place on acc); rows with y outside [0, K) are dropped.
+
+    (``.at[]`` would wrap negative labels around like Python indexing.)
+    """
+    return acc.at[jnp.where(y < 0, acc.shape[0], y)].add(rows, mode="drop")
+
+
+def _first_rows(h, y, k):
+    """The row where each class first occurs (K, d): a reference point inside each class."""
+    n = h.shape[0]
+    first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), y, num_segments=k)
+    return h[jnp.clip(first, 0, n - 1)]                             # absent class: any row
+
+
+def _pass1(h, y, k):
+    """First read pass, in the shifted frame.
+
+    Returns counts (K,) int32, references ``c`` (K, d) (the first row of each class: an exact
+    data point, so ``h - c_y`` is of the order of the within-class spread whatever the offset
+    and the distances between classes), ``m`` (K, d) = class means minus ``c``, and ``ok``:
+    every label in range, no class empty and the sums finite.  Out-of-range labels are
+    dropped from the sums and detected from the counts.
+    """
+    n, d = h.shape
+    dt = _compute_dtype(h.dtype)
+    counts = _add_rows(jnp.zeros((k,), jnp.int32), y, jnp.ones((n,), jnp.int32))
+    ref = _first_rows(h, y, k).astype(dt)
+    sums = _fold_rows(lambda acc, hb, yb: _add_rows(acc, yb, hb.astype(dt) - ref[yb]),
+                      jnp.zeros((k, d), dt), _row_block(n, d), h, y)
+    m = sums / jnp.maximum(counts, 1).astype(dt)[:, None]
+    ok = jnp.all(counts > 0) & (jnp.sum(counts) == n) & jnp.all(jnp.isfinite(sums))
+    return counts, ref, m, ok
+
+
+def _relative_means(ref, m):
+    """``mu_k - ref_0`` (K, d) from ``mu_k = ref_k + m_k``, without ever forming ``mu_k``."""
+    return (ref - ref[0]) + m
+
+
+def _centred_means(ref, m):
+    """``mu_k - mu_G`` (K, d), free of the offset (see _relative_means)."""
+    rel = _relative_means(ref, m)
+    return rel - jnp.mean(rel, axis=0)
+
+
+def _inv_pow2_scale(x):
+    """``1/s`` with ``s`` a power of two near ``max|x|`` (1 if x is 0 or not finite).
+
+    Dividing by it is exact and brings the data to O(1) before anything is squared.  The
+    exponent is clipped well inside the dtype's range so that 1/s stays a normal number.
+    """
+    amax = jnp.max(jnp.abs(x))
+    lim = jnp.finfo(x.dtype).maxexp * 3 // 4
+    e = jnp.clip(jnp.frexp(amax)[1] - 1, -lim, lim)
+    inv = jnp.ldexp(jnp.ones((), x.dtype), -e)
+    return jnp.where((amax > 0) & jnp.isfinite(amax), inv, jnp.ones((), x.dtype))
 
 
 def _lowrank(centred, dtype):
@@ -239,6 +423,7 @@ def _lowrank(centred, dtype):
     those of the d x d ``Sigma_B`` that :func:`nc1_pinv` decomposes, and directions below
     the cutoff ``10 d eps s_max^2`` are dropped.  (LAPACK's thin SVD of the K x d matrix was
     measured at 70 ms for K=10, d=2048 on the 2-core CPU, against 0.05 ms for this.)
+    ``centred`` should be O(1) (see _inv_pow2_scale) so that the Gram cannot overflow.
     """
     k, d = centred.shape
     r = min(k - 1, d)
@@ -257,68 +442,85 @@ def _nan_unless(ok, value):
     return jnp.where(ok, value, jnp.nan)
 
 
+def _scaled_frame(h, y, k):
+    """Pass 1 plus the common exact rescaling: (counts, ref, m, centred/s, 1/s, ok)."""
+    counts, ref, m, ok = _pass1(h, y, k)
+    centred = _centred_means(ref, m)
+    inv = _inv_pow2_scale(centred)
+    return counts, ref, m, centred * inv, inv, ok
+
+
+def _residuals(h, y, ref, m, inv):
+    """Within-class residuals ``(h - mu_y)/s`` (N, d), formed as ``((h - c_y) - m_y)/s``."""
+    return ((h.astype(ref.dtype) - ref[y]) - m[y]) * inv
+
+
 # ----------------------------------------------------------------------------- NC1
 @functools.partial(jax.jit, static_argnums=(2,))
 def _nc1_impl(h, y, k):
-    n = h.shape[0]
-    counts, sums = _class_sums(h, y, k)
-    ok = _validity(counts, sums, n)
-    means = sums / jnp.maximum(counts, 1)[:, None]
-    centred = means - jnp.mean(means, axis=0)
-    v, inv_s2 = _lowrank(centred, h.dtype)                           # (d, r), (r,)
+    n, d = h.shape
+    _, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
+    v, inv_s2 = _lowrank(centred, ref.dtype)                         # (d, r), (r,)
     # Zero columns up to a multiple of 8: XLA's CPU GEMM is ~12% faster on the skinny
     # (N, d) @ (d, r) at r = 8k than at r = 9 (measured, N=50,000, d=512 and 2048).
     pad = -v.shape[1] % 8
     v, inv_s2 = jnp.pad(v, ((0, 0), (0, pad))), jnp.pad(inv_s2, (0, pad))
-    hv = jnp.dot(h, v, precision=_HI)                                # second pass (N, r)
-    mv = jnp.dot(means, v, precision=_HI)                            # (K, r)
+    v = v * inv                                  # projections come out divided by s
+    # Second pass about one common point c, the mean of the class means rounded to the dtype
+    # (a per-class shift would need a gather that XLA:CPU cannot fuse into the matmul).  It
+    # is written as a sum of products, which XLA:CPU compiles into one kernel together with
+    # the shift; jnp.dot(h - c, v) would first write h - c to memory (4x slower).
+    rel = _relative_means(ref, m)                                    # mu_k - c_0
+    c = ref[0] + jnp.mean(rel, axis=0)
+    mv = jnp.dot(rel - (c - ref[0]), v, precision=_HI)               # (mu_k - c) . v / s
+    hv = jnp.sum((h.astype(ref.dtype) - c)[:, :, None] * v[None], axis=1)      # (N, r)
     rv = hv - mv[y]                                                  # residuals projected
-    proj = jnp.sum(rv * rv, axis=0) / n                              # v_j^T Sigma_W v_j
-    val = jnp.maximum(jnp.sum(proj * inv_s2), 0.0)
+    ss = jnp.sum(rv * rv, axis=0)
+    val = jnp.maximum(jnp.sum(ss / n * inv_s2), 0.0)                 # v_j^T Sigma_W v_j / s_j^2
+    ok = ok & jnp.isfinite(val)
     return _nan_unless(ok, val), ok
 
 
 def nc1(features, labels, num_classes: int | None = None):
     """Exact NC1 = tr(Sigma_W Sigma_B^+)/K through the <= K-1 directions of the centred means.
 
-    No d x d matrix is formed or inverted: two read passes over ``features`` plus a K x d SVD.
+    No d x d matrix is formed or inverted: two read passes over ``features`` plus a K x d SVD,
+    in the shifted frame (exact at any offset and scale, see the module docstring).
     Agrees with :func:`nc1_pinv` (same pseudo-inverse cutoff) and is never negative.
 
     Args:
-      features: (N, d) float array.
+      features: (N, d) float or integer array (any units; the result is dimensionless).
       labels: (N,) integer array in ``[0, K)``.
       num_classes: K; inferred as ``max(labels) + 1`` when omitted (labels must be concrete).
     Returns:
-      A scalar jax array (dtype float32, or float64 for float64 inputs with x64 enabled).
+      A scalar jax array (dtype float32, or float64 for 64-bit inputs with x64 enabled).
     """
     h, y, k, concrete = _prepare(features, labels, num_classes, "nc1")
     val, ok = _nc1_impl(h, y, k)
-    return _finish(val, ok, h, concrete, "nc1")
+    return _finish(val, ok, features, concrete, "nc1")
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _nc1_pinv_impl(h, y, k):
-    n, d = h.shape
-    counts, sums = _class_sums(h, y, k)
-    ok = _validity(counts, sums, n)
-    means = sums / jnp.maximum(counts, 1)[:, None]
-    centred = means - jnp.mean(means, axis=0)
-    r = h - means[y]                                                 # (N, d) residuals
+    n = h.shape[0]
+    _, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
+    r = _residuals(h, y, ref, m, inv)                                # (N, d), scaled
     sigma_w = jnp.dot(r.T, r, precision=_HI) / n
     sigma_b = jnp.dot(centred.T, centred, precision=_HI) / k
     val = jnp.trace(jnp.dot(sigma_w, jnp.linalg.pinv(sigma_b, hermitian=True), precision=_HI)) / k
+    ok = ok & jnp.isfinite(val)
     return _nan_unless(ok, val), ok
 
 
 def nc1_pinv(features, labels, num_classes: int | None = None):
     """NC1 by the literal eq. (4): d x d Sigma_W and Sigma_B, ``jnp.linalg.pinv(Sigma_B)``.
 
-    The reference path described in the paper; O(N d^2 + d^3).  Same conventions and
-    arguments as :func:`nc1`.
+    The reference path described in the paper; O(N d^2 + d^3), in the same shifted and
+    rescaled frame as :func:`nc1`.  Same conventions and arguments as :func:`nc1`.
     """
     h, y, k, concrete = _prepare(features, labels, num_classes, "nc1_pinv")
     val, ok = _nc1_pinv_impl(h, y, k)
-    return _finish(val, ok, h, concrete, "nc1_pinv")
+    return _finish(val, ok, features, concrete, "nc1_pinv")
 
 
 # ----------------------------------------------------------------------------- CDNV
@@ -333,65 +535,94 @@ def _cdnv_from(var, centred):
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _cdnv_impl(h, y, k):
-    n = h.shape[0]
-    counts, sums = _class_sums(h, y, k)
-    ok = _validity(counts, sums, n)
-    means = sums / jnp.maximum(counts, 1)[:, None]
-    r = h - means[y]                                                 # fused into the reduction
-    sq = jnp.sum(r * r, axis=1)
-    var = jax.ops.segment_sum(sq, y, num_segments=k) / jnp.maximum(counts, 1)
-    centred = means - jnp.mean(means, axis=0)
+    counts, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
+    r = _residuals(h, y, ref, m, inv)            # fused into the row reduction: no N x d array
+    var = jax.ops.segment_sum(jnp.sum(r * r, axis=1), y, num_segments=k)
+    var = var / jnp.maximum(counts, 1).astype(var.dtype)
+    ok = ok & jnp.all(jnp.isfinite(var))
     return _nan_unless(ok, _cdnv_from(var, centred)), ok
 
 
 def cdnv(features, labels, num_classes: int | None = None):
     """Class-distance normalised variance (Galanti et al.), averaged over class pairs i < j.
 
-    ``(Var_i + Var_j) / (2 ||mu_i - mu_j||^2)`` with ``Var_k = mean_{i in k} ||h_i - mu_k||^2``.
-    Returns ``inf`` if two class means coincide.
+    ``(Var_i + Var_j) / (2 ||mu_i - mu_j||^2)`` with ``Var_k = mean_{i in k} ||h_i - mu_k||^2``,
+    dimensionless.  Two passes in the shifted, rescaled frame.  Returns ``inf`` if two class
+    means coincide.  Arguments as :func:`nc1`.
     """
     h, y, k, concrete = _prepare(features, labels, num_classes, "cdnv")
     val, ok = _cdnv_impl(h, y, k)
-    return _finish(val, ok, h, concrete, "cdnv")
+    return _finish(val, ok, features, concrete, "cdnv")
 
 
 # ----------------------------------------------------------------------------- numerical rank
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _numrank_impl(h, y, k, exact, num_iters):
+def _class_top_eigs(h, y, counts, k, window, inv):
+    """``||H_k / s||_2^2`` for every class (K,), exactly (``eigvalsh``), H_k uncentred.
+
+    Rows are visited class by class through the argsort of the labels, so forming the K
+    Grams costs O(N d^2) in total (masking all N rows for every class cost K N d^2).  Each
+    class gets the d x d Gram ``H_k^T H_k``, summed over blocks of its rows, or -- when the
+    largest class (``window`` rows) is small against d -- the window x window Gram
+    ``H_k H_k^T`` of its rows (same nonzero spectrum), whichever costs fewer flops.
+    """
     n, d = h.shape
-    counts, sums = _class_sums(h, y, k)
-    ok = _validity(counts, sums, n)
-    onehot = jax.nn.one_hot(y, k, dtype=h.dtype)                      # (N, K) masks
-    fro2 = jax.ops.segment_sum(jnp.sum(h * h, axis=1), y, num_segments=k)   # (K,)
-    if exact:
-        def top(mask):
-            hm = h * mask[:, None]
-            if n <= d:
-                g = jnp.dot(hm, hm.T, precision=_HI)                 # (N, N) same spectrum
-            else:
-                g = jnp.dot(hm.T, hm, precision=_HI)                 # (d, d)
+    dt = inv.dtype
+    order = jnp.argsort(y).astype(jnp.int32)                         # classes contiguous
+    starts = jnp.cumsum(counts) - counts
+    blk = int(min(256, max(8, 1 << max(0, (n // (2 * k)).bit_length() - 1))))
+    if (n + k * blk) * d * d + k * d ** 3 <= k * (window * window * d + window ** 3):
+        order = jnp.concatenate([order, jnp.zeros((blk,), jnp.int32)])   # slices stay in range
+
+        def top(start, cnt):
+            def add_block(j, g):
+                rows = h[lax.dynamic_slice_in_dim(order, start + j * blk, blk)]
+                x = jnp.where((j * blk + jnp.arange(blk) < cnt)[:, None], rows.astype(dt) * inv, 0)
+                return g + jnp.dot(x.T, x, precision=_HI)
+            g = lax.fori_loop(0, (cnt + blk - 1) // blk, add_block, jnp.zeros((d, d), dt))
             return jnp.linalg.eigvalsh(g)[-1]
-        spec2 = lax.map(top, onehot.T)
+    else:
+        order = jnp.concatenate([order, jnp.zeros((window,), jnp.int32)])
+
+        def top(start, cnt):
+            rows = h[lax.dynamic_slice_in_dim(order, start, window)]
+            x = jnp.where((jnp.arange(window) < cnt)[:, None], rows.astype(dt) * inv, 0)
+            return jnp.linalg.eigvalsh(jnp.dot(x, x.T, precision=_HI))[-1]
+    return lax.map(lambda sc: top(*sc), (starts, counts))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _numrank_impl(h, y, k, exact, window, num_iters):
+    n, d = h.shape
+    counts, ref, m, ok = _pass1(h, y, k)
+    dt = ref.dtype
+    means = ref + m                    # rounded absolute means: only a scale and start vectors
+    inv = _inv_pow2_scale(jnp.concatenate([ref, means]))             # data rows and means
+    x = h.astype(dt)
+    fro2 = _add_rows(jnp.zeros((k,), dt), y, jnp.sum(jnp.square(x * inv), axis=1))
+    if exact:
+        spec2 = _class_top_eigs(h, y, counts, k, window, inv)
     else:
         # Batched power iteration on H_k^T H_k, one K x d block of vectors; class masking via
         # the one-hot matrix keeps every shape static.  Start: class mean + fixed perturbation.
-        means = sums / jnp.maximum(counts, 1)[:, None]
-        g = jax.random.normal(jax.random.PRNGKey(0), (k, d), h.dtype)
+        onehot = jax.nn.one_hot(y, k, dtype=dt)                      # (N, K) masks
+        g = jax.random.normal(jax.random.PRNGKey(0), (k, d), dt)
         g = g / jnp.linalg.norm(g, axis=1, keepdims=True)
-        mn = jnp.linalg.norm(means, axis=1, keepdims=True)
-        u = means / jnp.where(mn > 0, mn, 1.0) + 0.1 * g
+        mn = jnp.linalg.norm(means * inv, axis=1, keepdims=True)
+        u = means * inv / jnp.where(mn > 0, mn, 1.0) + 0.1 * g
         u = u / jnp.linalg.norm(u, axis=1, keepdims=True)
 
+        def project(u):                                              # (N, K): h_i . u_{y_i} / s
+            return jnp.dot(x, u.T, precision=_HI) * onehot * inv
+
         def step(_, u):
-            a = jnp.dot(h, u.T, precision=_HI) * onehot              # (N, K): h_i . u_{y_i}
-            w = lax.dot_general(a, h, (((0,), (0,)), ((), ())), precision=_HI)   # (K, d)
+            w = lax.dot_general(project(u), x, (((0,), (0,)), ((), ())), precision=_HI) * inv
             wn = jnp.linalg.norm(w, axis=1, keepdims=True)
             return w / jnp.where(wn > 0, wn, 1.0)
 
         u = lax.fori_loop(0, num_iters, step, u)                     # traced trip count
-        a = jnp.dot(h, u.T, precision=_HI) * onehot
-        spec2 = jnp.sum(a * a, axis=0)                               # ||H_k u_k||^2 (Rayleigh)
+        spec2 = jnp.sum(jnp.square(project(u)), axis=0)              # ||H_k u_k||^2 (Rayleigh)
     val = jnp.mean(fro2 / spec2)
+    ok = ok & jnp.isfinite(val)
     return _nan_unless(ok, val), ok
 
 
@@ -399,40 +630,43 @@ def numerical_rank(features, labels, num_classes: int | None = None, exact: bool
                    num_iters: int = 20):
     """Numerical (stable) rank ``(1/K) sum_k ||H_k||_F^2 / ||H_k||_2^2``, H_k uncentred.
 
-    ``exact=False`` (default, as in the paper): ``||H_k||_2^2`` by ``num_iters`` steps of
-    power iteration on ``H_k^T H_k``, all classes batched (2 read passes of the features per
-    step), started deterministically from the class mean plus a fixed pseudo-random
-    perturbation (PRNGKey(0)).  The estimate is the Rayleigh quotient ``||H_k u||^2``, a lower
-    bound on ``||H_k||_2^2``, so the rank estimate is an upper bound that decreases
-    monotonically to the exact value; its relative error is at most about
-    ``tan^2(theta_0) (sigma_2/sigma_1)^(4 t)`` after t steps (theta_0 the start angle).
-    For uncentred features the top direction is close to the class mean, so convergence is
-    fast unless the two largest singular values of H_k are nearly equal (then the error is
-    still small in the value, as both candidates give nearly the same norm).
-    ``exact=True``: largest eigenvalue of the Gram matrix (``eigvalsh``), O(K min(N,d)^3).
+    Dimensionless, in ``[1, min(n_k, d)]`` per class.  ``exact=False`` (default, as in the
+    paper): ``||H_k||_2^2`` by ``num_iters`` steps of power iteration on ``H_k^T H_k``, all
+    classes batched (2 read passes of the features per step), started deterministically from
+    the class mean plus a fixed pseudo-random perturbation (PRNGKey(0)).  The estimate is the
+    Rayleigh quotient ``||H_k u||^2``, a lower bound on ``||H_k||_2^2``, so the rank estimate
+    is an upper bound that decreases monotonically to the exact value; its relative error is
+    at most about ``tan^2(theta_0) (sigma_2/sigma_1)^(4 t)`` after t steps (theta_0 the start
+    angle).  For uncentred features the top direction is close to the class mean, so
+    convergence is fast unless the two largest singular values of H_k are nearly equal (then
+    the error is still small in the value, as both candidates give nearly the same norm).
+    ``exact=True``: largest eigenvalue of each class Gram (``eigvalsh``); forming the Grams
+    costs O(N d^2) in total, the eigendecompositions ``K min(d, n_max)^3`` (n_max the largest
+    class when labels are concrete, N under jit).  The metric is not translation invariant,
+    so it is computed on the features as given, rescaled by an exact power of two.
     """
-    h, y, k, concrete = _prepare(features, labels, num_classes, "numerical_rank")
-    if int(num_iters) < 1:
-        raise ValueError(f"numerical_rank: num_iters must be >= 1, got {num_iters}")
-    val, ok = _numrank_impl(h, y, k, bool(exact), jnp.asarray(int(num_iters), jnp.int32))
-    return _finish(val, ok, h, concrete, "numerical_rank")
+    fn = "numerical_rank"
+    num_iters = _as_int(num_iters, "num_iters", fn, 1)
+    h, y, k, concrete = _prepare(features, labels, num_classes, fn, translate=False)
+    window = h.shape[0]
+    if exact and not _is_traced(labels):
+        window = int(np.bincount(np.asarray(labels).astype(np.int64), minlength=k).max())
+    val, ok = _numrank_impl(h, y, k, bool(exact), window, jnp.asarray(num_iters, jnp.int32))
+    return _finish(val, ok, features, concrete, fn)
 
 
 # ----------------------------------------------------------------------------- NC2 / NC3
 def _unit_fro(a):
+    a = a * _inv_pow2_scale(a)                   # exact; keeps ||a||^2 in range
     return a / jnp.linalg.norm(a)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _nc2_impl(h, y, k):
-    n = h.shape[0]
-    counts, sums = _class_sums(h, y, k)
-    ok = _validity(counts, sums, n)
-    means = sums / jnp.maximum(counts, 1)[:, None]
-    centred = means - jnp.mean(means, axis=0)
+    *_, centred, _, ok = _scaled_frame(h, y, k)
     unit = centred / jnp.linalg.norm(centred, axis=1, keepdims=True)
     gram = jnp.dot(unit, unit.T, precision=_HI)
-    etf = (k / (k - 1.0)) * (jnp.eye(k, dtype=h.dtype) - 1.0 / k)
+    etf = (k / (k - 1.0)) * (jnp.eye(k, dtype=gram.dtype) - 1.0 / k)
     val = jnp.linalg.norm(_unit_fro(gram) - _unit_fro(etf))
     return _nan_unless(ok, val), ok
 
@@ -445,16 +679,13 @@ def nc2_etf(features, labels, num_classes: int | None = None):
     """
     h, y, k, concrete = _prepare(features, labels, num_classes, "nc2_etf")
     val, ok = _nc2_impl(h, y, k)
-    return _finish(val, ok, h, concrete, "nc2_etf")
+    return _finish(val, ok, features, concrete, "nc2_etf")
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
 def _nc3_impl(h, y, w, k):
-    n = h.shape[0]
-    counts, sums = _class_sums(h, y, k)
-    ok = _validity(counts, sums, n) & jnp.all(jnp.isfinite(w))
-    means = sums / jnp.maximum(counts, 1)[:, None]
-    centred = means - jnp.mean(means, axis=0)
+    *_, centred, _, ok = _scaled_frame(h, y, k)
+    ok = ok & jnp.all(jnp.isfinite(w))
     val = jnp.linalg.norm(_unit_fro(w) - _unit_fro(centred))
     return _nan_unless(ok, val), ok
 
@@ -480,14 +711,35 @@ def nc3_duality(features, labels, classifier, num_classes: int | None = None, *,
                 if tuple(w.shape) == (d, k) and not flax_kernel else "")
         raise ValueError(f"{fn}: classifier shape {tuple(w.shape)} does not match "
                          f"(K, d) = ({k}, {d}){hint}")
-    w = jnp.asarray(w).astype(h.dtype)
+    w = jnp.asarray(w).astype(_compute_dtype(h.dtype))
     if concrete and not _is_traced(w) and not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError(f"{fn}: classifier contains NaN or Inf")
     val, ok = _nc3_impl(h, y, w, k)
-    return _finish(val, ok, h, concrete, fn)
-
-
+    return _finish(val, ok, features, concrete, fn)
 # ----------------------------------------------------------------------------- streaming
+def _check_mask(mask, n: int, fn: str):
+    """None, or an (N,) bool / 0-1 numeric row mask (values checked when concrete)."""
+    if mask is None:
+        return None
+    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+        mask = np.asarray(mask)
+    dt = np.dtype(mask.dtype)
+    if not (dt == np.bool_ or np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)
+            or dt == jnp.bfloat16):
+        raise ValueError(f"{fn}: mask must be boolean or 0/1 weights, got dtype {dt}")
+    if tuple(mask.shape) != (n,):
+        raise ValueError(f"{fn}: mask must have shape ({n},) (one entry per row), got "
+                         f"{tuple(mask.shape)}")
+    if not _is_traced(mask):
+        m = np.asarray(mask)
+        if dt != np.bool_:
+            odd = np.flatnonzero((m != 0) & (m != 1))
+            if odd.size:
+                raise ValueError(f"{fn}: mask must be boolean or 0/1 weights, got "
+                                 f"{m[odd[0]]} at row {int(odd[0])}")
+    return mask
+
+
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["counts", "shift", "sums", "sqnorms", "scatter", "class_scatter"],
                    meta_fields=[])
@@ -495,7 +747,8 @@ def nc3_duality(features, labels, classifier, num_classes: int | None = None, *,
 class CollapseStats:
     """Streaming, mergeable sufficient statistics for NC1, CDNV and numerical rank (a pytree).
 
-    Fields (K classes, dimension d; every moment is about the per-class shift ``c_k``):
+    Fields (K classes, dimension d, in the features' units; every moment is about the
+    per-class shift ``c_k``, the first row of class k that an update saw):
       counts (K,) int32; shift (K, d) = c_k; sums (K, d) = sum (h - c_k);
       sqnorms (K,) = sum ||h - c_k||^2; scatter (d, d) = sum (h - c_y)(h - c_y)^T;
       class_scatter (K, d, d) per-class version of scatter, or None.
@@ -504,7 +757,7 @@ class CollapseStats:
     Usage::
 
         stats = CollapseStats.create(K, d)
-        for h, y in batches: stats = stats.update(h, y)      # jittable
+        for h, y, valid in batches: stats = stats.update(h, y, mask=valid)   # jittable
         stats.nc1(), stats.cdnv()
 
     ``update`` and ``merge`` are pure; ``merge`` is associative (up to rounding) and
@@ -521,11 +774,16 @@ class CollapseStats:
     @classmethod
     def create(cls, num_classes: int, dim: int, dtype=jnp.float32,
                per_class_second_moment: bool = False) -> "CollapseStats":
-        if int(num_classes) < 2:
-            raise ValueError(f"CollapseStats.create: need num_classes >= 2, got {num_classes}")
-        if int(dim) < 1:
-            raise ValueError(f"CollapseStats.create: dim must be >= 1, got {dim}")
-        k, d = int(num_classes), int(dim)
+        """Empty statistics for ``num_classes`` (int >= 2) classes of ``dim``-dim features.
+
+        ``dtype`` follows the module's rule: float64 only with x64 enabled (a float64 request
+        without x64 warns once and gives float32).
+        """
+        fn = "CollapseStats.create"
+        k = _as_int(num_classes, "num_classes", fn, 2)
+        d = _as_int(dim, "dim", fn, 1)
+        if _wide(dtype) and np.dtype(dtype).kind == "f" and not jax.config.jax_enable_x64:
+            _warn_float32(fn)
         dtype = _compute_dtype(dtype)
         z = functools.partial(jnp.zeros, dtype=dtype)
         return cls(counts=jnp.zeros((k,), jnp.int32), shift=z((k, d)), sums=z((k, d)),
@@ -541,19 +799,59 @@ class CollapseStats:
         return self.shift.shape[1]
 
     # -- accumulation
-    def update(self, features, labels) -> "CollapseStats":
-        """Adds a batch (N, d) / (N,) and returns new statistics.  Classes may be absent."""
+    def update(self, features, labels, mask=None) -> "CollapseStats":
+        """Adds a batch and returns new statistics (pure; jittable).  Classes may be absent.
+
+        Args:
+          features: (N, d) float or integer array, d = ``self.dim``.
+          labels: (N,) integers in ``[0, K)``.
+          mask: optional (N,) row mask, boolean or 0/1 weights (int or float).  A row with
+            mask False/0 contributes nothing -- not to the counts, the sums, the scatters or
+            the shifts -- whatever its features (NaN included) and its label (-1 padding is
+            fine).  ``None``: every row counts.  Use it for a padded last batch, so that the
+            batch can stay on the device.
+        Rows that count must have labels in ``[0, K)`` and finite features, and mask values
+        must be 0 or 1.  With concrete inputs a violation raises ``ValueError``; inside
+        ``jit`` it makes the returned statistics NaN (sums, squared norms and scatters), so
+        every metric computed from them is NaN rather than a number about a subset.
+        """
         fn = "CollapseStats.update"
         features = _check_features(features, fn)
-        labels = _check_labels(labels, features.shape[0], fn)
+        n = features.shape[0]
+        labels = _check_labels(labels, n, fn)
         if features.shape[1] != self.dim:
             raise ValueError(f"{fn}: feature dimension {features.shape[1]} != stats dim {self.dim}")
-        if not (_is_traced(features) or _is_traced(labels)):
-            _resolve_classes(labels, self.num_classes, fn, require_all=False)
-            if not bool(jnp.all(jnp.isfinite(jnp.asarray(features)))):
-                _raise_nonfinite(features, fn)
-        return _stats_update(self, jnp.asarray(features).astype(self.shift.dtype),
-                             jnp.asarray(labels).astype(jnp.int32))
+        mask = _check_mask(mask, n, fn)
+        concrete = not any(_is_traced(a) for a in (features, labels, mask))
+        keep = None
+        if concrete:
+            keep = np.ones(n, bool) if mask is None else np.asarray(mask) != 0
+            if keep.any():
+                _resolve_classes(np.asarray(labels)[keep], self.num_classes, fn,
+                                 require_all=False)
+        host = (not _on_device(features) and _wide(np.dtype(features.dtype))
+                and not jax.config.jax_enable_x64)
+        if host and np.dtype(features.dtype).kind == "f":
+            _warn_float32(fn)
+        if host and concrete:                  # 64-bit NumPy without x64: shift on the host
+            new, tiny = _stats_accumulate(self, *_host_shift_residuals(self, features, labels,
+                                                                      keep))
+        else:
+            w = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask)
+            new, tiny = _stats_update(self, _to_jax(features, fn, False), _labels_int32(labels),
+                                      w)
+        if concrete and not _is_traced(new.counts) and not _finite(new):
+            if bool(tiny):
+                raise ValueError(f"{fn}: features too small: a row differs from its class shift "
+                                 f"by less than {np.sqrt(np.finfo(self.shift.dtype).tiny):.0e} "
+                                 f"in every component, so its square underflows "
+                                 f"{np.dtype(self.shift.dtype).name}; rescale the features")
+            if not _finite(self):
+                raise ValueError(f"{fn}: the statistics were already NaN/Inf before this "
+                                 "update" + _NAN_CAUSES)
+            _raise_nonfinite(np.where(keep[:, None], np.asarray(features), 0), fn,
+                             self.shift.dtype)
+        return new
 
     def reshift(self, new_shift) -> "CollapseStats":
         """The same statistics expressed about another per-class shift (K, d); exact algebra."""
@@ -585,20 +883,24 @@ class CollapseStats:
         return dataclasses.replace(summed, shift=target)
 
     # -- metrics
-    def _check_nonempty(self, fn):
-        if not _is_traced(self.counts):
-            empty = np.flatnonzero(np.asarray(self.counts) == 0)
-            if empty.size:
-                raise ValueError(f"CollapseStats.{fn}: class {int(empty[0])} has no samples")
+    def _check_usable(self, fn):
+        if _is_traced(self.counts):
+            return
+        empty = np.flatnonzero(np.asarray(self.counts) == 0)
+        if empty.size:
+            raise ValueError(f"CollapseStats.{fn}: class {int(empty[0])} has no samples")
+        if not _finite(self):
+            raise ValueError(f"CollapseStats.{fn}: the statistics contain NaN or Inf"
+                             + _NAN_CAUSES)
 
     def nc1(self):
         """NC1 = tr(Sigma_W Sigma_B^+)/K, same conventions and cutoff as :func:`nc1`."""
-        self._check_nonempty("nc1")
+        self._check_usable("nc1")
         return _stats_nc1(self)
 
     def cdnv(self):
         """CDNV, same definition as :func:`cdnv`."""
-        self._check_nonempty("cdnv")
+        self._check_usable("cdnv")
         return _stats_cdnv(self)
 
     def numerical_rank(self):
@@ -609,8 +911,29 @@ class CollapseStats:
         if self.class_scatter is None:
             raise ValueError("CollapseStats.numerical_rank: needs per_class_second_moment=True "
                              "in CollapseStats.create")
-        self._check_nonempty("numerical_rank")
+        self._check_usable("numerical_rank")
         return _stats_numrank(self)
+
+
+_NAN_CAUSES = (": an update inside jit saw a label outside [0, K), a mask value other than 0/1 "
+               "or non-finite features, or the squared features overflowed or underflowed the "
+               "dtype")
+
+
+def _moments(s: CollapseStats):
+    return [x for x in (s.sums, s.sqnorms, s.scatter, s.class_scatter) if x is not None]
+
+
+def _finite(s: CollapseStats) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in _moments(s))
+
+
+def _stats_ok(s: CollapseStats):
+    """Traceable: every class seen and every moment finite."""
+    ok = jnp.all(s.counts > 0)
+    for x in _moments(s):
+        ok = ok & jnp.all(jnp.isfinite(x))
+    return ok
 
 
 def _reshift(s: CollapseStats, new_shift) -> CollapseStats:
@@ -629,51 +952,110 @@ def _reshift(s: CollapseStats, new_shift) -> CollapseStats:
     return CollapseStats(s.counts, new_shift, sums, sq, scatter, cs)
 
 
-@jax.jit
-def _stats_update(s: CollapseStats, h, y) -> CollapseStats:
-    k = s.counts.shape[0]
-    onehot = jax.nn.one_hot(y, k, dtype=h.dtype)
-    nb = jnp.sum(onehot, axis=0)
-    raw = lax.dot_general(onehot, h, (((0,), (0,)), ((), ())), precision=_HI)
-    first = (s.counts == 0) & (nb > 0)
-    shift = jnp.where(first[:, None], raw / jnp.maximum(nb, 1)[:, None], s.shift)
-    hc = (h - shift[y]) * jnp.any(onehot > 0, axis=1, keepdims=True).astype(h.dtype)
+def _shift_residuals(s: CollapseStats, h, y, w):
+    """A batch in the statistics' frame: (new shifts, residuals h - c_y, labels, bad).
+
+    Rows count where ``w != 0``.  A class seen for the first time takes its first counted
+    row as shift.  Residuals of rows that do not count are 0 and their labels become K
+    (dropped by every scatter below); ``bad`` flags counted rows with a label outside
+    ``[0, K)`` or a weight other than 0/1.
+    """
+    k, dt = s.num_classes, s.shift.dtype
+    n = h.shape[0]
+    counted = w != 0
+    valid = counted & (y >= 0) & (y < k)
+    bad = jnp.any(counted & ~valid) | jnp.any(counted & (w != 1))
+    yv = jnp.where(valid, y, k)
+    first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), yv, num_segments=k)
+    new = (s.counts == 0) & (first < n)
+    shift = jnp.where(new[:, None], h[jnp.minimum(first, n - 1)].astype(dt), s.shift)
+    hc = jnp.where(valid[:, None], h.astype(dt) - shift[jnp.minimum(yv, k - 1)], 0.0)
+    return shift, hc, yv, bad
+
+
+def _host_shift_residuals(s: CollapseStats, features, labels, keep):
+    """_shift_residuals in float64 on the host, for 64-bit NumPy features without x64.
+
+    The residuals are rounded to float32 only after the subtraction, so a large offset costs
+    no precision; the inputs were validated, so ``bad`` is False.
+    """
+    k = s.num_classes
+    a = np.asarray(features).astype(np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    shift = np.array(s.shift)
+    rows = np.flatnonzero(keep)
+    cls, first = np.unique(y[rows], return_index=True)
+    new = np.asarray(s.counts)[cls] == 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        shift[cls[new]] = a[rows[first[new]]]
+        hc = np.zeros(a.shape, shift.dtype)
+        hc[rows] = a[rows] - shift[y[rows]].astype(np.float64)
+    yv = np.where(keep, y, k).astype(np.int32)
+    return jnp.asarray(shift), jnp.asarray(hc), jnp.asarray(yv), jnp.asarray(False)
+
+
+def _accumulate(s: CollapseStats, shift, hc, yv, bad):
+    """Adds shifted rows; returns (statistics, tiny).
+
+    ``tiny`` flags a counted row whose residual is nonzero but below sqrt(smallest normal)
+    (1e-19 in float32) in every component: its square would underflow to 0 and the
+    statistics would silently lose that row's spread.  Bad rows (``bad``) or tiny ones make
+    the statistics NaN, never a number about a subset.
+    """
+    k = s.num_classes
+    n = hc.shape[0]
+    onehot = jax.nn.one_hot(yv, k, dtype=hc.dtype)                   # label K: zero row
+    nb = _add_rows(jnp.zeros((k,), jnp.int32), yv, jnp.ones((n,), jnp.int32))
+    rowmax = jnp.max(jnp.abs(hc), axis=1)
+    tiny = jnp.any((rowmax > 0) & (rowmax < np.sqrt(jnp.finfo(hc.dtype).tiny)))
     sums = lax.dot_general(onehot, hc, (((0,), (0,)), ((), ())), precision=_HI)
     sq = jnp.dot(jnp.sum(hc * hc, axis=1), onehot, precision=_HI)
     scatter = jnp.dot(hc.T, hc, precision=_HI)
     cs = s.class_scatter
     if cs is not None:
         cs = cs + jnp.einsum("nk,nd,ne->kde", onehot, hc, hc, precision=_HI)
-    return CollapseStats(s.counts + nb.astype(jnp.int32), shift, s.sums + sums,
-                         s.sqnorms + sq, s.scatter + scatter, cs)
+    poison = jnp.where(bad | tiny, jnp.nan, 0.0).astype(hc.dtype)
+    new = CollapseStats(s.counts + nb, shift, s.sums + sums + poison, s.sqnorms + sq + poison,
+                        s.scatter + scatter + poison, None if cs is None else cs + poison)
+    return new, tiny
+
+
+_stats_accumulate = jax.jit(_accumulate)
+
+
+@jax.jit
+def _stats_update(s: CollapseStats, h, y, w):
+    return _accumulate(s, *_shift_residuals(s, h, y, w))
+
+
+def _stats_frame(s: CollapseStats):
+    """(n, m, centred/scale, 1/scale): means about the shifts and the rescaled centred means."""
+    n = s.counts.astype(s.shift.dtype)
+    m = s.sums / jnp.maximum(n, 1)[:, None]                         # mu_k - c_k
+    centred = _centred_means(s.shift, m)
+    inv = _inv_pow2_scale(centred)
+    return n, m, centred * inv, inv
 
 
 @jax.jit
 def _stats_nc1(s: CollapseStats):
-    k = s.counts.shape[0]
-    n = s.counts.astype(s.shift.dtype)
-    ntot = jnp.sum(n)
-    m = s.sums / jnp.maximum(n, 1)[:, None]                         # mu_k - c_k
-    means = s.shift + m
-    centred = means - jnp.mean(means, axis=0)
+    n, m, centred, inv = _stats_frame(s)
     v, inv_s2 = _lowrank(centred, s.shift.dtype)
+    v = v * inv
     # N Sigma_W = scatter - sum_k n_k m_k m_k^T  (small terms: m_k is the mean about c_k)
     mv = jnp.dot(m, v, precision=_HI)
     proj = (jnp.sum(v * jnp.dot(s.scatter, v, precision=_HI), axis=0)
-            - jnp.sum(n[:, None] * mv * mv, axis=0)) / ntot
+            - jnp.sum(n[:, None] * mv * mv, axis=0)) / jnp.sum(n)
     val = jnp.maximum(jnp.sum(jnp.maximum(proj, 0.0) * inv_s2), 0.0)
-    ok = jnp.all(s.counts > 0)
-    return jnp.where(ok, val, jnp.nan)
+    return jnp.where(_stats_ok(s), val, jnp.nan)
 
 
 @jax.jit
 def _stats_cdnv(s: CollapseStats):
-    n = jnp.maximum(s.counts, 1).astype(s.shift.dtype)
-    m = s.sums / n[:, None]
-    var = jnp.maximum(s.sqnorms / n - jnp.sum(m * m, axis=1), 0.0)
-    means = s.shift + m
-    centred = means - jnp.mean(means, axis=0)
-    return jnp.where(jnp.all(s.counts > 0), _cdnv_from(var, centred), jnp.nan)
+    n, m, centred, inv = _stats_frame(s)
+    n = jnp.maximum(n, 1)
+    var = jnp.maximum(s.sqnorms / n - jnp.sum(m * m, axis=1), 0.0) * (inv * inv)
+    return jnp.where(_stats_ok(s), _cdnv_from(var, centred), jnp.nan)
 
 
 @jax.jit
@@ -685,7 +1067,7 @@ def _stats_numrank(s: CollapseStats):
     second = (s.class_scatter + cross + jnp.swapaxes(cross, 1, 2)
               + jnp.einsum("k,kd,ke->kde", n, c, c, precision=_HI))
     spec2 = jnp.linalg.eigvalsh(second)[:, -1]
-    return jnp.where(jnp.all(s.counts > 0), jnp.mean(fro2 / spec2), jnp.nan)
+    return jnp.where(_stats_ok(s), jnp.mean(fro2 / spec2), jnp.nan)
 
 
 # ----------------------------------------------------------------------------- layer-wise
@@ -699,20 +1081,21 @@ _LAYER_METRICS = {
 
 
 def _pool(x, name, token_index):
-    fn = "layerwise"
-    x = _check_features(x, f"{fn}[{name!r}]", ndims=(2, 3, 4))
-    x = jnp.asarray(x)
-    if x.ndim == 4:                                                  # (N, H, W, C)
-        return jnp.mean(x.astype(_compute_dtype(x.dtype)), axis=(1, 2))
-    if x.ndim == 3:                                                  # (N, T, C)
-        if token_index is None:
-            return jnp.mean(x.astype(_compute_dtype(x.dtype)), axis=1)
+    """(N, C) features of one layer; pooling keeps the precision the metrics will use."""
+    fn = f"layerwise[{name!r}]"
+    x = _check_features(x, fn, ndims=(2, 3, 4))
+    if x.ndim == 3 and token_index is not None:                     # (N, T, C): one token
         t = x.shape[1]
         if not -t <= token_index < t:
-            raise ValueError(f"{fn}[{name!r}]: token_index {token_index} out of range for "
-                             f"{t} tokens")
+            raise ValueError(f"{fn}: token_index {token_index} out of range for {t} tokens")
         return x[:, token_index]
-    return x
+    if x.ndim == 2:
+        return x
+    axes = (1, 2) if x.ndim == 4 else (1,)                           # (N, H, W, C) / (N, T, C)
+    if not _on_device(x) and _wide(np.dtype(x.dtype)) and not jax.config.jax_enable_x64:
+        return np.mean(np.asarray(x), axis=axes, dtype=np.float64)  # the metric converts it
+    x = jnp.asarray(x)
+    return jnp.mean(x.astype(_compute_dtype(x.dtype)), axis=axes)
 
 
 def layerwise(features_by_layer: Mapping[str, Any], labels, num_classes: int | None = None,
@@ -732,6 +1115,8 @@ def layerwise(features_by_layer: Mapping[str, Any], labels, num_classes: int | N
                          f"{sorted(_LAYER_METRICS)}")
     if not isinstance(features_by_layer, Mapping) or not features_by_layer:
         raise ValueError("layerwise: features_by_layer must be a non-empty dict name -> array")
+    if token_index is not None:
+        token_index = _as_int(token_index, "token_index", "layerwise")
     out = {}
     for name, x in features_by_layer.items():
         h = _pool(x, name, token_index)
