@@ -297,18 +297,24 @@ def collapse(model, variables, prepare, ds: data.ArrayDataset, batch_size, mesh,
   """Streams the downstream training features through `metrics.CollapseStats`, one per unit
   and one for the penultimate feature. Returns ``(penultimate metrics, {unit: nc1})``.
 
-  Memory is independent of N: d x d per layer (and K x d x d for the penultimate numerical
-  rank, computed only when K*d*d <= `rank_limit`)."""
+  Features never leave the device: each padded batch goes through one jitted function
+  (features + a masked statistics update), compiled once per model and batch shape. Memory is
+  independent of N: d x d per layer (and K x d x d for the penultimate numerical rank,
+  computed only when K*d*d <= `rank_limit`)."""
   k = ds.num_classes
-  stats: dict[str, metrics.CollapseStats] = {}
-  for f, rows in train.predict(features_fn(model), ds.images, batch_size,
-                               args=(variables, prepare), mesh=mesh, desc="collapse"):
-    y = ds.labels[rows]
-    if not stats:
-      for n, v in f.items():
-        second = n == "penultimate" and k * v.shape[1] ** 2 <= rank_limit
-        stats[n] = metrics.CollapseStats.create(k, v.shape[1], per_class_second_moment=second)
-    stats = _update_stats(stats, f, y)
+  shapes = jax.eval_shape(features_fn(model), variables, prepare,
+                          jax.ShapeDtypeStruct((1,) + ds.images.shape[1:], jnp.uint8))
+  stats = {n: metrics.CollapseStats.create(
+               k, v.shape[1], per_class_second_moment=n == "penultimate"
+               and k * v.shape[1] ** 2 <= rank_limit) for n, v in shapes.items()}
+  update = _jit_collapse_update(model, mesh)
+  variables, prepare, stats = train.put_replicated(mesh, (variables, prepare, stats))
+  rows = train.local_rows(batch_size)
+  batches = data.prefetch((ds.images[idx][rows], ds.labels[idx][rows],
+                           (np.arange(batch_size) < valid)[rows])
+                          for idx, valid in train.padded_batches(len(ds), batch_size))
+  for x, y, mask in train.progress(batches, total=-(-len(ds) // batch_size), desc="collapse"):
+    stats = update(stats, variables, prepare, *(train.to_global(mesh, a) for a in (x, y, mask)))
   pen = stats.pop("penultimate")
   result = {"nc1": float(pen.nc1()), "cdnv": float(pen.cdnv())}
   result["numerical_rank"] = (float(pen.numerical_rank()) if pen.class_scatter is not None
@@ -318,9 +324,18 @@ def collapse(model, variables, prepare, ds: data.ArrayDataset, batch_size, mesh,
   return result, layerwise
 
 
-@jax.jit
-def _update_stats(stats, f, y):
-  return {n: stats[n].update(f[n], y) for n in stats}
+@functools.lru_cache(maxsize=None)
+def _jit_collapse_update(model, mesh):
+  """``update(stats, variables, prepare, x, y, mask) -> stats``: the features of a padded
+  batch, added to every layer's statistics with the padding rows masked out."""
+  rep, dat = train.replicated(mesh), train.batch_sharded(mesh)
+  features = features_fn(model)
+
+  def update(stats, variables, prepare, x, y, mask):
+    f = features(variables, prepare, x)
+    return {n: stats[n].update(f[n], y, mask) for n in stats}
+  return jax.jit(update, in_shardings=(rep, rep, rep, dat, dat, dat), out_shardings=rep,
+                 donate_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------- one run

@@ -238,3 +238,33 @@ def test_unknown_dtype_is_an_error_naming_the_field(tmp_path):
   c.dtype = "float16"
   with pytest.raises(ValueError, match="config.dtype"):
     jobs.run(c, str(tmp_path))
+
+
+def test_collapse_streams_exact_nc1_with_a_padded_last_batch():
+  """`transfer.collapse` (features + masked statistics on the device, 37 rows in batches of
+  16) equals NC1 computed in float64 numpy from the same features."""
+  import jax
+  import numpy as np
+  from ncjax import data, train
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (37, 6, 6, 1), dtype=np.uint8)
+  y = np.arange(37) % 3
+  ds = data.ArrayDataset(x, y, 3)
+  model = models.get("mlp", 3, depth=3, width=8)
+  v = transfer.init_variables(model, (1, 6, 6, 1), 0)
+  prep = transfer.make_prepare((0.5,), (0.25,), None, 1, 1)
+  mesh = train.data_mesh()
+  pen, layerwise = transfer.collapse(model, v, prep, ds, 16, mesh)
+  feats = transfer.extract(model, v, prep, x, 16, mesh)
+
+  def nc1_ref(h):
+    h = h.astype(np.float64)
+    mus = np.stack([h[y == c].mean(0) for c in range(3)])
+    sw = sum((h[y == c] - mus[c]).T @ (h[y == c] - mus[c]) for c in range(3)) / len(h)
+    m = mus - mus.mean(0)
+    return np.trace(sw @ np.linalg.pinv(m.T @ m / 3)) / 3
+
+  np.testing.assert_allclose(pen["nc1"], nc1_ref(feats["penultimate"]), rtol=1e-4)
+  assert list(layerwise) == list(models.units(model))
+  for unit, value in layerwise.items():
+    np.testing.assert_allclose(value, nc1_ref(feats[unit]), rtol=1e-4)
