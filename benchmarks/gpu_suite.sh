@@ -8,20 +8,20 @@
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp}"
-if ! python -c "import ml_collections" 2>/dev/null; then
-  python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+if ! python3 -c "import ml_collections" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$out/device.txt"
-python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
 t=$SECONDS
-timeout "${T_THROUGHPUT:-270}" python benchmarks/throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.txt"
+timeout "${T_THROUGHPUT:-230}" python3 benchmarks/throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.txt"
 echo "phase throughput: $((SECONDS - t)) s" | tee -a "$out/device.txt"
 export NCJAX_CACHE=/tmp/ncjax_jax_cache
 for run in cold warm; do
   t=$SECONDS
-  timeout 150 python -m ncjax.main --workdir=/tmp/default_$run --config.compile_cache_dir=$NCJAX_CACHE 2>&1 | tail -4 | tee "$out/default_$run.txt"
+  timeout 100 python3 -m ncjax.main --workdir=/tmp/default_$run --config.compile_cache_dir=$NCJAX_CACHE 2>&1 | tail -4 | tee "$out/default_$run.txt"
   echo "phase default ($run cache): $((SECONDS - t)) s" | tee -a "$out/device.txt"
 done
 t=$SECONDS
-timeout "${T_TABLE3:-150}" python benchmarks/table3_short.py --epochs 1 2>&1 | grep -v "it/s\]" | tail -20 | tee "$out/table3_short.txt"
+timeout "${T_TABLE3:-130}" python3 benchmarks/table3_short.py --epochs 1 2>&1 | grep -v "it/s\]" | tail -20 | tee "$out/table3_short.txt"
 echo "phase table3_short: $((SECONDS - t)) s" | tee -a "$out/device.txt"
