@@ -19,7 +19,7 @@ echo "phase throughput: $((SECONDS - t)) s" | tee -a "$out/device.txt"
 export NCJAX_CACHE=/tmp/ncjax_jax_cache
 for run in cold warm; do
   t=$SECONDS
-  timeout 100 python3 -m ncjax.main --workdir=/tmp/default_$run --config.compile_cache_dir=$NCJAX_CACHE 2>&1 | tail -4 | tee "$out/default_$run.txt"
+  timeout 100 python3 -m ncjax.main --workdir=/tmp/default_$run --config.compile_cache_dir=$NCJAX_CACHE 2>&1 | grep -v "it/s]" | tail -25 | tee "$out/default_$run.txt"
   echo "phase default ($run cache): $((SECONDS - t)) s" | tee -a "$out/device.txt"
 done
 t=$SECONDS
