@@ -165,6 +165,9 @@ def _jit_init(model):
 
 def init_variables(model, input_shape: tuple[int, ...], seed: int) -> dict:
   """Fresh ``{'params', 'batch_stats'}`` for `model` on float32 inputs of `input_shape`."""
+  if getattr(model, "scl_unit", None) is not None:
+    # The SCL skip has no parameters: the plain model's (already compiled) init serves.
+    model = model.clone(scl_unit=None)
   x = jnp.zeros((1,) + tuple(input_shape[1:]), jnp.float32)
   variables = _jit_init(model)(jax.random.PRNGKey(seed), x)
   variables = dict(variables)
