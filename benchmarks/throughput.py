@@ -15,8 +15,9 @@ dtype (what a bf16 prepare would emit), labels `arange(batch) % 1000`.
     python benchmarks/throughput.py --json $OUT/throughput.json
 
 Per row: step ms = median over `--reps` windows of the seconds per step, each window a run of
-back-to-back steps (sized to ~`--window` s from one warm step) closed by one
-`block_until_ready` (no host sync inside a window), after compile + 2 warm-up steps;
+back-to-back steps (sized to ~`--window` s from one warm step, at least 3 steps unless
+`--window 0`) closed by one `block_until_ready` (no host sync inside a window), after compile +
+2 warm-up steps;
 images/s = batch / step s.
 
 FLOPs per step: XLA's cost analysis of the compiled step (`compiled.cost_analysis()`: a dict
@@ -40,9 +41,9 @@ precision as one bf16 MXU pass, so their f32 rows use the bf16 peak. The CPU get
 PyTorch peer (`benchmarks/torch_peers.py`, a subprocess): one per (model, method), the
 `torch.compile` (default mode) + AMP bf16 + channels_last (ResNet) + SGD(momentum 0.9, wd 1e-4,
 fused) step with frozen parameters `requires_grad=False`; each ncjax row (fp32 and bf16) is
-compared with it: ratio = ncjax images/s / torch images/s. By default the torch subprocess
-builds and compiles its 4 peers while JAX compiles its 8 steps (`--serial` to not overlap);
-the two never time at the same time. On the CPU torch runs eager unless `--torch-compile`.
+compared with it: ratio = ncjax images/s / torch images/s. By default one torch subprocess per
+model builds and compiles its peers while JAX compiles its steps (`--serial`: torch first, no
+overlap); nothing else runs on the device while a row is timed. On the CPU torch runs eager unless `--torch-compile`.
 
 Needs jax, flax, optax, numpy, tqdm (ncjax.train), torch for the peer; not ml_collections or
 tensorflow_datasets. Prints per-phase wall time and a markdown table.
@@ -239,7 +240,7 @@ def time_row(run, reps, window_s):
   t = time.perf_counter()
   state, m = compiled(state, x, y, rng)
   jax.block_until_ready(m)
-  n = max(1, min(50, round(window_s / (time.perf_counter() - t))))
+  n = max(3 if window_s else 1, min(50, round(window_s / (time.perf_counter() - t))))
   times = []
   for _ in range(reps):
     t = time.perf_counter()
@@ -257,9 +258,9 @@ def time_row(run, reps, window_s):
 class TorchPeers:
   """`benchmarks/torch_peers.py --serve` in a subprocess (see its docstring)."""
 
-  def __init__(self, args, compile_):
+  def __init__(self, args, compile_, models):
     cmd = [sys.executable, os.path.join(HERE, 'torch_peers.py'), '--serve',
-           '--models', args.models, '--methods', args.methods, '--batch', str(args.batch),
+           '--models', models, '--methods', args.methods, '--batch', str(args.batch),
            '--size', str(args.size), '--reps', str(args.reps), '--window', str(args.window),
            '--compile' if compile_ else '--no-compile']
     self.t0, self.wall0 = time.perf_counter(), time.time()
@@ -382,7 +383,7 @@ def main(argv=None):
   ap.add_argument('--batch', type=int, default=None, help='default 256 on GPU/TPU, 8 on CPU')
   ap.add_argument('--size', type=int, default=224)
   ap.add_argument('--reps', type=int, default=5, help='timed windows per row (median)')
-  ap.add_argument('--window', type=float, default=0.25, help='seconds per timed window')
+  ap.add_argument('--window', type=float, default=0.4, help='seconds per timed window')
   ap.add_argument('--models', default='resnet50,vit_b32')
   ap.add_argument('--dtypes', default='float32,bfloat16')
   ap.add_argument('--methods', default='full,layer')
@@ -423,14 +424,20 @@ def main(argv=None):
   phases = {'start-up (imports, device, precision check)': time.perf_counter() - t_start}
 
   torch_ok = not a.no_torch and importlib.util.find_spec('torch') is not None
-  peers, torch_rows = None, []
+  peers, torch_rows = [], []
   if torch_ok:
     compile_ = a.torch_compile if a.torch_compile is not None else not on_cpu
-    peers = TorchPeers(a, compile_)
+    # One process per model: their torch.compile runs (Dynamo + AOTAutograd tracing is serial
+    # Python) proceed side by side, and beside JAX's compiles.
+    peers = [TorchPeers(a, compile_, name) for name in a.models.split(',')]
     if a.serial:
-      phases['torch: start + build + compile (serial)'] = peers.wait_ready()
-      torch_rows, phases['torch: timing'] = peers.run()
-      peers = None
+      t = time.perf_counter()
+      for p in peers:  # all compiled before any times
+        p.wait_ready()
+      for p in peers:
+        torch_rows += p.run()[0]
+      phases['torch: start + compile + timing (serial)'] = time.perf_counter() - t
+      peers = []
   elif not a.no_torch:
     print('# torch is not installed: no peer')
 
@@ -452,9 +459,9 @@ def main(argv=None):
           print(f"  compiled {name} {method} {dtype} in {row['compile_s']:.1f} s", flush=True)
       del variables
     phases[f'jax: init + trace + compile ({len(rows)} steps)'] = time.perf_counter() - t
-    if peers is not None:
-      phases['wait for torch compile (overlapped)'] = peers.wait_ready()
-      phases['torch: start -> compiled (overlapped with jax)'] = peers.ready_s
+    if peers:
+      phases['wait for torch compile (overlapped)'] = sum(p.wait_ready() for p in peers)
+      phases['torch: start -> compiled (overlapped with jax)'] = max(p.ready_s for p in peers)
     t = time.perf_counter()
     for row, run in zip(list(rows), runs):
       try:
@@ -475,11 +482,14 @@ def main(argv=None):
       print(f"  timed {row['model']} {row['method']} {row['dtype']}: {dt * 1e3:.2f} ms/step "
             f"({n} steps/window)", flush=True)
     phases['jax: timing'] = time.perf_counter() - t
-    if peers is not None:
-      torch_rows, phases['torch: timing'] = peers.run()
+    if peers:
+      t = time.perf_counter()
+      for p in peers:  # one at a time: never two frameworks timing on the device at once
+        torch_rows += p.run()[0]
+      phases['torch: timing'] = time.perf_counter() - t
   finally:
-    if peers is not None:
-      peers.kill()
+    for p in peers:
+      p.kill()
   phases['total'] = time.perf_counter() - t_start
   report(rows, torch_rows, peak, phases)
   for f in failed:

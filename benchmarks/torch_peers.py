@@ -110,7 +110,7 @@ def time_peer(peer, reps, window_s):
   peer.step()
   peer.sync()
   one = time.perf_counter() - t
-  n = max(1, min(50, round(window_s / max(one, 1e-6))))
+  n = max(3 if window_s else 1, min(50, round(window_s / max(one, 1e-6))))
   times = []
   for _ in range(reps):
     t = time.perf_counter()
@@ -132,7 +132,7 @@ def main(argv=None):
   ap.add_argument('--batch', type=int, default=256)
   ap.add_argument('--size', type=int, default=224)
   ap.add_argument('--reps', type=int, default=5)
-  ap.add_argument('--window', type=float, default=0.25, help='seconds per timed window')
+  ap.add_argument('--window', type=float, default=0.4, help='seconds per timed window')
   ap.add_argument('--compile', action=argparse.BooleanOptionalAction, default=True)
   ap.add_argument('--serve', action='store_true', help='wait for "go" on stdin before timing')
   a = ap.parse_args(argv)
