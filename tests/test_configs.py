@@ -216,8 +216,10 @@ def test_cli_on_8_simulated_devices(tmp_path):
 def test_bfloat16_default_config_matches_float32_accuracy(tmp_path):
   """The default job in bfloat16 compute (float32 parameters, optimizer state, BatchNorm
   statistics and loss) reaches the float32 run's accuracy within 1 point (the mean over its
-  four methods). Per method the test split's 179 images make one image 0.56 points, so a
-  method may differ by up to 2 points (3 images) on its own."""
+  four methods). Per method the test split's 179 images make one image 0.56 points, and the
+  float32 run alone moves that much with the convolution algorithm: switching XLA:CPU's
+  convolutions from YNNPACK to Eigen took its linear probe from 88.27 to 86.03 (the 30-epoch
+  pre-training diverges in rounding). So one method may differ by up to 3 points (5 images)."""
   from configs import default
   acc = {}
   for dtype in ("float32", "bfloat16"):
@@ -228,7 +230,7 @@ def test_bfloat16_default_config_matches_float32_accuracy(tmp_path):
   print(acc)
   for method, a32 in acc["float32"].items():
     assert a32 > 80.0, acc  # a real transfer, not two equal failures
-    assert abs(acc["bfloat16"][method] - a32) <= 2.0, acc
+    assert abs(acc["bfloat16"][method] - a32) <= 3.0, acc
   mean = {d: sum(a.values()) / len(a) for d, a in acc.items()}
   assert abs(mean["bfloat16"] - mean["float32"]) <= 1.0, acc
 
