@@ -503,7 +503,7 @@ def test_bad_input_other_entry_points():
         metrics.layerwise({"x": np.ones((60, 0, 4), np.float32)}, y)
 
 
-# ----------------------------------------------------------------------------- issue 10: offsets, dtypes, scale
+# ------------------------------------------------------------ offsets, dtypes and scale (issue 10)
 def _offset_data(n=5000, d=64, k=10, offset=1e6, sep=1.0, seed=0):
     """Float32 features far from the origin (offset) with unit within-class spread."""
     rng = np.random.default_rng(seed)
@@ -590,7 +590,7 @@ def test_overflow_and_underflow_raise_value_error():
     assert np.isnan(float(f(huge, y)))
 
 
-# ----------------------------------------------------------------------------- masked streaming update
+# ------------------------------------------------------------------------ masked streaming update
 def test_masked_update_ignores_masked_rows_even_garbage():
     h, y = make_data(n=300, offset=1e5, seed=4)
     valid = np.random.default_rng(0).random(300) < 0.7
