@@ -240,12 +240,20 @@ def _resolve_classes(labels, num_classes, fn: str, require_all: bool = True) -> 
     """
     if num_classes is not None:
         num_classes = _as_int(num_classes, "num_classes", fn)
+    n = labels.shape[0]
+
+    def check_k(k, src, claim):
+        if k < 2:
+            raise ValueError(f"{fn}: need K >= 2 classes, got {src}")
+        if require_all and k > n:
+            raise ValueError(f"{fn}: {claim} but there are only {n} samples, so some class is "
+                             "empty (labels must be 0..K-1)")
+
     if _is_traced(labels):
         if num_classes is None:
             raise ValueError(f"{fn}: num_classes must be given when labels are traced "
                              "(inside jax.jit); it cannot be inferred from traced values")
-        if num_classes < 2:
-            raise ValueError(f"{fn}: need K >= 2 classes, got num_classes={num_classes}")
+        check_k(num_classes, f"num_classes={num_classes}", f"num_classes={num_classes}")
         return num_classes
     lab = np.asarray(labels)
     if lab.size == 0:
@@ -256,20 +264,16 @@ def _resolve_classes(labels, num_classes, fn: str, require_all: bool = True) -> 
     k = hi + 1 if num_classes is None else num_classes
     if hi >= k:
         raise ValueError(f"{fn}: label {hi} is outside [0, {k}) (num_classes={k})")
-    if k < 2:
-        raise ValueError(f"{fn}: need K >= 2 classes, got K={k}")
-    if require_all:
-        if k > lab.size:
-            src = f"label {hi} implies" if num_classes is None else "num_classes ="
-            raise ValueError(f"{fn}: {src} K={k} classes but there are only {lab.size} "
-                             "samples, so some class is empty (labels must be 0..K-1)")
+    if num_classes is None:
+        check_k(k, f"K={k}", f"label {hi} implies K={k} classes")
+    else:
+        check_k(k, f"num_classes={k}", f"num_classes={k}")
+    if require_all:                               # k <= n: bincount allocates at most N
         counts = np.bincount(lab.astype(np.int64), minlength=k)
         empty = np.flatnonzero(counts == 0)
         if empty.size:
             raise ValueError(f"{fn}: class {int(empty[0])} has no samples"
                              + (f" (empty classes: {empty[:10].tolist()})" if empty.size > 1 else ""))
-    elif k > np.iinfo(np.int32).max:
-        raise ValueError(f"{fn}: num_classes={k} does not fit int32 labels")
     return k
 
 

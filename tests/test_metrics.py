@@ -501,6 +501,8 @@ def test_bad_input_other_entry_points():
         CollapseStats.create(3, 0)
     with pytest.raises(ValueError, match="empty dimension"):
         metrics.layerwise({"x": np.ones((60, 0, 4), np.float32)}, y)
+    with pytest.raises(ValueError, match="num_classes=1000000000 but there are only 60 samples"):
+        jax.jit(lambda a, b: metrics.nc1(a, b, 10**9))(h, y)      # checked before allocating K
 
 
 # ------------------------------------------------------------ offsets, dtypes and scale (issue 10)
