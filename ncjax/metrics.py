@@ -32,8 +32,11 @@ SVD, obtained from the eigendecomposition of the K x K Gram ``M M^T = U S^2 U^T`
         = sum_j (1/N) ||R v_j||^2 / s_j^2,         R = H - mu_y  (N x d residuals).
 
 Two read passes over H (class sums, then the projected residuals ``R V``), no N x d
-temporary and no d x d matrix; on the 2-core CPU at N=50,000, K=10 about 3x the time of one
-read pass and 17-130x faster than the d x d pinv path (``benchmarks/nc1.py``).
+temporary and no d x d matrix, both in the shifted frame described below; 20-70x faster
+than the d x d pinv path (``benchmarks/nc1.py``).  On the 2-core CPU (XLA:CPU, N=50,000, K=10)
+the shift costs 5-10% at d=512 and 25-45% at d=2048 over unshifted passes: the shifted
+first pass runs on one thread over cache-sized blocks, and the fused shifted matmul kernel
+is slower than XLA's plain one for long rows and many directions.
 At most ``r = min(K-1, d)`` directions are kept, and a direction is kept only if
 ``s_j^2 > rtol * s_max^2`` with ``rtol = 10 * d * eps(dtype)`` -- exactly the default cutoff
 ``jnp.linalg.pinv(Sigma_B, hermitian=True)`` applies to the eigenvalues ``s_j^2/K`` of the
