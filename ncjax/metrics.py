@@ -48,10 +48,11 @@ Every sum and every product is taken in a *shifted frame*, never on ``h`` itself
 pass sums ``h_i - c_{y_i}`` with ``c_k`` the first row of class k (an exact data point, so the
 difference is of the order of the within-class spread whatever the features' offset);
 class means are kept as ``c_k + m_k`` and never added up, and centred means are formed as
-``(c_k - c_0) + m_k`` minus their mean.  The second pass of :func:`cdnv` and :func:`nc1_pinv`
-uses the same per-class shifts; that of :func:`nc1` works on ``h_i - c`` with ``c`` the mean
-of the class means (one common point: a per-class shift needs a gather that XLA:CPU cannot
-fuse into the matmul kernel).  So a common offset costs no precision -- post-ReLU features
+``(c_k - c_0) + m_k`` minus their mean.  :func:`cdnv` takes the class variances from the
+same pass, as ``mean ||h - c_k||^2 - ||m_k||^2`` (no second pass), and :func:`nc1_pinv`
+forms its residuals about the same per-class shifts; the second pass of :func:`nc1` works on
+``h_i - c`` with ``c`` the mean of the class means (one common point: a per-class shift
+needs a gather that XLA:CPU cannot fuse into the matmul kernel).  So a common offset costs no precision -- post-ReLU features
 with large means included -- and the summing itself is shifted too (``sum h`` in float32 at
 offset 1e6 is wrong by more than the spread).  Measured in float32 against a float64
 computation on the same float32 values (offset 1e6, unit spread, N=5000, d=64, K=10):
@@ -381,24 +382,35 @@ def _first_rows(h, y, k):
     return h[jnp.clip(first, 0, n - 1)]                             # absent class: any row
 
 
-def _pass1(h, y, k):
+def _pass1(h, y, k, squares: bool = False):
     """First read pass, in the shifted frame.
 
     Returns counts (K,) int32, references ``c`` (K, d) (the first row of each class: an exact
     data point, so ``h - c_y`` is of the order of the within-class spread whatever the offset
-    and the distances between classes), ``m`` (K, d) = class means minus ``c``, and ``ok``:
-    every label in range, no class empty and the sums finite.  Out-of-range labels are
-    dropped from the sums and detected from the counts.
+    and the distances between classes), ``m`` (K, d) = class means minus ``c``, ``ok`` (every
+    label in range, no class empty, the sums finite) and, with ``squares``, the class sums
+    of ``||(h - c_y) t||^2`` (K,) and the exact power of two ``t`` they were scaled by (else
+    None, None).  Out-of-range labels are dropped from the sums, detected from the counts.
     """
     n, d = h.shape
     dt = _compute_dtype(h.dtype)
     counts = _add_rows(jnp.zeros((k,), jnp.int32), y, jnp.ones((n,), jnp.int32))
     ref = _first_rows(h, y, k).astype(dt)
-    sums = _fold_rows(lambda acc, hb, yb: _add_rows(acc, yb, hb.astype(dt) - ref[yb]),
-                      jnp.zeros((k, d), dt), _row_block(n, d), h, y)
-    m = sums / jnp.maximum(counts, 1).astype(dt)[:, None]
-    ok = jnp.all(counts > 0) & (jnp.sum(counts) == n) & jnp.all(jnp.isfinite(sums))
-    return counts, ref, m, ok
+    t = _inv_pow2_scale(ref) if squares else None                    # from data rows
+
+    def body(acc, hb, yb):
+        x = hb.astype(dt) - ref[yb]
+        if squares:
+            return _add_rows(acc[0], yb, x), _add_rows(acc[1], yb, jnp.sum(jnp.square(x * t), 1))
+        return (_add_rows(acc[0], yb, x),)
+
+    init = (jnp.zeros((k, d), dt),) + ((jnp.zeros((k,), dt),) if squares else ())
+    acc = _fold_rows(body, init, _row_block(n, d), h, y)
+    m = acc[0] / jnp.maximum(counts, 1).astype(dt)[:, None]
+    ok = jnp.all(counts > 0) & (jnp.sum(counts) == n)
+    for a in acc:
+        ok = ok & jnp.all(jnp.isfinite(a))
+    return counts, ref, m, ok, (acc[1] if squares else None), t
 
 
 def _relative_means(ref, m):
@@ -454,7 +466,7 @@ def _nan_unless(ok, value):
 
 def _scaled_frame(h, y, k):
     """Pass 1 plus the common exact rescaling: (counts, ref, m, centred/s, 1/s, ok)."""
-    counts, ref, m, ok = _pass1(h, y, k)
+    counts, ref, m, ok, _, _ = _pass1(h, y, k)
     centred = _centred_means(ref, m)
     inv = _inv_pow2_scale(centred)
     return counts, ref, m, centred * inv, inv, ok
@@ -545,20 +557,26 @@ def _cdnv_from(var, centred):
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _cdnv_impl(h, y, k):
-    counts, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
-    r = _residuals(h, y, ref, m, inv)            # fused into the row reduction: no N x d array
-    var = jax.ops.segment_sum(jnp.sum(r * r, axis=1), y, num_segments=k)
-    var = var / jnp.maximum(counts, 1).astype(var.dtype)
+    # One pass: Var_k = mean ||h - c_k||^2 - ||m_k||^2 about the class's first row c_k.  As
+    # c_k is a sample of class k, ||m_k||^2 is about Var_k and the subtraction costs ~1 bit
+    # (an outlier first row at t standard deviations costs log2(t^2) bits), whatever the
+    # offset; a second pass over h - mu_y would cost a gather XLA:CPU writes out as N x d.
+    counts, ref, m, ok, sq, t = _pass1(h, y, k, squares=True)
+    n = jnp.maximum(counts, 1).astype(ref.dtype)
+    centred = _centred_means(ref, m)
+    inv = _inv_pow2_scale(centred)
+    var = jnp.maximum(sq / n - jnp.sum(jnp.square(m * t), axis=1), 0.0) * jnp.square(inv / t)
     ok = ok & jnp.all(jnp.isfinite(var))
-    return _nan_unless(ok, _cdnv_from(var, centred)), ok
+    return _nan_unless(ok, _cdnv_from(var, centred * inv)), ok
 
 
 def cdnv(features, labels, num_classes: int | None = None):
     """Class-distance normalised variance (Galanti et al.), averaged over class pairs i < j.
 
     ``(Var_i + Var_j) / (2 ||mu_i - mu_j||^2)`` with ``Var_k = mean_{i in k} ||h_i - mu_k||^2``,
-    dimensionless.  Two passes in the shifted, rescaled frame.  Returns ``inf`` if two class
-    means coincide.  Arguments as :func:`nc1`.
+    dimensionless.  One read pass in the shifted frame (variances about each class's first
+    row, see _cdnv_impl), rescaled exactly.  Returns ``inf`` if two class means coincide.
+    Arguments as :func:`nc1`.
     """
     h, y, k, concrete = _prepare(features, labels, num_classes, "cdnv")
     val, ok = _cdnv_impl(h, y, k)
@@ -603,7 +621,7 @@ def _class_top_eigs(h, y, counts, k, window, inv):
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _numrank_impl(h, y, k, exact, window, num_iters):
     n, d = h.shape
-    counts, ref, m, ok = _pass1(h, y, k)
+    counts, ref, m, ok, _, _ = _pass1(h, y, k)
     dt = ref.dtype
     means = ref + m                    # rounded absolute means: only a scale and start vectors
     inv = _inv_pow2_scale(jnp.concatenate([ref, means]))             # data rows and means
