@@ -483,8 +483,8 @@ def _nc1_impl(h, y, k):
     n, d = h.shape
     _, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
     v, inv_s2 = _lowrank(centred, ref.dtype)                         # (d, r), (r,)
-    # Zero columns up to a multiple of 8: XLA's CPU GEMM is ~12% faster on the skinny
-    # (N, d) @ (d, r) at r = 8k than at r = 9 (measured, N=50,000, d=512 and 2048).
+    # Zero columns up to a multiple of 8: XLA:CPU's kernels for the skinny (N, d) @ (d, r)
+    # are faster at r = 8k (measured at N=50,000, d=2048: r=16 beat r=9, 10 and 12).
     pad = -v.shape[1] % 8
     v, inv_s2 = jnp.pad(v, ((0, 0), (0, pad))), jnp.pad(inv_s2, (0, pad))
     v = v * inv                                  # projections come out divided by s
@@ -838,10 +838,11 @@ class CollapseStats:
             the shifts -- whatever its features (NaN included) and its label (-1 padding is
             fine).  ``None``: every row counts.  Use it for a padded last batch, so that the
             batch can stay on the device.
-        Rows that count must have labels in ``[0, K)`` and finite features, and mask values
-        must be 0 or 1.  With concrete inputs a violation raises ``ValueError``; inside
-        ``jit`` it makes the returned statistics NaN (sums, squared norms and scatters), so
-        every metric computed from them is NaN rather than a number about a subset.
+        Rows that count must have labels in ``[0, K)`` and finite features whose squares fit
+        the dtype (see the module docstring), and mask values must be 0 or 1.  With concrete
+        inputs a violation raises ``ValueError``; inside ``jit`` it makes the returned
+        statistics NaN (sums, squared norms and scatters), so every metric computed from them
+        is NaN (and raises when computed eagerly) rather than a number about a subset.
         """
         fn = "CollapseStats.update"
         features = _check_features(features, fn)
@@ -866,8 +867,8 @@ class CollapseStats:
                                                                       keep))
         else:
             w = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask)
-            new, tiny = _stats_update(self, _to_jax(features, fn, False), _labels_int32(labels),
-                                      w)
+            h = features if _on_device(features) else jnp.asarray(np.asarray(features))
+            new, tiny = _stats_update(self, h, _labels_int32(labels), w)
         if concrete and not _is_traced(new.counts) and not _finite(new):
             if bool(tiny):
                 raise ValueError(f"{fn}: features too small: a row differs from its class shift "
