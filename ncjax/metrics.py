@@ -34,7 +34,7 @@ SVD, obtained from the eigendecomposition of the K x K Gram ``M M^T = U S^2 U^T`
 Two read passes over H (class sums, then the projected residuals ``R V``), no N x d
 temporary and no d x d matrix, both in the shifted frame described below; 20-70x faster
 than the d x d pinv path (``benchmarks/nc1.py``).  On the 2-core CPU (XLA:CPU, N=50,000, K=10)
-the shift costs 5-10% at d=512 and 25-45% at d=2048 over unshifted passes: the shifted
+the shift costs 0-10% at d=512 and 25-50% at d=2048 over unshifted passes: the shifted
 first pass runs on one thread over cache-sized blocks, and the fused shifted matmul kernel
 is slower than XLA's plain one for long rows and many directions.
 At most ``r = min(K-1, d)`` directions are kept, and a direction is kept only if
