@@ -3,6 +3,8 @@
     python benchmarks/nc1.py                 # N=50,000, d in {512, 2048}, K in {10, 100}
     python benchmarks/nc1.py --quick         # N=5,000, d in {128, 512}, K in {10}
     python benchmarks/nc1.py --n 20000 --reps 7
+    python benchmarks/nc1.py --offset 1e6      # features with a large common offset
+    python benchmarks/nc1.py --accuracy        # float32 error at offsets 0, 1e3, 1e6 only
 
 Times (median of --reps runs after one warm-up, block_until_ready):
   floor  one read pass over the features (jitted column sum)
@@ -12,6 +14,10 @@ Times (median of --reps runs after one warm-up, block_until_ready):
          d x d Sigma_W accumulated per class with numpy, scipy.linalg.pinv(Sigma_B)
          (host; float32 features; skipped with --no-peer or when scipy is missing)
 Runs unchanged on GPU (jax picks the default device; the peer baseline stays on the host).
+
+--accuracy prints, instead of timings, the relative error of nc1, nc1_pinv, cdnv and
+CollapseStats (float32) against a float64 NumPy computation on the same float32 values, for
+features with unit within-class spread at common offsets 0, 1e3 and 1e6 (N=5000, d=64, K=10).
 """
 import argparse
 import os
@@ -48,6 +54,45 @@ def peer_nc1(h, y, k):
     return float(np.trace(sigma_w @ scipy.linalg.pinv(sigma_b)) / k)
 
 
+def ref_nc1_cdnv(h, y, k):
+    """float64 NumPy NC1 (eq. (4), Sigma_B^+ on its top K-1 eigenpairs, pinv's float32 cutoff)
+    and CDNV, mean of class means as global mean."""
+    h = np.asarray(h, np.float64)
+    n, d = h.shape
+    means = np.stack([h[y == c].mean(0) for c in range(k)])
+    centred = means - means.mean(0)
+    r = h - means[y]
+    w, u = np.linalg.eigh(centred.T @ centred / k)
+    w, u = w[::-1][: k - 1], u[:, ::-1][:, : k - 1]
+    keep = w > 10 * d * np.finfo(np.float32).eps * w[0]
+    nc1 = np.trace((r.T @ r / n) @ (u[:, keep] / w[keep]) @ u[:, keep].T) / k
+    var = np.array([np.mean(np.sum(r[y == c] ** 2, axis=1)) for c in range(k)])
+    iu = np.triu_indices(k, 1)
+    dist2 = np.sum((centred[:, None] - centred[None]) ** 2, axis=-1)[iu]
+    return float(nc1), float(np.mean((var[:, None] + var[None])[iu] / (2 * dist2)))
+
+
+def accuracy(n=5000, d=64, k=10):
+    print(f"# float32 relative error vs float64 on the same float32 values; N={n}, d={d}, K={k}, "
+          "unit within-class spread")
+    print(f"{'offset':>8} | {'nc1':>8} {'nc1_pinv':>8} {'cdnv':>8} {'stats.nc1':>9} {'stats.cdnv':>10}")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, k, n).astype(np.int32)
+    y[:k] = np.arange(k)
+    base = rng.normal(size=(k, d))[y] + rng.normal(size=(n, d))
+    for offset in (0.0, 1e3, 1e6):
+        h = (base + offset).astype(np.float32)
+        want_nc1, want_cdnv = ref_nc1_cdnv(h, y, k)
+        stats = metrics.CollapseStats.create(k, d).update(h[: n // 2], y[: n // 2])
+        stats = stats.update(h[n // 2:], y[n // 2:])
+        got = [(metrics.nc1(h, y), want_nc1), (metrics.nc1_pinv(h, y), want_nc1),
+               (metrics.cdnv(h, y), want_cdnv), (stats.nc1(), want_nc1),
+               (stats.cdnv(), want_cdnv)]
+        errs = [abs(float(a) - b) / abs(b) for a, b in got]
+        print(f"{offset:8.0e} | " + " ".join(f"{e:8.1e}" for e in errs[:3])
+              + f" {errs[3]:9.1e} {errs[4]:10.1e}", flush=True)
+
+
 def timeit(fn, reps):
     jax.block_until_ready(fn())                       # warm-up / compile
     ts = []
@@ -67,7 +112,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--no-peer", action="store_true", help="skip the numpy/scipy baseline")
     p.add_argument("--no-pinv", action="store_true", help="skip nc1_pinv")
+    p.add_argument("--offset", type=float, default=0.0,
+                   help="common offset added to every feature (default 0)")
+    p.add_argument("--accuracy", action="store_true",
+                   help="print float32 errors at large offsets instead of timings")
     a = p.parse_args(argv)
+    if a.accuracy:
+        return accuracy()
     n = a.n or (5000 if a.quick else 50000)
     dims = a.dims or ([128, 512] if a.quick else [512, 2048])
     classes = a.classes or ([10] if a.quick else [10, 100])
@@ -75,7 +126,7 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     print(f"# device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}, N={n}, "
-          f"float32, median of {a.reps} runs; times in ms")
+          f"float32, offset {a.offset:g}, median of {a.reps} runs; times in ms")
     floor_fn = jax.jit(lambda h: jnp.sum(h, axis=0))
     hdr = (f"{'d':>5} {'K':>4} | {'floor':>8} {'nc1':>8} {'pinv':>8} {'peer':>8} | "
            f"{'nc1/floor':>9} {'pinv/nc1':>8} {'peer/nc1':>8} | {'rel|nc1-pinv|':>13}")
@@ -87,7 +138,7 @@ def main(argv=None):
             y_np = rng.integers(0, k, n).astype(np.int32)
             y_np[:k] = np.arange(k)
             mu = rng.normal(size=(k, d)).astype(np.float32) * 2.0
-            h_np = mu[y_np] + rng.standard_normal((n, d), dtype=np.float32)
+            h_np = mu[y_np] + rng.standard_normal((n, d), dtype=np.float32) + np.float32(a.offset)
             h, y = jax.device_put(h_np), jax.device_put(y_np)
             t_floor = timeit(lambda: floor_fn(h), a.reps)
             t_nc1 = timeit(lambda: metrics.nc1(h, y, k), a.reps)

@@ -32,8 +32,11 @@ SVD, obtained from the eigendecomposition of the K x K Gram ``M M^T = U S^2 U^T`
         = sum_j (1/N) ||R v_j||^2 / s_j^2,         R = H - mu_y  (N x d residuals).
 
 Two read passes over H (class sums, then the projected residuals ``R V``), no N x d
-temporary and no d x d matrix; on the 2-core CPU at N=50,000, K=10 about 3x the time of one
-read pass and 17-130x faster than the d x d pinv path (``benchmarks/nc1.py``).
+temporary and no d x d matrix, both in the shifted frame described below; 20-70x faster
+than the d x d pinv path (``benchmarks/nc1.py``).  On the 2-core CPU (XLA:CPU, N=50,000, K=10)
+the shift costs 0-10% at d=512 and 25-50% at d=2048 over unshifted passes: the shifted
+first pass runs on one thread over cache-sized blocks, and the fused shifted matmul kernel
+is slower than XLA's plain one for long rows and many directions.
 At most ``r = min(K-1, d)`` directions are kept, and a direction is kept only if
 ``s_j^2 > rtol * s_max^2`` with ``rtol = 10 * d * eps(dtype)`` -- exactly the default cutoff
 ``jnp.linalg.pinv(Sigma_B, hermitian=True)`` applies to the eigenvalues ``s_j^2/K`` of the
@@ -45,10 +48,11 @@ Every sum and every product is taken in a *shifted frame*, never on ``h`` itself
 pass sums ``h_i - c_{y_i}`` with ``c_k`` the first row of class k (an exact data point, so the
 difference is of the order of the within-class spread whatever the features' offset);
 class means are kept as ``c_k + m_k`` and never added up, and centred means are formed as
-``(c_k - c_0) + m_k`` minus their mean.  The second pass of :func:`cdnv` and :func:`nc1_pinv`
-uses the same per-class shifts; that of :func:`nc1` works on ``h_i - c`` with ``c`` the mean
-of the class means (one common point: a per-class shift needs a gather that XLA:CPU cannot
-fuse into the matmul kernel).  So a common offset costs no precision -- post-ReLU features
+``(c_k - c_0) + m_k`` minus their mean.  :func:`cdnv` takes the class variances from the
+same pass, as ``mean ||h - c_k||^2 - ||m_k||^2`` (no second pass), and :func:`nc1_pinv`
+forms its residuals about the same per-class shifts; the second pass of :func:`nc1` works on
+``h_i - c`` with ``c`` the mean of the class means (one common point: a per-class shift
+needs a gather that XLA:CPU cannot fuse into the matmul kernel).  So a common offset costs no precision -- post-ReLU features
 with large means included -- and the summing itself is shifted too (``sum h`` in float32 at
 offset 1e6 is wrong by more than the spread).  Measured in float32 against a float64
 computation on the same float32 values (offset 1e6, unit spread, N=5000, d=64, K=10):
@@ -155,7 +159,7 @@ __all__ = [
 
 _HI = lax.Precision.HIGHEST
 # Bytes of float32 features per row block of the shifted first pass on CPU (_row_block).
-_BLOCK_BYTES = 1 << 16
+_BLOCK_BYTES = 1 << 17
 _warned_float32 = False
 
 
@@ -240,12 +244,20 @@ def _resolve_classes(labels, num_classes, fn: str, require_all: bool = True) -> 
     """
     if num_classes is not None:
         num_classes = _as_int(num_classes, "num_classes", fn)
+    n = labels.shape[0]
+
+    def check_k(k, src, claim):
+        if k < 2:
+            raise ValueError(f"{fn}: need K >= 2 classes, got {src}")
+        if require_all and k > n:
+            raise ValueError(f"{fn}: {claim} but there are only {n} samples, so some class is "
+                             "empty (labels must be 0..K-1)")
+
     if _is_traced(labels):
         if num_classes is None:
             raise ValueError(f"{fn}: num_classes must be given when labels are traced "
                              "(inside jax.jit); it cannot be inferred from traced values")
-        if num_classes < 2:
-            raise ValueError(f"{fn}: need K >= 2 classes, got num_classes={num_classes}")
+        check_k(num_classes, f"num_classes={num_classes}", f"num_classes={num_classes}")
         return num_classes
     lab = np.asarray(labels)
     if lab.size == 0:
@@ -256,20 +268,16 @@ def _resolve_classes(labels, num_classes, fn: str, require_all: bool = True) -> 
     k = hi + 1 if num_classes is None else num_classes
     if hi >= k:
         raise ValueError(f"{fn}: label {hi} is outside [0, {k}) (num_classes={k})")
-    if k < 2:
-        raise ValueError(f"{fn}: need K >= 2 classes, got K={k}")
-    if require_all:
-        if k > lab.size:
-            src = f"label {hi} implies" if num_classes is None else "num_classes ="
-            raise ValueError(f"{fn}: {src} K={k} classes but there are only {lab.size} "
-                             "samples, so some class is empty (labels must be 0..K-1)")
+    if num_classes is None:
+        check_k(k, f"K={k}", f"label {hi} implies K={k} classes")
+    else:
+        check_k(k, f"num_classes={k}", f"num_classes={k}")
+    if require_all:                               # k <= n: bincount allocates at most N
         counts = np.bincount(lab.astype(np.int64), minlength=k)
         empty = np.flatnonzero(counts == 0)
         if empty.size:
             raise ValueError(f"{fn}: class {int(empty[0])} has no samples"
                              + (f" (empty classes: {empty[:10].tolist()})" if empty.size > 1 else ""))
-    elif k > np.iinfo(np.int32).max:
-        raise ValueError(f"{fn}: num_classes={k} does not fit int32 labels")
     return k
 
 
@@ -334,8 +342,9 @@ def _row_block(n: int, d: int) -> int:
 
     On CPU XLA does not fuse ``h - c`` into the scatter: it writes the shifted N x d array to
     freshly allocated memory first (4-8x slower than the plain pass, measured).  A block of
-    ~64 KiB stays in L1/L2; blocks of 256 KiB and more were slower on the 2-core CPU.
-    Other backends fuse the shift, so there the whole array is one block.
+    128 KiB stays in L2 (measured best: 64 rows at d=512, 16 at d=2048); from 256 KiB on, XLA
+    splits each block's ops over two threads, which cost more than it gained.  The scatter
+    itself runs on one thread either way.  Other backends fuse the shift: one block there.
     """
     if jax.default_backend() != "cpu":
         return n
@@ -346,6 +355,8 @@ def _row_block(n: int, d: int) -> int:
 def _fold_rows(body, carry, block: int, *arrays):
     """``carry = body(carry, *blocks)`` over consecutive row blocks of ``arrays``, in order."""
     n = arrays[0].shape[0]
+    if block >= n:
+        return body(carry, *arrays)
     full = n // block
     if full:
         def step(i, c):
@@ -371,24 +382,35 @@ def _first_rows(h, y, k):
     return h[jnp.clip(first, 0, n - 1)]                             # absent class: any row
 
 
-def _pass1(h, y, k):
+def _pass1(h, y, k, squares: bool = False):
     """First read pass, in the shifted frame.
 
     Returns counts (K,) int32, references ``c`` (K, d) (the first row of each class: an exact
     data point, so ``h - c_y`` is of the order of the within-class spread whatever the offset
-    and the distances between classes), ``m`` (K, d) = class means minus ``c``, and ``ok``:
-    every label in range, no class empty and the sums finite.  Out-of-range labels are
-    dropped from the sums and detected from the counts.
+    and the distances between classes), ``m`` (K, d) = class means minus ``c``, ``ok`` (every
+    label in range, no class empty, the sums finite) and, with ``squares``, the class sums
+    of ``||(h - c_y) t||^2`` (K,) and the exact power of two ``t`` they were scaled by (else
+    None, None).  Out-of-range labels are dropped from the sums, detected from the counts.
     """
     n, d = h.shape
     dt = _compute_dtype(h.dtype)
     counts = _add_rows(jnp.zeros((k,), jnp.int32), y, jnp.ones((n,), jnp.int32))
     ref = _first_rows(h, y, k).astype(dt)
-    sums = _fold_rows(lambda acc, hb, yb: _add_rows(acc, yb, hb.astype(dt) - ref[yb]),
-                      jnp.zeros((k, d), dt), _row_block(n, d), h, y)
-    m = sums / jnp.maximum(counts, 1).astype(dt)[:, None]
-    ok = jnp.all(counts > 0) & (jnp.sum(counts) == n) & jnp.all(jnp.isfinite(sums))
-    return counts, ref, m, ok
+    t = _inv_pow2_scale(ref) if squares else None                    # from data rows
+
+    def body(acc, hb, yb):
+        x = hb.astype(dt) - ref[yb]
+        if squares:
+            return _add_rows(acc[0], yb, x), _add_rows(acc[1], yb, jnp.sum(jnp.square(x * t), 1))
+        return (_add_rows(acc[0], yb, x),)
+
+    init = (jnp.zeros((k, d), dt),) + ((jnp.zeros((k,), dt),) if squares else ())
+    acc = _fold_rows(body, init, _row_block(n, d), h, y)
+    m = acc[0] / jnp.maximum(counts, 1).astype(dt)[:, None]
+    ok = jnp.all(counts > 0) & (jnp.sum(counts) == n)
+    for a in acc:
+        ok = ok & jnp.all(jnp.isfinite(a))
+    return counts, ref, m, ok, (acc[1] if squares else None), t
 
 
 def _relative_means(ref, m):
@@ -444,7 +466,7 @@ def _nan_unless(ok, value):
 
 def _scaled_frame(h, y, k):
     """Pass 1 plus the common exact rescaling: (counts, ref, m, centred/s, 1/s, ok)."""
-    counts, ref, m, ok = _pass1(h, y, k)
+    counts, ref, m, ok, _, _ = _pass1(h, y, k)
     centred = _centred_means(ref, m)
     inv = _inv_pow2_scale(centred)
     return counts, ref, m, centred * inv, inv, ok
@@ -461,8 +483,8 @@ def _nc1_impl(h, y, k):
     n, d = h.shape
     _, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
     v, inv_s2 = _lowrank(centred, ref.dtype)                         # (d, r), (r,)
-    # Zero columns up to a multiple of 8: XLA's CPU GEMM is ~12% faster on the skinny
-    # (N, d) @ (d, r) at r = 8k than at r = 9 (measured, N=50,000, d=512 and 2048).
+    # Zero columns up to a multiple of 8: XLA:CPU's kernels for the skinny (N, d) @ (d, r)
+    # are faster at r = 8k (measured at N=50,000, d=2048: r=16 beat r=9, 10 and 12).
     pad = -v.shape[1] % 8
     v, inv_s2 = jnp.pad(v, ((0, 0), (0, pad))), jnp.pad(inv_s2, (0, pad))
     v = v * inv                                  # projections come out divided by s
@@ -535,20 +557,26 @@ def _cdnv_from(var, centred):
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _cdnv_impl(h, y, k):
-    counts, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
-    r = _residuals(h, y, ref, m, inv)            # fused into the row reduction: no N x d array
-    var = jax.ops.segment_sum(jnp.sum(r * r, axis=1), y, num_segments=k)
-    var = var / jnp.maximum(counts, 1).astype(var.dtype)
+    # One pass: Var_k = mean ||h - c_k||^2 - ||m_k||^2 about the class's first row c_k.  As
+    # c_k is a sample of class k, ||m_k||^2 is about Var_k and the subtraction costs ~1 bit
+    # (an outlier first row at t standard deviations costs log2(t^2) bits), whatever the
+    # offset; a second pass over h - mu_y would cost a gather XLA:CPU writes out as N x d.
+    counts, ref, m, ok, sq, t = _pass1(h, y, k, squares=True)
+    n = jnp.maximum(counts, 1).astype(ref.dtype)
+    centred = _centred_means(ref, m)
+    inv = _inv_pow2_scale(centred)
+    var = jnp.maximum(sq / n - jnp.sum(jnp.square(m * t), axis=1), 0.0) * jnp.square(inv / t)
     ok = ok & jnp.all(jnp.isfinite(var))
-    return _nan_unless(ok, _cdnv_from(var, centred)), ok
+    return _nan_unless(ok, _cdnv_from(var, centred * inv)), ok
 
 
 def cdnv(features, labels, num_classes: int | None = None):
     """Class-distance normalised variance (Galanti et al.), averaged over class pairs i < j.
 
     ``(Var_i + Var_j) / (2 ||mu_i - mu_j||^2)`` with ``Var_k = mean_{i in k} ||h_i - mu_k||^2``,
-    dimensionless.  Two passes in the shifted, rescaled frame.  Returns ``inf`` if two class
-    means coincide.  Arguments as :func:`nc1`.
+    dimensionless.  One read pass in the shifted frame (variances about each class's first
+    row, see _cdnv_impl), rescaled exactly.  Returns ``inf`` if two class means coincide.
+    Arguments as :func:`nc1`.
     """
     h, y, k, concrete = _prepare(features, labels, num_classes, "cdnv")
     val, ok = _cdnv_impl(h, y, k)
@@ -593,7 +621,7 @@ def _class_top_eigs(h, y, counts, k, window, inv):
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _numrank_impl(h, y, k, exact, window, num_iters):
     n, d = h.shape
-    counts, ref, m, ok = _pass1(h, y, k)
+    counts, ref, m, ok, _, _ = _pass1(h, y, k)
     dt = ref.dtype
     means = ref + m                    # rounded absolute means: only a scale and start vectors
     inv = _inv_pow2_scale(jnp.concatenate([ref, means]))             # data rows and means
@@ -810,10 +838,11 @@ class CollapseStats:
             the shifts -- whatever its features (NaN included) and its label (-1 padding is
             fine).  ``None``: every row counts.  Use it for a padded last batch, so that the
             batch can stay on the device.
-        Rows that count must have labels in ``[0, K)`` and finite features, and mask values
-        must be 0 or 1.  With concrete inputs a violation raises ``ValueError``; inside
-        ``jit`` it makes the returned statistics NaN (sums, squared norms and scatters), so
-        every metric computed from them is NaN rather than a number about a subset.
+        Rows that count must have labels in ``[0, K)`` and finite features whose squares fit
+        the dtype (see the module docstring), and mask values must be 0 or 1.  With concrete
+        inputs a violation raises ``ValueError``; inside ``jit`` it makes the returned
+        statistics NaN (sums, squared norms and scatters), so every metric computed from them
+        is NaN (and raises when computed eagerly) rather than a number about a subset.
         """
         fn = "CollapseStats.update"
         features = _check_features(features, fn)
@@ -838,8 +867,8 @@ class CollapseStats:
                                                                       keep))
         else:
             w = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask)
-            new, tiny = _stats_update(self, _to_jax(features, fn, False), _labels_int32(labels),
-                                      w)
+            h = features if _on_device(features) else jnp.asarray(np.asarray(features))
+            new, tiny = _stats_update(self, h, _labels_int32(labels), w)
         if concrete and not _is_traced(new.counts) and not _finite(new):
             if bool(tiny):
                 raise ValueError(f"{fn}: features too small: a row differs from its class shift "

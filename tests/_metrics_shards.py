@@ -46,6 +46,26 @@ def main():
     print("psum", got, "one-shot", (ref_nc1, ref_cdnv, ref_rank))
     np.testing.assert_allclose(got, (ref_nc1, ref_cdnv, ref_rank), rtol=2e-4)
 
+    # A row mask inside shard_map (a padded last batch that never leaves the devices): garbage
+    # rows (NaN features, label -1) are masked out on every shard; psum then equals the
+    # one-shot metrics on the kept rows.
+    keep = np.ones(n, bool)
+    keep[np.arange(n) % 37 >= 33] = False               # the last 4 rows of each shard
+    keep[[int(np.flatnonzero(y == c)[0]) for c in range(k)]] = True
+    hg = np.where(keep[:, None], h, np.nan).astype(np.float32)
+    yg = np.where(keep, y, -1).astype(np.int32)
+
+    def local_masked(hb, yb, mb):
+        stats = metrics.CollapseStats.create(k, d).update(hb, yb, mask=mb)
+        return stats.psum("data")
+
+    masked = jax.jit(jax.shard_map(local_masked, mesh=mesh, in_specs=(P("data"),) * 3,
+                                   out_specs=P()))(*(jax.device_put(a, sh) for a in (hg, yg, keep)))
+    assert int(np.sum(np.asarray(masked.counts))) == int(keep.sum())
+    np.testing.assert_allclose((float(masked.nc1()), float(masked.cdnv())),
+                               (float(metrics.nc1(h[keep], y[keep])),
+                                float(metrics.cdnv(h[keep], y[keep]))), rtol=2e-4)
+
     # Host-side merge tree of the 8 per-shard statistics gives the same numbers.
     shards = np.split(np.arange(n), 8)
     parts = [metrics.CollapseStats.create(k, d).update(h[s], y[s]) for s in shards]

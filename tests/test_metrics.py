@@ -2,12 +2,13 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from ncjax import metrics
 from ncjax.metrics import CollapseStats
@@ -35,6 +36,13 @@ def ref_nc1(h, y, k, rtol=None):
     keep = w > (1e-12 if rtol is None else rtol) * w[0]
     pinv = (u[:, keep] / w[keep]) @ u[:, keep].T
     return float(np.trace(sw @ pinv) / k)
+
+
+def ref_sigma_b_condition(h, y, k):
+    """Largest / smallest nonzero eigenvalue of Sigma_B: NC1's sensitivity to rounding."""
+    _, _, centred = ref_parts(h, y, k)
+    s = np.linalg.svd(centred, compute_uv=False)[: min(k - 1, h.shape[1])] ** 2
+    return float(s[0] / s[-1])
 
 
 def ref_cdnv(h, y, k):
@@ -417,6 +425,8 @@ def _bad_cases():
     big = y.copy()
     big[0] = 9
     empty = np.where(y == 1, 0, y).astype(np.int32)
+    huge = y.astype(np.int64)
+    huge[0] = 2**32 + 4                                  # bincount would want 32 GiB
     return [
         ("features_3d", (h[:, None], y), {}, "features must be 2-D"),
         ("features_1d", (h[:, 0], y), {}, "features must be 2-D"),
@@ -431,6 +441,12 @@ def _bad_cases():
         ("nan", (nan_h, y), {}, r"NaN or Inf \(first at index \(5, 1\)"),
         ("inf", (inf_h, y), {}, r"NaN or Inf \(first at index \(7, 0\)"),
         ("complex", (h.astype(np.complex64), y), {}, "real numbers"),
+        ("d_zero", (h[:, :0], y), {}, "empty dimension"),
+        ("no_rows", (h[:0], y[:0]), {}, "no samples"),
+        ("huge_inferred_k", (h, huge), {}, "label 4294967300 implies K=4294967301 classes"),
+        ("huge_num_classes", (h, y), {"num_classes": 10**12}, "only 60 samples"),
+        ("float_num_classes", (h, y), {"num_classes": 3.7}, "num_classes must be an integer"),
+        ("bool_num_classes", (h, y), {"num_classes": True}, "num_classes must be an integer"),
     ]
 
 
@@ -475,3 +491,269 @@ def test_bad_input_other_entry_points():
         metrics.layerwise({"x": np.ones((60, 2, 4), np.float32)}, y, token_index=5)
     with pytest.raises(ValueError, match="num_iters"):
         metrics.numerical_rank(h, y, num_iters=0)
+    with pytest.raises(ValueError, match="num_iters must be an integer, got 1.5"):
+        metrics.numerical_rank(h, y, num_iters=1.5)
+    with pytest.raises(ValueError, match="token_index must be an integer, got 1.5"):
+        metrics.layerwise({"x": np.ones((60, 2, 4), np.float32)}, y, token_index=1.5)
+    with pytest.raises(ValueError, match="num_classes must be an integer, got 3.7"):
+        CollapseStats.create(3.7, 4)
+    with pytest.raises(ValueError, match="need dim >= 1"):
+        CollapseStats.create(3, 0)
+    with pytest.raises(ValueError, match="empty dimension"):
+        metrics.layerwise({"x": np.ones((60, 0, 4), np.float32)}, y)
+    with pytest.raises(ValueError, match="num_classes=1000000000 but there are only 60 samples"):
+        jax.jit(lambda a, b: metrics.nc1(a, b, 10**9))(h, y)      # checked before allocating K
+
+
+# ------------------------------------------------------------ offsets, dtypes and scale (issue 10)
+def _offset_data(n=5000, d=64, k=10, offset=1e6, sep=1.0, seed=0):
+    """Float32 features far from the origin (offset) with unit within-class spread."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n).astype(np.int32)
+    y[:k] = np.arange(k)
+    h = sep * rng.normal(size=(k, d))[y] + rng.normal(size=(n, d)) + offset
+    return h.astype(np.float32), y
+
+
+@pytest.mark.parametrize("offset,sep", [(1e6, 1.0), (1e4, 1e3), (0.0, 1e4)])
+def test_large_offset_and_strong_collapse_float32(offset, sep):
+    # The reference sees the same float32 values: input quantisation is not the metric's error.
+    h, y = _offset_data(offset=offset, sep=sep)
+    k, d = 10, 64
+    hr = h.astype(np.float64)
+    want = ref_nc1(hr, y, k, rtol=10 * d * np.finfo(np.float32).eps)
+    want_cdnv = ref_cdnv(hr, y, k)
+    s = CollapseStats.create(k, d).update(h[:1700], y[:1700]).update(h[1700:], y[1700:])
+    assert rel(metrics.nc1_pinv(h, y), want) < 1e-5
+    assert rel(metrics.cdnv(h, y), want_cdnv) < 1e-5
+    assert rel(s.nc1(), want) < 1e-5 and rel(s.cdnv(), want_cdnv) < 1e-5
+    # nc1's second pass keeps one common shift: error ~ eps / sqrt(NC1) under strong collapse.
+    assert rel(metrics.nc1(h, y), want) < (1e-5 if sep < 1e4 else 1e-4)
+
+
+def test_float64_without_x64_is_accurate_and_warns_once(monkeypatch):
+    monkeypatch.setattr(metrics, "_warned_float32", False)
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(4), 50).astype(np.int32)
+    h = rng.normal(size=(4, 6))[y] * 1e-3 + rng.normal(size=(200, 6)) * 1e-4 + 1e6    # float64
+    with pytest.warns(UserWarning, match="float64 input but jax_enable_x64 is off") as rec:
+        got = [metrics.nc1(h, y), metrics.nc1_pinv(h, y), metrics.cdnv(h, y)]
+        s = CollapseStats.create(4, 6).update(h[:77], y[:77]).update(h[77:], y[77:])
+    assert len([w for w in rec if "jax_enable_x64" in str(w.message)]) == 1
+    assert all(v.dtype == jnp.float32 for v in got)
+    # float32 of h would keep nothing of the spread (ulp 0.06 at 1e6); the host shift keeps it.
+    want = [ref_nc1(h, y, 4), ref_nc1(h, y, 4), ref_cdnv(h, y, 4)]
+    for g, w in zip(got, want):
+        assert rel(g, w) < 1e-4
+    assert rel(s.nc1(), want[0]) < 1e-4 and rel(s.cdnv(), want[2]) < 1e-4
+
+
+def test_int64_features_beyond_int32_are_exact():
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(3), 40).astype(np.int32)
+    h = (rng.integers(-1000, 1000, size=(3, 5))[y] + rng.integers(-300, 300, size=(120, 5))
+         + 2**40).astype(np.int64)
+    hr = h.astype(np.float64)
+    assert rel(metrics.nc1(h, y), ref_nc1(hr, y, 3)) < 1e-5
+    assert rel(metrics.cdnv(h, y), ref_cdnv(hr, y, 3)) < 1e-5
+    s = CollapseStats.create(3, 5).update(h, y)
+    assert rel(s.nc1(), ref_nc1(hr, y, 3)) < 1e-5
+    small = h - 2**40                          # int64 inside int32 range: device path, no host
+    assert rel(metrics.nc1(small.astype(np.int32), y), ref_nc1(hr, y, 3)) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_one_shot_metrics_are_scale_invariant_at_extreme_scales(scale):
+    h, y = make_data(n=120, d=5, k=4, seed=8)
+    hs = (h.astype(np.float64) * scale).astype(np.float32)
+    hr = hs.astype(np.float64)
+    assert rel(metrics.nc1(hs, y), ref_nc1(hr, y, 4)) < 1e-5
+    assert rel(metrics.nc1_pinv(hs, y), ref_nc1(hr, y, 4)) < 1e-5
+    assert rel(metrics.cdnv(hs, y), ref_cdnv(hr, y, 4)) < 1e-5
+    assert rel(metrics.nc2_etf(hs, y), ref_nc2(hr, y, 4)) < 1e-5
+    assert rel(metrics.numerical_rank(hs, y, exact=True), ref_numrank(hr, y, 4)) < 1e-5
+    assert rel(metrics.numerical_rank(hs, y), ref_numrank(hr, y, 4)) < 1e-4
+
+
+def test_overflow_and_underflow_raise_value_error():
+    h, y = make_data(n=3000, d=4, k=3)
+    huge = h * np.float32(1e36)                # finite, but the class sums overflow float32
+    assert np.all(np.isfinite(huge))
+    for fn in (metrics.nc1, metrics.nc1_pinv, metrics.cdnv, metrics.numerical_rank,
+               metrics.nc2_etf):
+        with pytest.raises(ValueError, match="overflow float32"):
+            fn(huge, y)
+    s = CollapseStats.create(3, 4)
+    with pytest.raises(ValueError, match="overflow float32"):
+        s.update(h * np.float32(1e20), y)      # squares overflow the statistics
+    with pytest.raises(ValueError, match="too small"):
+        s.update(h * np.float32(1e-20), y)     # squares underflow: a silent 0 otherwise
+    f = jax.jit(lambda a, b: metrics.nc1(a, b, num_classes=3))
+    assert np.isnan(float(f(huge, y)))
+
+
+# ------------------------------------------------------------------------ masked streaming update
+def test_masked_update_ignores_masked_rows_even_garbage():
+    h, y = make_data(n=300, offset=1e5, seed=4)
+    valid = np.random.default_rng(0).random(300) < 0.7
+    valid[:5] = True                                          # every class counted
+    junk_h = np.where(valid[:, None], h, np.nan).astype(np.float32)
+    junk_y = np.where(valid, y, -1).astype(np.int32)          # padding label -1
+    want = CollapseStats.create(5, 16, per_class_second_moment=True).update(h[valid], y[valid])
+    upd = jax.jit(lambda s, a, b, m: s.update(a, b, mask=m))
+    for mask in (valid, valid.astype(np.float32), valid.astype(np.int32)):
+        s = CollapseStats.create(5, 16, per_class_second_moment=True)
+        for i in range(0, 300, 128):                          # last batch is padded
+            s = upd(s, junk_h[i:i + 128], junk_y[i:i + 128], mask[i:i + 128])
+        assert np.array_equal(np.asarray(s.counts), np.bincount(y[valid], minlength=5))
+        assert rel(s.nc1(), ref_nc1(h[valid], y[valid], 5)) < 1e-4
+        assert rel(s.cdnv(), ref_cdnv(h[valid], y[valid], 5)) < 1e-4
+        assert rel(s.numerical_rank(), ref_numrank(h[valid], y[valid], 5)) < 1e-4
+        assert rel(s.nc1(), want.nc1()) < 1e-4
+    eager = CollapseStats.create(5, 16).update(junk_h, junk_y, mask=valid)
+    assert rel(eager.nc1(), want.nc1()) < 1e-4
+    all_out = CollapseStats.create(5, 16).update(junk_h, junk_y, mask=np.zeros(300, bool))
+    assert int(np.sum(np.asarray(all_out.counts))) == 0 and np.all(np.asarray(all_out.sums) == 0)
+
+
+def test_jitted_update_with_bad_rows_gives_nan_not_a_subset():
+    h, y = make_data(n=100, d=6, k=3)
+    upd = jax.jit(lambda s, a, b, m: s.update(a, b, mask=m))
+    stats_nc1 = jax.jit(lambda s: s.nc1())
+    ok = np.ones(100, bool)
+    big = y.copy()
+    big[7] = 3                                                # label >= K on a counted row
+    half = ok.astype(np.float32)
+    half[3] = 0.5                                             # weight other than 0/1
+    nan_h = h.copy()
+    nan_h[2, 1] = np.nan
+    for a, b, m in [(h, big, ok), (h, y, half), (nan_h, y, ok), (h * 1e-25, y, ok)]:
+        s = upd(CollapseStats.create(3, 6), a, b, m)
+        assert np.isnan(np.asarray(s.sums)).any() and np.isnan(np.asarray(s.scatter)).any()
+        assert np.isnan(float(stats_nc1(s)))
+        with pytest.raises(ValueError, match="NaN or Inf.*outside \\[0, K\\)"):
+            s.nc1()
+        with pytest.raises(ValueError, match="already NaN"):
+            s.update(h, y)
+    big[7] = -1                                               # masked out: harmless
+    m = ok.copy()
+    m[7] = False
+    s = upd(CollapseStats.create(3, 6), h, big, m)
+    assert rel(stats_nc1(s), ref_nc1(h[m], y[m], 3)) < 1e-4
+
+
+def test_update_mask_validation():
+    h, y = make_data(n=40, d=4, k=3)
+    s = CollapseStats.create(3, 4)
+    with pytest.raises(ValueError, match="mask must have shape \\(40,\\)"):
+        s.update(h, y, mask=np.ones(39, bool))
+    with pytest.raises(ValueError, match="mask must be boolean or 0/1 weights, got 0.5 at row 2"):
+        s.update(h, y, mask=np.array([1, 1, 0.5] + [1] * 37))
+    with pytest.raises(ValueError, match="mask must be boolean or 0/1 weights, got dtype"):
+        s.update(h, y, mask=np.ones(40, np.complex64))
+    bad = y.copy()
+    bad[0] = 7
+    m = np.ones(40, bool)
+    with pytest.raises(ValueError, match="label 7 is outside"):
+        s.update(h, bad, mask=m)
+    m[0] = False
+    s.update(h, bad, mask=m)                                  # the bad row does not count
+
+
+# ----------------------------------------------------------------------------- exact numerical rank
+@pytest.mark.parametrize("n,d,imbalanced", [(600, 8, True), (40, 120, False), (45, 30, True)])
+def test_exact_numerical_rank_class_by_class(n, d, imbalanced):
+    # d x d Grams over each class's row blocks (n >> d), or small per-class Grams (d >> n).
+    h, y = make_data(n=n, d=d, k=5, imbalanced=imbalanced, seed=3)
+    want = ref_numrank(h, y, 5)
+    assert rel(metrics.numerical_rank(h, y, exact=True), want) < 1e-5
+    f = jax.jit(lambda a, b: metrics.numerical_rank(a, b, 5, exact=True))   # window = N
+    assert rel(f(h, y), want) < 1e-5
+
+
+# ----------------------------------------------------------------------------- property tests
+SHAPES = [(60, 3, 4), (90, 12, 3), (48, 40, 5)]      # d < K-1, d > K, d close to N
+
+
+def _draw_features(draw, n, d, k):
+    """(h float64 values as given to the metrics, y, dtype): random imbalance, offset, scale."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    p = (np.arange(k) + 1.0) ** draw(st.floats(0.0, 3.0))
+    y = rng.choice(k, size=n, p=p / p.sum())
+    y[:2 * k] = np.tile(np.arange(k), 2)                       # every class has >= 2 rows
+    y = rng.permutation(y).astype(np.int32)
+    offset = draw(st.sampled_from([0.0, 1.0, 1e3, 1e6])) * draw(st.sampled_from([-1.0, 1.0]))
+    scale = 10.0 ** draw(st.integers(-15, 15))
+    dtype = draw(st.sampled_from(["float32", "float64", "int64"]))
+    h = 3.0 * rng.normal(size=(k, d))[y] + rng.normal(size=(n, d)) + offset
+    if dtype == "int64":                                       # integers, beyond int32 too
+        return np.round(h * 100).astype(np.int64) + (2**35 if offset else 0), y, dtype
+    h = h * scale
+    return (h.astype(np.float32) if dtype == "float32" else h), y, dtype
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), shape=st.sampled_from(SHAPES))
+def test_property_one_shot_metrics_vs_float64_reference(data, shape):
+    n, d, k = shape
+    h, y, dtype = _draw_features(data.draw, n, d, k)
+    hr = h.astype(np.float64)
+    # Well posed: the K x K Gram of the centred means turns eps into eps * cond(Sigma_B)
+    # (measured ~2e-7 * cond in float32, for nc1 and the statistics alike).
+    assume(ref_sigma_b_condition(hr, y, k) < 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = {name: float(f(h, y)) for name, f in [
+            ("nc1", metrics.nc1), ("nc1_pinv", metrics.nc1_pinv), ("cdnv", metrics.cdnv),
+            ("nc2", metrics.nc2_etf),
+            ("rank", lambda a, b: metrics.numerical_rank(a, b, exact=True))]}
+    cut = 10 * d * np.finfo(np.float32).eps
+    assert got["nc1"] >= 0.0
+    assert rel(got["nc1"], ref_nc1(hr, y, k, rtol=cut)) < 1e-4
+    assert rel(got["nc1_pinv"], ref_nc1(hr, y, k, rtol=cut)) < 1e-4
+    assert rel(got["cdnv"], ref_cdnv(hr, y, k)) < 1e-4
+    assert abs(got["nc2"] - ref_nc2(hr, y, k)) < 1e-4
+    assert rel(got["rank"], ref_numrank(hr, y, k)) < 1e-4
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), shape=st.sampled_from(SHAPES[:2]), batch=st.sampled_from([16, 32]))
+def test_property_masked_streaming_vs_float64_reference(data, shape, batch):
+    n, d, k = shape
+    h, y, dtype = _draw_features(data.draw, n, d, k)
+    if dtype != "int64":                      # the statistics hold squares: |h - c| in 1e+-19
+        h = h / np.abs(h).max() * 10.0 ** data.draw(st.integers(-8, 8))
+        h = h.astype(np.float32) if dtype == "float32" else h
+    keep = np.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    keep[np.concatenate([np.flatnonzero(y == c)[:2] for c in range(k)])] = True
+    kept_y = y[keep]
+    hr = h.astype(np.float64)[keep]
+    assume(ref_sigma_b_condition(hr, kept_y, k) < 200)
+    pad = -n % batch                          # a padded last batch, as the pipeline makes
+    hp = np.concatenate([h, np.full((pad, d), np.nan if h.dtype.kind == "f" else 0, h.dtype)])
+    yp = np.concatenate([y, np.full(pad, -1, np.int32)])
+    mp = np.concatenate([keep, np.zeros(pad, bool)])
+    s = CollapseStats.create(k, d, per_class_second_moment=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(0, n + pad, batch):
+            s = s.update(hp[i:i + batch], yp[i:i + batch], mask=mp[i:i + batch])
+    cut = 10 * d * np.finfo(np.float32).eps
+    assert rel(s.nc1(), ref_nc1(hr, kept_y, k, rtol=cut)) < 1e-4
+    assert rel(s.cdnv(), ref_cdnv(hr, kept_y, k)) < 1e-4
+    assert rel(s.numerical_rank(), ref_numrank(hr, kept_y, k)) < 1e-4
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), dtype=st.sampled_from(["float16", "bfloat16", "int32", "uint8"]))
+def test_property_narrow_dtypes_convert_exactly(seed, dtype):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), 20).astype(np.int32)
+    v = 3.0 * rng.normal(size=(3, 5))[y] + rng.normal(size=(60, 5))
+    if dtype in ("int32", "uint8"):
+        h = np.clip(np.round(v * 10) + 100, 0, 255).astype(dtype)
+    else:
+        h = jnp.asarray(v, dtype)
+    hr = np.asarray(jnp.asarray(h, jnp.float32), np.float64)         # exact for these dtypes
+    assert rel(metrics.nc1(h, y), ref_nc1(hr, y, 3)) < 1e-4
+    assert rel(metrics.cdnv(h, y), ref_cdnv(hr, y, 3)) < 1e-4
