@@ -347,18 +347,30 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
   rows = local_rows(batch_size)
   history, window = [], []
 
-  def flush(upto_step):
-    if not window:
-      return
+  def check(upto_step):
     losses = np.asarray([float(m["loss"]) for m in window])
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
       s = upto_step - len(window) + int(bad[0])
       raise FloatingPointError(f"{desc}: non-finite loss {losses[bad[0]]} at step {s} "
                                f"(lower the learning rate, or check the input data)")
+    return losses
+
+  def flush(upto_step):
+    if not window:
+      return
+    losses = check(upto_step)
     history.append({"step": upto_step, "loss": float(losses.mean()),
                     "accuracy": float(np.mean([float(m["accuracy"]) for m in window]))})
     window.clear()
+
+  def save(upto_step, force=False):
+    # Never write a diverged state: it could rotate the last finite checkpoints out.
+    check(upto_step)
+    if not bool(_all_finite((state.params, state.opt_state))):
+      raise FloatingPointError(f"{desc}: non-finite parameters after step {upto_step} "
+                               "(lower the learning rate); the checkpoints on disk are kept")
+    mngr.save(upto_step, args=ocp.args.StandardSave(state), force=force)
 
   from ncjax import data
   # Batches are gathered (and, for a lazily decoded split, decoded) a few steps ahead in a
@@ -377,16 +389,23 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
       if hasattr(bar, "set_postfix"):
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
     if mngr is not None and checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
-      mngr.save(step, args=ocp.args.StandardSave(state))
+      save(step)
   if hasattr(bar, "close"):
     bar.close()
   flush(step)
   if mngr is not None:
     if mngr.latest_step() != int(state.step):
-      mngr.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+      save(int(state.step), force=True)
     mngr.wait_until_finished()
     mngr.close()
   return state, history
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import orbax.checkpoint as ocp
 
 from ncjax import methods, models, train
 
@@ -203,6 +204,25 @@ def test_resume_is_bit_identical(tmp_path):
 def test_nan_loss_stops_and_names_the_step(tmp_path):
   with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d+"):
     _fit_tiny(None, total=6, lr=1e38)
+
+
+def test_divergence_keeps_the_last_finite_checkpoint(tmp_path):
+  """lr 1e8 diverges within a few steps. Losses and parameters are checked before every save,
+  so the run stops naming the step and no non-finite state rotates the finite ones out
+  (before: checkpoints every 2 steps, NaN found at the end, both kept checkpoints NaN)."""
+  d = str(tmp_path / "ckpt")
+  with pytest.raises(FloatingPointError, match=r"non-finite .* step \d+"):
+    _fit_tiny(d, total=12, lr=1e8)
+  mngr = train._checkpoint_manager(d)
+  assert mngr.all_steps(), "the finite checkpoint written before the divergence is kept"
+  model, v, *_ = _tiny_problem()
+  mask = methods.trainable_mask(v["params"], "full")
+  tx = train.make_optimizer(train.OptimConfig(lr=1e8), 12, mask)
+  like = train.put_replicated(train.data_mesh(), train.init_state(v["params"], {}, tx))
+  for s in mngr.all_steps():
+    restored = mngr.restore(s, args=ocp.args.StandardRestore(like))
+    for leaf in jax.tree.leaves((restored.params, restored.opt_state)):
+      assert np.all(np.isfinite(np.asarray(leaf))), s
 
 
 def test_batch_iterator_is_deterministic_and_resumable():
