@@ -69,14 +69,24 @@ def run(config, workdir: str) -> list[dict]:
   job = config.job
   if job not in JOBS:
     raise ValueError(f"unknown job {job!r}; config.job must be one of {JOBS}")
-  os.makedirs(workdir, exist_ok=True)
   if job == "metrics":
+    os.makedirs(workdir, exist_ok=True)
     return metrics_job(config, workdir)
-  from ncjax import report, train
+  from ncjax import report, train, transfer
+  variants = parse_variants(config.get("variants", ""))
+  problems = []
+  for tag, fields in variants or [("", {})]:  # every variant, before any work
+    try:
+      transfer.check_config(with_overrides(config, fields))
+    except transfer.ConfigError as e:
+      problems += [(f"variant {tag!r}: " if tag else "") + line.strip()
+                   for line in str(e).splitlines()[1:]]
+  if problems:
+    raise transfer.ConfigError("invalid config:\n  " + "\n  ".join(problems))
+  os.makedirs(workdir, exist_ok=True)
   cache = train.enable_compilation_cache(str(config.compile_cache_dir))
   compiles = train.compile_stats()
   since, t0 = compiles.snapshot(), time.time()
-  variants = parse_variants(config.get("variants", ""))
   if variants:
     records = []
     for tag, fields in variants:

@@ -54,7 +54,12 @@ def main(argv):
   config = FLAGS.config
   logging.info("config:\n%s", config)
   print(f"ncjax: job {config.job!r}, workdir {FLAGS.workdir!r}, devices {jax_devices()}")
-  jobs.run(config, FLAGS.workdir)
+  from ncjax import transfer
+  try:
+    jobs.run(config, FLAGS.workdir)
+  except transfer.ConfigError as e:  # a user error: the message, not a traceback
+    print(f"ncjax: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def jax_devices() -> str:

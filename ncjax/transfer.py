@@ -35,15 +35,73 @@ def split_list(value) -> list[str]:
 
 
 def parse_classes(spec) -> list[int] | None:
-  """``'5-9'`` -> [5, 6, 7, 8, 9]; ``'0,2,4'`` -> [0, 2, 4]; '' -> None (all classes)."""
+  """``'5-9'`` -> [5, 6, 7, 8, 9]; ``'0,2,4'`` -> [0, 2, 4]; '' -> None (all classes).
+
+  Raises ValueError for a reversed range (``'9-5'``), a negative id or a non-integer, rather
+  than reading it as "all classes"."""
   out = []
   for part in split_list(spec):
-    if "-" in part:
-      lo, hi = part.split("-", 1)
-      out.extend(range(int(lo), int(hi) + 1))
-    else:
-      out.append(int(part))
+    lo, dash, hi = part.partition("-")
+    try:
+      ids = range(int(lo), int(hi) + 1) if dash else [int(part)]
+    except ValueError:
+      raise ValueError(f"{part!r} is not a class id or a range lo-hi") from None
+    if dash and int(hi) < int(lo):
+      raise ValueError(f"reversed class range {part!r} (write {hi}-{lo})")
+    if min(ids) < 0:
+      raise ValueError(f"negative class id in {part!r}")
+    out.extend(ids)
   return out or None
+
+
+class ConfigError(ValueError):
+  """An invalid config; the message lists every problem, in command-line terms."""
+
+
+def check_config(config) -> None:
+  """Checks the fields a run would otherwise coerce or reject late, all at once, before any
+  work: batch sizes, steps/epochs, class ranges, methods, dtype, the data budget. Raises
+  `ConfigError` listing every problem as ``--config.<field>=<value>: <why>``."""
+  problems = []
+
+  def bad(field, value, why):
+    problems.append(f"--config.{field}={value}: {why}")
+
+  def at_least(field, value, lo):
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+      bad(field, value, f"must be an integer >= {lo}")
+
+  optims = [("optim", config.optim)]
+  if config.pretrain.enabled or config.job == "pretrain":
+    merged = config.optim.copy_and_resolve_references()
+    merged.update(dict(config.pretrain.optim))
+    optims.append(("pretrain.optim", merged))
+  for prefix, optim in optims:
+    at_least(f"{prefix}.batch_size", optim.batch_size, 1)
+    at_least(f"{prefix}.steps", optim.steps, 0)
+    if optim.steps == 0:
+      at_least(f"{prefix}.epochs", optim.epochs, 1)
+    if not optim.lr > 0:
+      bad(f"{prefix}.lr", optim.lr, "must be > 0")
+  at_least("eval_batch_size", config.eval_batch_size, 1)
+  for field, spec in (("downstream_classes", config.downstream_classes),
+                      ("pretrain.classes", config.pretrain.classes)):
+    try:
+      parse_classes(spec)
+    except ValueError as e:
+      bad(field, spec, str(e))
+  for m in split_list(config.methods):
+    if m not in methods.METHODS:
+      bad("methods", config.methods, f"unknown method {m!r} (methods: {', '.join(methods.METHODS)})")
+  for name in split_list(config.models):
+    if name not in models.names():
+      bad("models", config.models, f"unknown model {name!r} (models: {', '.join(models.names())})")
+  if str(config.dtype) not in COMPUTE_DTYPES:
+    bad("dtype", config.dtype, f"must be one of {', '.join(COMPUTE_DTYPES)}")
+  if not float(config.data_budget_mb) >= 0:
+    bad("data_budget_mb", config.data_budget_mb, "must be >= 0")
+  if problems:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def _get(cfg, key, default=None):
@@ -225,8 +283,11 @@ def load_backbone(config, model_name: str, bb: dict, variables: dict,
 # ----------------------------------------------------------------------------- steps
 
 def total_steps(optim, n_train: int, batch_size: int) -> int:
+  """``optim.steps`` when > 0, else ``optim.epochs`` (>= 1) epochs of full batches."""
   if _get(optim, "steps", 0):
     return int(optim.steps)
+  if int(optim.epochs) < 1:
+    raise ValueError(f"optim.epochs must be >= 1 when optim.steps is 0, got {optim.epochs}")
   return max(1, int(optim.epochs) * (n_train // batch_size))
 
 
@@ -234,6 +295,8 @@ def effective_batch(batch_size: int, n: int, mesh) -> int:
   """The configured batch, shrunk for tiny datasets (Fig. 11's 10-example subsets) and rounded
   to the device count."""
   d = mesh.devices.size
+  if batch_size < 1:
+    raise ValueError(f"batch size must be >= 1, got {batch_size}")
   b = min(batch_size, n)
   b = max(d, (b // d) * d)
   if b > n:

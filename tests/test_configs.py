@@ -35,6 +35,8 @@ def test_paper_configs_exist():
 def test_config_is_consistent(path):
   c = _load(path)
   assert c.job in jobs.JOBS
+  for _, fields in jobs.parse_variants(c.variants) or [("", {})]:
+    transfer.check_config(jobs.with_overrides(c, fields))  # raises ConfigError if not
   for m in transfer.split_list(c.methods):
     assert m in methods.METHODS
   for name in transfer.split_list(c.models):
@@ -270,3 +272,23 @@ def test_collapse_streams_exact_nc1_with_a_padded_last_batch():
   assert list(layerwise) == list(models.units(model))
   for unit, value in layerwise.items():
     np.testing.assert_allclose(value, nc1_ref(feats[unit]), rtol=1e-4)
+
+
+def test_coercions_are_errors_reported_together_before_any_work(tmp_path):
+  """batch 0, epochs 0 and a reversed class range were silently read as batch 1, 1 step and
+  all classes; now the CLI rejects them together, in command-line terms, with no traceback
+  and before any training."""
+  import time
+  t0 = time.time()
+  proc = subprocess.run(
+      [sys.executable, "-m", "ncjax.main", f"--workdir={tmp_path}", "--config.optim.batch_size=0",
+       "--config.optim.epochs=0", "--config.downstream_classes=9-5", "--config.methods=linear,nope"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  err = proc.stderr
+  assert "--config.optim.batch_size=0: must be an integer >= 1" in err
+  assert "--config.optim.epochs=0: must be an integer >= 1" in err
+  assert "--config.downstream_classes=9-5: reversed class range '9-5' (write 5-9)" in err
+  assert "unknown method 'nope'" in err and "Traceback" not in err
+  assert not (tmp_path / "checkpoints").exists() and time.time() - t0 < 60
+  assert transfer.parse_classes("5-9,2") == [5, 6, 7, 8, 9, 2]
