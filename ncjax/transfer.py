@@ -77,12 +77,16 @@ def check_config(config) -> None:
     merged.update(dict(config.pretrain.optim))
     optims.append(("pretrain.optim", merged))
   for prefix, optim in optims:
-    at_least(f"{prefix}.batch_size", optim.batch_size, 1)
-    at_least(f"{prefix}.steps", optim.steps, 0)
+    # An inherited value is reported once, under the field that set it.
+    own = set(config.pretrain.optim) if prefix == "pretrain.optim" else set(optim)
+    name = lambda f: f"{prefix if f in own else 'optim'}.{f}"
+    at_least(name("batch_size"), optim.batch_size, 1)
+    at_least(name("steps"), optim.steps, 0)
     if optim.steps == 0:
-      at_least(f"{prefix}.epochs", optim.epochs, 1)
+      at_least(name("epochs"), optim.epochs, 1)
     if not optim.lr > 0:
-      bad(f"{prefix}.lr", optim.lr, "must be > 0")
+      bad(name("lr"), optim.lr, "must be > 0")
+  problems[:] = list(dict.fromkeys(problems))
   at_least("eval_batch_size", config.eval_batch_size, 1)
   for field, spec in (("downstream_classes", config.downstream_classes),
                       ("pretrain.classes", config.pretrain.classes)):
