@@ -126,8 +126,8 @@ _AIRCRAFT_HELP = (
     "<dir>/<split>/<class>/<image>.jpg, e.g. for every line '<id> <variant>' of "
     "data/images_variant_trainval.txt copy data/images/<id>.jpg to <dir>/train/<variant>/, and "
     "likewise images_variant_test.txt -> <dir>/test/ (replace '/' in variant names such as "
-    "'F-16A/B' by '_'). Then call load('folder:<dir>', 'train', image_size=224) or "
-    "load('fgvc_aircraft', 'train', data_dir='<dir>', image_size=224).")
+    "'F-16A/B' by '_'). Then call load('folder:<dir>', 'train', decode_size=224) or "
+    "load('fgvc_aircraft', 'train', data_dir='<dir>', decode_size=224).")
 
 
 # ---------------------------------------------------------------------------------------------
