@@ -104,8 +104,25 @@ def check_config(config) -> None:
     bad("dtype", config.dtype, f"must be one of {', '.join(COMPUTE_DTYPES)}")
   if not float(config.data_budget_mb) >= 0:
     bad("data_budget_mb", config.data_budget_mb, "must be >= 0")
+  if config.compile_cache_dir:
+    why = _not_creatable(os.path.expanduser(str(config.compile_cache_dir)))
+    if why:
+      bad("compile_cache_dir", config.compile_cache_dir, why)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _not_creatable(path: str) -> str | None:
+  """Why directory `path` cannot be used or created (its nearest existing ancestor must be a
+  writable directory), or None."""
+  p = os.path.abspath(path)
+  while not os.path.exists(p):
+    p = os.path.dirname(p)
+  if not os.path.isdir(p):
+    return f"{p} is not a directory"
+  if not os.access(p, os.W_OK):
+    return f"{p} is not writable"
+  return None
 
 
 def _get(cfg, key, default=None):

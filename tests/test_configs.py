@@ -282,7 +282,8 @@ def test_coercions_are_errors_reported_together_before_any_work(tmp_path):
   t0 = time.time()
   proc = subprocess.run(
       [sys.executable, "-m", "ncjax.main", f"--workdir={tmp_path}", "--config.optim.batch_size=0",
-       "--config.optim.epochs=0", "--config.downstream_classes=9-5", "--config.methods=linear,nope"],
+       "--config.optim.epochs=0", "--config.downstream_classes=9-5", "--config.methods=linear,nope",
+       "--config.data_budget_mb=-1", f"--config.compile_cache_dir={ROOT}/README.md/cache"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr
   err = proc.stderr
@@ -290,5 +291,7 @@ def test_coercions_are_errors_reported_together_before_any_work(tmp_path):
   assert "--config.optim.epochs=0: must be an integer >= 1" in err
   assert "--config.downstream_classes=9-5: reversed class range '9-5' (write 5-9)" in err
   assert "unknown method 'nope'" in err and "Traceback" not in err
+  assert "--config.data_budget_mb=-1: must be >= 0" in err
+  assert f"README.md/cache: {ROOT}/README.md is not a directory" in err
   assert not (tmp_path / "checkpoints").exists() and time.time() - t0 < 60
   assert transfer.parse_classes("5-9,2") == [5, 6, 7, 8, 9, 2]
