@@ -165,607 +165,607 @@ _warned_float32 = False
 
 # ----------------------------------------------------------------------------- validation
 def _is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+  return isinstance(x, jax.core.Tracer)
 
 
 def _on_device(x) -> bool:
-    return isinstance(x, (jax.Array, jax.core.Tracer))
+  return isinstance(x, (jax.Array, jax.core.Tracer))
 
 
 def _wide(dt) -> bool:
-    """A 64-bit float or integer dtype (kept on device only with x64)."""
-    dt = np.dtype(dt)
-    return dt.itemsize == 8 and dt.kind in "fiu"
+  """A 64-bit float or integer dtype (kept on device only with x64)."""
+  dt = np.dtype(dt)
+  return dt.itemsize == 8 and dt.kind in "fiu"
 
 
 def _compute_dtype(dtype):
-    """float64 for 64-bit floats/integers under x64, else float32 (module docstring)."""
-    if _wide(dtype) and jax.config.jax_enable_x64:
-        return jnp.dtype(jnp.float64)
-    return jnp.dtype(jnp.float32)
+  """float64 for 64-bit floats/integers under x64, else float32 (module docstring)."""
+  if _wide(dtype) and jax.config.jax_enable_x64:
+    return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
 
 
 def _warn_float32(fn: str):
-    global _warned_float32
-    if not _warned_float32:
-        _warned_float32 = True
-        warnings.warn(f"ncjax.metrics.{fn}: float64 input but jax_enable_x64 is off: computing "
-                      "in float32 (after centring in float64 on the host, so the result stays "
-                      "accurate for well-posed inputs); enable x64 for float64 results.  This "
-                      "warning is shown once.", stacklevel=3)
+  global _warned_float32
+  if not _warned_float32:
+    _warned_float32 = True
+    warnings.warn(f"ncjax.metrics.{fn}: float64 input but jax_enable_x64 is off: computing "
+                  "in float32 (after centring in float64 on the host, so the result stays "
+                  "accurate for well-posed inputs); enable x64 for float64 results.  This "
+                  "warning is shown once.", stacklevel=3)
 
 
 def _as_int(value, name: str, fn: str, minimum: int | None = None) -> int:
-    """A Python or NumPy integer (bool, float and str are refused, never truncated)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{fn}: {name} must be an integer, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{fn}: need {name} >= {minimum}, got {value}")
-    return value
+  """A Python or NumPy integer (bool, float and str are refused, never truncated)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{fn}: {name} must be an integer, got {value!r}")
+  value = int(value)
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{fn}: need {name} >= {minimum}, got {value}")
+  return value
 
 
 def _check_features(features, fn: str, ndims=(2,)):
-    if not hasattr(features, "shape") or not hasattr(features, "dtype"):
-        features = np.asarray(features)
-    if features.ndim not in ndims:
-        want = " or ".join(f"{n}-D" for n in ndims)
-        raise ValueError(f"{fn}: features must be {want}, got shape {tuple(features.shape)}")
-    dt = np.dtype(features.dtype)
-    if dt == np.bool_ or not (np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.integer)
-                              or dt == jnp.bfloat16):
-        raise ValueError(f"{fn}: features must be real numbers (float or int), got dtype {dt}")
-    if features.shape[0] == 0:
-        raise ValueError(f"{fn}: no samples (features have shape {tuple(features.shape)})")
-    if 0 in features.shape:
-        raise ValueError(f"{fn}: features have an empty dimension (shape "
-                         f"{tuple(features.shape)}; d = 0?)")
-    return features
+  if not hasattr(features, "shape") or not hasattr(features, "dtype"):
+    features = np.asarray(features)
+  if features.ndim not in ndims:
+    want = " or ".join(f"{n}-D" for n in ndims)
+    raise ValueError(f"{fn}: features must be {want}, got shape {tuple(features.shape)}")
+  dt = np.dtype(features.dtype)
+  if dt == np.bool_ or not (np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.integer)
+                            or dt == jnp.bfloat16):
+    raise ValueError(f"{fn}: features must be real numbers (float or int), got dtype {dt}")
+  if features.shape[0] == 0:
+    raise ValueError(f"{fn}: no samples (features have shape {tuple(features.shape)})")
+  if 0 in features.shape:
+    raise ValueError(f"{fn}: features have an empty dimension (shape "
+                     f"{tuple(features.shape)}; d = 0?)")
+  return features
 
 
 def _check_labels(labels, n: int, fn: str):
-    if not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
-        labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"{fn}: labels must be 1-D, got shape {tuple(labels.shape)}")
-    dt = np.dtype(labels.dtype)
-    if dt == np.bool_ or not np.issubdtype(dt, np.integer):
-        raise ValueError(f"{fn}: labels must be integers, got dtype {dt}")
-    if labels.shape[0] != n:
-        raise ValueError(f"{fn}: length mismatch: {n} feature rows but {labels.shape[0]} labels")
-    return labels
+  if not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
+    labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"{fn}: labels must be 1-D, got shape {tuple(labels.shape)}")
+  dt = np.dtype(labels.dtype)
+  if dt == np.bool_ or not np.issubdtype(dt, np.integer):
+    raise ValueError(f"{fn}: labels must be integers, got dtype {dt}")
+  if labels.shape[0] != n:
+    raise ValueError(f"{fn}: length mismatch: {n} feature rows but {labels.shape[0]} labels")
+  return labels
 
 
 def _resolve_classes(labels, num_classes, fn: str, require_all: bool = True) -> int:
-    """Checks label values (when concrete) and returns the static number of classes K.
+  """Checks label values (when concrete) and returns the static number of classes K.
 
-    K is bounded before anything of size K is allocated: with every class required to be
-    non-empty, K <= N (a stray label 2**32 would otherwise make ``bincount`` ask for 32 GiB).
-    """
-    if num_classes is not None:
-        num_classes = _as_int(num_classes, "num_classes", fn)
-    n = labels.shape[0]
+  K is bounded before anything of size K is allocated: with every class required to be
+  non-empty, K <= N (a stray label 2**32 would otherwise make ``bincount`` ask for 32 GiB).
+  """
+  if num_classes is not None:
+    num_classes = _as_int(num_classes, "num_classes", fn)
+  n = labels.shape[0]
 
-    def check_k(k, src, claim):
-        if k < 2:
-            raise ValueError(f"{fn}: need K >= 2 classes, got {src}")
-        if require_all and k > n:
-            raise ValueError(f"{fn}: {claim} but there are only {n} samples, so some class is "
-                             "empty (labels must be 0..K-1)")
+  def check_k(k, src, claim):
+    if k < 2:
+      raise ValueError(f"{fn}: need K >= 2 classes, got {src}")
+    if require_all and k > n:
+      raise ValueError(f"{fn}: {claim} but there are only {n} samples, so some class is "
+                       "empty (labels must be 0..K-1)")
 
-    if _is_traced(labels):
-        if num_classes is None:
-            raise ValueError(f"{fn}: num_classes must be given when labels are traced "
-                             "(inside jax.jit); it cannot be inferred from traced values")
-        check_k(num_classes, f"num_classes={num_classes}", f"num_classes={num_classes}")
-        return num_classes
-    lab = np.asarray(labels)
-    if lab.size == 0:
-        raise ValueError(f"{fn}: no samples (empty labels)")
-    lo, hi = int(lab.min()), int(lab.max())
-    if lo < 0:
-        raise ValueError(f"{fn}: label {lo} is outside [0, K): labels must be non-negative")
-    k = hi + 1 if num_classes is None else num_classes
-    if hi >= k:
-        raise ValueError(f"{fn}: label {hi} is outside [0, {k}) (num_classes={k})")
+  if _is_traced(labels):
     if num_classes is None:
-        check_k(k, f"K={k}", f"label {hi} implies K={k} classes")
-    else:
-        check_k(k, f"num_classes={k}", f"num_classes={k}")
-    if require_all:                               # k <= n: bincount allocates at most N
-        counts = np.bincount(lab.astype(np.int64), minlength=k)
-        empty = np.flatnonzero(counts == 0)
-        if empty.size:
-            raise ValueError(f"{fn}: class {int(empty[0])} has no samples"
-                             + (f" (empty classes: {empty[:10].tolist()})" if empty.size > 1 else ""))
-    return k
+      raise ValueError(f"{fn}: num_classes must be given when labels are traced "
+                       "(inside jax.jit); it cannot be inferred from traced values")
+    check_k(num_classes, f"num_classes={num_classes}", f"num_classes={num_classes}")
+    return num_classes
+  lab = np.asarray(labels)
+  if lab.size == 0:
+    raise ValueError(f"{fn}: no samples (empty labels)")
+  lo, hi = int(lab.min()), int(lab.max())
+  if lo < 0:
+    raise ValueError(f"{fn}: label {lo} is outside [0, K): labels must be non-negative")
+  k = hi + 1 if num_classes is None else num_classes
+  if hi >= k:
+    raise ValueError(f"{fn}: label {hi} is outside [0, {k}) (num_classes={k})")
+  if num_classes is None:
+    check_k(k, f"K={k}", f"label {hi} implies K={k} classes")
+  else:
+    check_k(k, f"num_classes={k}", f"num_classes={k}")
+  if require_all:                               # k <= n: bincount allocates at most N
+    counts = np.bincount(lab.astype(np.int64), minlength=k)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+      raise ValueError(f"{fn}: class {int(empty[0])} has no samples"
+                       + (f" (empty classes: {empty[:10].tolist()})" if empty.size > 1 else ""))
+  return k
 
 
 def _raise_nonfinite(features, fn: str, dtype):
-    f = np.asarray(features)
-    bad = np.argwhere(~np.isfinite(f))
-    if bad.size:
-        i = tuple(int(v) for v in bad[0])
-        raise ValueError(f"{fn}: features contain NaN or Inf (first at index {i}: {f[i]})")
-    raise ValueError(f"{fn}: non-finite intermediate result: the features overflow "
-                     f"{np.dtype(dtype).name} (their class sums or squares exceed its range; "
-                     "rescale them or use float64)")
+  f = np.asarray(features)
+  bad = np.argwhere(~np.isfinite(f))
+  if bad.size:
+    i = tuple(int(v) for v in bad[0])
+    raise ValueError(f"{fn}: features contain NaN or Inf (first at index {i}: {f[i]})")
+  raise ValueError(f"{fn}: non-finite intermediate result: the features overflow "
+                   f"{np.dtype(dtype).name} (their class sums or squares exceed its range; "
+                   "rescale them or use float64)")
 
 
 def _to_jax(features, fn: str, translate: bool):
-    """Features as a jax array without any lossy cast (see the dtype rule in the docstring).
+  """Features as a jax array without any lossy cast (see the dtype rule in the docstring).
 
-    Device arrays and tracers are returned as they are (the jitted code casts them block by
-    block).  64-bit NumPy input without x64 is centred in float64 here, where the precision
-    exists, and then rounded to float32.
-    """
-    if _on_device(features):
-        return features
-    a = np.asarray(features)
-    if not _wide(a.dtype) or jax.config.jax_enable_x64:
-        return jnp.asarray(a)
-    if a.dtype.kind == "f":
-        _warn_float32(fn)
-    a = a.astype(np.float64)
-    if translate:
-        with np.errstate(invalid="ignore", over="ignore"):
-            a = a - a.mean(axis=0)
-    with np.errstate(over="ignore"):
-        return jnp.asarray(a.astype(np.float32))
+  Device arrays and tracers are returned as they are (the jitted code casts them block by
+  block).  64-bit NumPy input without x64 is centred in float64 here, where the precision
+  exists, and then rounded to float32.
+  """
+  if _on_device(features):
+    return features
+  a = np.asarray(features)
+  if not _wide(a.dtype) or jax.config.jax_enable_x64:
+    return jnp.asarray(a)
+  if a.dtype.kind == "f":
+    _warn_float32(fn)
+  a = a.astype(np.float64)
+  if translate:
+    with np.errstate(invalid="ignore", over="ignore"):
+      a = a - a.mean(axis=0)
+  with np.errstate(over="ignore"):
+    return jnp.asarray(a.astype(np.float32))
 
 
 def _labels_int32(labels):
-    if _on_device(labels):
-        return labels.astype(jnp.int32)
-    return jnp.asarray(np.asarray(labels).astype(np.int32))
+  if _on_device(labels):
+    return labels.astype(jnp.int32)
+  return jnp.asarray(np.asarray(labels).astype(np.int32))
 
 
 def _prepare(features, labels, num_classes, fn, translate=True):
-    """Checks everything checkable; returns (h, y, K, concrete) with h uncast (see _to_jax)."""
-    features = _check_features(features, fn)
-    labels = _check_labels(labels, features.shape[0], fn)
-    k = _resolve_classes(labels, num_classes, fn)
-    concrete = not (_is_traced(features) or _is_traced(labels))
-    return _to_jax(features, fn, translate), _labels_int32(labels), k, concrete
+  """Checks everything checkable; returns (h, y, K, concrete) with h uncast (see _to_jax)."""
+  features = _check_features(features, fn)
+  labels = _check_labels(labels, features.shape[0], fn)
+  k = _resolve_classes(labels, num_classes, fn)
+  concrete = not (_is_traced(features) or _is_traced(labels))
+  return _to_jax(features, fn, translate), _labels_int32(labels), k, concrete
 
 
 def _finish(value, ok, features, concrete, fn):
-    """Concrete inputs: raise if the computation flagged invalid values (see _pass1)."""
-    if concrete and not bool(ok):
-        _raise_nonfinite(features, fn, value.dtype)
-    return value
+  """Concrete inputs: raise if the computation flagged invalid values (see _pass1)."""
+  if concrete and not bool(ok):
+    _raise_nonfinite(features, fn, value.dtype)
+  return value
 
 
 # ----------------------------------------------------------------------------- building blocks
 def _row_block(n: int, d: int) -> int:
-    """Rows per block of the shifted first pass (static).
+  """Rows per block of the shifted first pass (static).
 
-    On CPU XLA does not fuse ``h - c`` into the scatter: it writes the shifted N x d array to
-    freshly allocated memory first (4-8x slower than the plain pass, measured).  A block of
-    128 KiB stays in L2 (measured best: 64 rows at d=512, 16 at d=2048); from 256 KiB on, XLA
-    splits each block's ops over two threads, which cost more than it gained.  The scatter
-    itself runs on one thread either way.  Other backends fuse the shift: one block there.
-    """
-    if jax.default_backend() != "cpu":
-        return n
-    b = max(8, _BLOCK_BYTES // (4 * d))
-    return min(n, 1 << (b.bit_length() - 1))
+  On CPU XLA does not fuse ``h - c`` into the scatter: it writes the shifted N x d array to
+  freshly allocated memory first (4-8x slower than the plain pass, measured).  A block of
+  128 KiB stays in L2 (measured best: 64 rows at d=512, 16 at d=2048); from 256 KiB on, XLA
+  splits each block's ops over two threads, which cost more than it gained.  The scatter
+  itself runs on one thread either way.  Other backends fuse the shift: one block there.
+  """
+  if jax.default_backend() != "cpu":
+    return n
+  b = max(8, _BLOCK_BYTES // (4 * d))
+  return min(n, 1 << (b.bit_length() - 1))
 
 
 def _fold_rows(body, carry, block: int, *arrays):
-    """``carry = body(carry, *blocks)`` over consecutive row blocks of ``arrays``, in order."""
-    n = arrays[0].shape[0]
-    if block >= n:
-        return body(carry, *arrays)
-    full = n // block
-    if full:
-        def step(i, c):
-            return body(c, *(lax.dynamic_slice_in_dim(a, i * block, block) for a in arrays))
-        carry = lax.fori_loop(0, full, step, carry)
-    if n % block:
-        carry = body(carry, *(a[full * block:] for a in arrays))
-    return carry
+  """``carry = body(carry, *blocks)`` over consecutive row blocks of ``arrays``, in order."""
+  n = arrays[0].shape[0]
+  if block >= n:
+    return body(carry, *arrays)
+  full = n // block
+  if full:
+    def step(i, c):
+      return body(c, *(lax.dynamic_slice_in_dim(a, i * block, block) for a in arrays))
+    carry = lax.fori_loop(0, full, step, carry)
+  if n % block:
+    carry = body(carry, *(a[full * block:] for a in arrays))
+  return carry
 
 
 def _add_rows(acc, y, rows):
-    """``acc[y_i] += rows_i`` (in place on acc); rows with y outside [0, K) are dropped.
+  """``acc[y_i] += rows_i`` (in place on acc); rows with y outside [0, K) are dropped.
 
-    (``.at[]`` would wrap negative labels around like Python indexing.)
-    """
-    return acc.at[jnp.where(y < 0, acc.shape[0], y)].add(rows, mode="drop")
+  (``.at[]`` would wrap negative labels around like Python indexing.)
+  """
+  return acc.at[jnp.where(y < 0, acc.shape[0], y)].add(rows, mode="drop")
 
 
 def _first_rows(h, y, k):
-    """The row where each class first occurs (K, d): a reference point inside each class."""
-    n = h.shape[0]
-    first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), y, num_segments=k)
-    return h[jnp.clip(first, 0, n - 1)]                             # absent class: any row
+  """The row where each class first occurs (K, d): a reference point inside each class."""
+  n = h.shape[0]
+  first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), y, num_segments=k)
+  return h[jnp.clip(first, 0, n - 1)]                             # absent class: any row
 
 
 def _pass1(h, y, k, squares: bool = False):
-    """First read pass, in the shifted frame.
+  """First read pass, in the shifted frame.
 
-    Returns counts (K,) int32, references ``c`` (K, d) (the first row of each class: an exact
-    data point, so ``h - c_y`` is of the order of the within-class spread whatever the offset
-    and the distances between classes), ``m`` (K, d) = class means minus ``c``, ``ok`` (every
-    label in range, no class empty, the sums finite) and, with ``squares``, the class sums
-    of ``||(h - c_y) t||^2`` (K,) and the exact power of two ``t`` they were scaled by (else
-    None, None).  Out-of-range labels are dropped from the sums, detected from the counts.
-    """
-    n, d = h.shape
-    dt = _compute_dtype(h.dtype)
-    counts = _add_rows(jnp.zeros((k,), jnp.int32), y, jnp.ones((n,), jnp.int32))
-    ref = _first_rows(h, y, k).astype(dt)
-    t = _inv_pow2_scale(ref) if squares else None                    # from data rows
+  Returns counts (K,) int32, references ``c`` (K, d) (the first row of each class: an exact
+  data point, so ``h - c_y`` is of the order of the within-class spread whatever the offset
+  and the distances between classes), ``m`` (K, d) = class means minus ``c``, ``ok`` (every
+  label in range, no class empty, the sums finite) and, with ``squares``, the class sums
+  of ``||(h - c_y) t||^2`` (K,) and the exact power of two ``t`` they were scaled by (else
+  None, None).  Out-of-range labels are dropped from the sums, detected from the counts.
+  """
+  n, d = h.shape
+  dt = _compute_dtype(h.dtype)
+  counts = _add_rows(jnp.zeros((k,), jnp.int32), y, jnp.ones((n,), jnp.int32))
+  ref = _first_rows(h, y, k).astype(dt)
+  t = _inv_pow2_scale(ref) if squares else None                    # from data rows
 
-    def body(acc, hb, yb):
-        x = hb.astype(dt) - ref[yb]
-        if squares:
-            return _add_rows(acc[0], yb, x), _add_rows(acc[1], yb, jnp.sum(jnp.square(x * t), 1))
-        return (_add_rows(acc[0], yb, x),)
+  def body(acc, hb, yb):
+    x = hb.astype(dt) - ref[yb]
+    if squares:
+      return _add_rows(acc[0], yb, x), _add_rows(acc[1], yb, jnp.sum(jnp.square(x * t), 1))
+    return (_add_rows(acc[0], yb, x),)
 
-    init = (jnp.zeros((k, d), dt),) + ((jnp.zeros((k,), dt),) if squares else ())
-    acc = _fold_rows(body, init, _row_block(n, d), h, y)
-    m = acc[0] / jnp.maximum(counts, 1).astype(dt)[:, None]
-    ok = jnp.all(counts > 0) & (jnp.sum(counts) == n)
-    for a in acc:
-        ok = ok & jnp.all(jnp.isfinite(a))
-    return counts, ref, m, ok, (acc[1] if squares else None), t
+  init = (jnp.zeros((k, d), dt),) + ((jnp.zeros((k,), dt),) if squares else ())
+  acc = _fold_rows(body, init, _row_block(n, d), h, y)
+  m = acc[0] / jnp.maximum(counts, 1).astype(dt)[:, None]
+  ok = jnp.all(counts > 0) & (jnp.sum(counts) == n)
+  for a in acc:
+    ok = ok & jnp.all(jnp.isfinite(a))
+  return counts, ref, m, ok, (acc[1] if squares else None), t
 
 
 def _relative_means(ref, m):
-    """``mu_k - ref_0`` (K, d) from ``mu_k = ref_k + m_k``, without ever forming ``mu_k``."""
-    return (ref - ref[0]) + m
+  """``mu_k - ref_0`` (K, d) from ``mu_k = ref_k + m_k``, without ever forming ``mu_k``."""
+  return (ref - ref[0]) + m
 
 
 def _centred_means(ref, m):
-    """``mu_k - mu_G`` (K, d), free of the offset (see _relative_means)."""
-    rel = _relative_means(ref, m)
-    return rel - jnp.mean(rel, axis=0)
+  """``mu_k - mu_G`` (K, d), free of the offset (see _relative_means)."""
+  rel = _relative_means(ref, m)
+  return rel - jnp.mean(rel, axis=0)
 
 
 def _inv_pow2_scale(x):
-    """``1/s`` with ``s`` a power of two near ``max|x|`` (1 if x is 0 or not finite).
+  """``1/s`` with ``s`` a power of two near ``max|x|`` (1 if x is 0 or not finite).
 
-    Dividing by it is exact and brings the data to O(1) before anything is squared.  The
-    exponent is clipped well inside the dtype's range so that 1/s stays a normal number.
-    """
-    amax = jnp.max(jnp.abs(x))
-    lim = jnp.finfo(x.dtype).maxexp * 3 // 4
-    e = jnp.clip(jnp.frexp(amax)[1] - 1, -lim, lim)
-    inv = jnp.ldexp(jnp.ones((), x.dtype), -e)
-    return jnp.where((amax > 0) & jnp.isfinite(amax), inv, jnp.ones((), x.dtype))
+  Dividing by it is exact and brings the data to O(1) before anything is squared.  The
+  exponent is clipped well inside the dtype's range so that 1/s stays a normal number.
+  """
+  amax = jnp.max(jnp.abs(x))
+  lim = jnp.finfo(x.dtype).maxexp * 3 // 4
+  e = jnp.clip(jnp.frexp(amax)[1] - 1, -lim, lim)
+  inv = jnp.ldexp(jnp.ones((), x.dtype), -e)
+  return jnp.where((amax > 0) & jnp.isfinite(amax), inv, jnp.ones((), x.dtype))
 
 
 def _lowrank(centred, dtype):
-    """Directions V (d, r) and weights 1/s_j^2 (0 beyond the cutoff) of centred means (K, d).
+  """Directions V (d, r) and weights 1/s_j^2 (0 beyond the cutoff) of centred means (K, d).
 
-    From the eigendecomposition of the K x K Gram ``M M^T = U S^2 U^T``: ``V = M^T U S^-1``.
-    The eigenvalues ``s_j^2`` carry absolute rounding errors ~ eps * s_max^2, the same as
-    those of the d x d ``Sigma_B`` that :func:`nc1_pinv` decomposes, and directions below
-    the cutoff ``10 d eps s_max^2`` are dropped.  (LAPACK's thin SVD of the K x d matrix was
-    measured at 70 ms for K=10, d=2048 on the 2-core CPU, against 0.05 ms for this.)
-    ``centred`` should be O(1) (see _inv_pow2_scale) so that the Gram cannot overflow.
-    """
-    k, d = centred.shape
-    r = min(k - 1, d)
-    gram = jnp.dot(centred, centred.T, precision=_HI)                # (K, K)
-    w, u = jnp.linalg.eigh(gram)                                     # ascending
-    s2, u = w[::-1][:r], u[:, ::-1][:, :r]
-    rtol = 10.0 * d * jnp.finfo(dtype).eps          # == jnp.linalg.pinv default for d x d
-    keep = s2 > rtol * s2[0]
-    safe = jnp.where(keep, s2, 1.0)
-    v = jnp.dot(centred.T, u, precision=_HI) / jnp.sqrt(safe)        # (d, r) orthonormal
-    inv_s2 = jnp.where(keep, 1.0 / safe, 0.0)
-    return v, inv_s2
+  From the eigendecomposition of the K x K Gram ``M M^T = U S^2 U^T``: ``V = M^T U S^-1``.
+  The eigenvalues ``s_j^2`` carry absolute rounding errors ~ eps * s_max^2, the same as
+  those of the d x d ``Sigma_B`` that :func:`nc1_pinv` decomposes, and directions below
+  the cutoff ``10 d eps s_max^2`` are dropped.  (LAPACK's thin SVD of the K x d matrix was
+  measured at 70 ms for K=10, d=2048 on the 2-core CPU, against 0.05 ms for this.)
+  ``centred`` should be O(1) (see _inv_pow2_scale) so that the Gram cannot overflow.
+  """
+  k, d = centred.shape
+  r = min(k - 1, d)
+  gram = jnp.dot(centred, centred.T, precision=_HI)                # (K, K)
+  w, u = jnp.linalg.eigh(gram)                                     # ascending
+  s2, u = w[::-1][:r], u[:, ::-1][:, :r]
+  rtol = 10.0 * d * jnp.finfo(dtype).eps          # == jnp.linalg.pinv default for d x d
+  keep = s2 > rtol * s2[0]
+  safe = jnp.where(keep, s2, 1.0)
+  v = jnp.dot(centred.T, u, precision=_HI) / jnp.sqrt(safe)        # (d, r) orthonormal
+  inv_s2 = jnp.where(keep, 1.0 / safe, 0.0)
+  return v, inv_s2
 
 
 def _nan_unless(ok, value):
-    return jnp.where(ok, value, jnp.nan)
+  return jnp.where(ok, value, jnp.nan)
 
 
 def _scaled_frame(h, y, k):
-    """Pass 1 plus the common exact rescaling: (counts, ref, m, centred/s, 1/s, ok)."""
-    counts, ref, m, ok, _, _ = _pass1(h, y, k)
-    centred = _centred_means(ref, m)
-    inv = _inv_pow2_scale(centred)
-    return counts, ref, m, centred * inv, inv, ok
+  """Pass 1 plus the common exact rescaling: (counts, ref, m, centred/s, 1/s, ok)."""
+  counts, ref, m, ok, _, _ = _pass1(h, y, k)
+  centred = _centred_means(ref, m)
+  inv = _inv_pow2_scale(centred)
+  return counts, ref, m, centred * inv, inv, ok
 
 
 def _residuals(h, y, ref, m, inv):
-    """Within-class residuals ``(h - mu_y)/s`` (N, d), formed as ``((h - c_y) - m_y)/s``."""
-    return ((h.astype(ref.dtype) - ref[y]) - m[y]) * inv
+  """Within-class residuals ``(h - mu_y)/s`` (N, d), formed as ``((h - c_y) - m_y)/s``."""
+  return ((h.astype(ref.dtype) - ref[y]) - m[y]) * inv
 
 
 # ----------------------------------------------------------------------------- NC1
 @functools.partial(jax.jit, static_argnums=(2,))
 def _nc1_impl(h, y, k):
-    n, d = h.shape
-    _, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
-    v, inv_s2 = _lowrank(centred, ref.dtype)                         # (d, r), (r,)
-    # Zero columns up to a multiple of 8: XLA:CPU's kernels for the skinny (N, d) @ (d, r)
-    # are faster at r = 8k (measured at N=50,000, d=2048: r=16 beat r=9, 10 and 12).
-    pad = -v.shape[1] % 8
-    v, inv_s2 = jnp.pad(v, ((0, 0), (0, pad))), jnp.pad(inv_s2, (0, pad))
-    v = v * inv                                  # projections come out divided by s
-    # Second pass about one common point c, the mean of the class means rounded to the dtype
-    # (a per-class shift would need a gather that XLA:CPU cannot fuse into the matmul).  It
-    # is written as a sum of products, which XLA:CPU compiles into one kernel together with
-    # the shift; jnp.dot(h - c, v) would first write h - c to memory (4x slower).
-    rel = _relative_means(ref, m)                                    # mu_k - c_0
-    c = ref[0] + jnp.mean(rel, axis=0)
-    mv = jnp.dot(rel - (c - ref[0]), v, precision=_HI)               # (mu_k - c) . v / s
-    hv = jnp.sum((h.astype(ref.dtype) - c)[:, :, None] * v[None], axis=1)      # (N, r)
-    rv = hv - mv[y]                                                  # residuals projected
-    ss = jnp.sum(rv * rv, axis=0)
-    val = jnp.maximum(jnp.sum(ss / n * inv_s2), 0.0)                 # v_j^T Sigma_W v_j / s_j^2
-    ok = ok & jnp.isfinite(val)
-    return _nan_unless(ok, val), ok
+  n, d = h.shape
+  _, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
+  v, inv_s2 = _lowrank(centred, ref.dtype)                         # (d, r), (r,)
+  # Zero columns up to a multiple of 8: XLA:CPU's kernels for the skinny (N, d) @ (d, r)
+  # are faster at r = 8k (measured at N=50,000, d=2048: r=16 beat r=9, 10 and 12).
+  pad = -v.shape[1] % 8
+  v, inv_s2 = jnp.pad(v, ((0, 0), (0, pad))), jnp.pad(inv_s2, (0, pad))
+  v = v * inv                                  # projections come out divided by s
+  # Second pass about one common point c, the mean of the class means rounded to the dtype
+  # (a per-class shift would need a gather that XLA:CPU cannot fuse into the matmul).  It
+  # is written as a sum of products, which XLA:CPU compiles into one kernel together with
+  # the shift; jnp.dot(h - c, v) would first write h - c to memory (4x slower).
+  rel = _relative_means(ref, m)                                    # mu_k - c_0
+  c = ref[0] + jnp.mean(rel, axis=0)
+  mv = jnp.dot(rel - (c - ref[0]), v, precision=_HI)               # (mu_k - c) . v / s
+  hv = jnp.sum((h.astype(ref.dtype) - c)[:, :, None] * v[None], axis=1)      # (N, r)
+  rv = hv - mv[y]                                                  # residuals projected
+  ss = jnp.sum(rv * rv, axis=0)
+  val = jnp.maximum(jnp.sum(ss / n * inv_s2), 0.0)                 # v_j^T Sigma_W v_j / s_j^2
+  ok = ok & jnp.isfinite(val)
+  return _nan_unless(ok, val), ok
 
 
 def nc1(features, labels, num_classes: int | None = None):
-    """Exact NC1 = tr(Sigma_W Sigma_B^+)/K through the <= K-1 directions of the centred means.
+  """Exact NC1 = tr(Sigma_W Sigma_B^+)/K through the <= K-1 directions of the centred means.
 
-    No d x d matrix is formed or inverted: two read passes over ``features`` plus a K x d SVD,
-    in the shifted frame (exact at any offset and scale, see the module docstring).
-    Agrees with :func:`nc1_pinv` (same pseudo-inverse cutoff) and is never negative.
+  No d x d matrix is formed or inverted: two read passes over ``features`` plus a K x d SVD,
+  in the shifted frame (exact at any offset and scale, see the module docstring).
+  Agrees with :func:`nc1_pinv` (same pseudo-inverse cutoff) and is never negative.
 
-    Args:
-      features: (N, d) float or integer array (any units; the result is dimensionless).
-      labels: (N,) integer array in ``[0, K)``.
-      num_classes: K; inferred as ``max(labels) + 1`` when omitted (labels must be concrete).
-    Returns:
-      A scalar jax array (dtype float32, or float64 for 64-bit inputs with x64 enabled).
-    """
-    h, y, k, concrete = _prepare(features, labels, num_classes, "nc1")
-    val, ok = _nc1_impl(h, y, k)
-    return _finish(val, ok, features, concrete, "nc1")
+  Args:
+    features: (N, d) float or integer array (any units; the result is dimensionless).
+    labels: (N,) integer array in ``[0, K)``.
+    num_classes: K; inferred as ``max(labels) + 1`` when omitted (labels must be concrete).
+  Returns:
+    A scalar jax array (dtype float32, or float64 for 64-bit inputs with x64 enabled).
+  """
+  h, y, k, concrete = _prepare(features, labels, num_classes, "nc1")
+  val, ok = _nc1_impl(h, y, k)
+  return _finish(val, ok, features, concrete, "nc1")
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _nc1_pinv_impl(h, y, k):
-    n = h.shape[0]
-    _, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
-    r = _residuals(h, y, ref, m, inv)                                # (N, d), scaled
-    sigma_w = jnp.dot(r.T, r, precision=_HI) / n
-    sigma_b = jnp.dot(centred.T, centred, precision=_HI) / k
-    val = jnp.trace(jnp.dot(sigma_w, jnp.linalg.pinv(sigma_b, hermitian=True), precision=_HI)) / k
-    ok = ok & jnp.isfinite(val)
-    return _nan_unless(ok, val), ok
+  n = h.shape[0]
+  _, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
+  r = _residuals(h, y, ref, m, inv)                                # (N, d), scaled
+  sigma_w = jnp.dot(r.T, r, precision=_HI) / n
+  sigma_b = jnp.dot(centred.T, centred, precision=_HI) / k
+  val = jnp.trace(jnp.dot(sigma_w, jnp.linalg.pinv(sigma_b, hermitian=True), precision=_HI)) / k
+  ok = ok & jnp.isfinite(val)
+  return _nan_unless(ok, val), ok
 
 
 def nc1_pinv(features, labels, num_classes: int | None = None):
-    """NC1 by the literal eq. (4): d x d Sigma_W and Sigma_B, ``jnp.linalg.pinv(Sigma_B)``.
+  """NC1 by the literal eq. (4): d x d Sigma_W and Sigma_B, ``jnp.linalg.pinv(Sigma_B)``.
 
-    The reference path described in the paper; O(N d^2 + d^3), in the same shifted and
-    rescaled frame as :func:`nc1`.  Same conventions and arguments as :func:`nc1`.
-    """
-    h, y, k, concrete = _prepare(features, labels, num_classes, "nc1_pinv")
-    val, ok = _nc1_pinv_impl(h, y, k)
-    return _finish(val, ok, features, concrete, "nc1_pinv")
+  The reference path described in the paper; O(N d^2 + d^3), in the same shifted and
+  rescaled frame as :func:`nc1`.  Same conventions and arguments as :func:`nc1`.
+  """
+  h, y, k, concrete = _prepare(features, labels, num_classes, "nc1_pinv")
+  val, ok = _nc1_pinv_impl(h, y, k)
+  return _finish(val, ok, features, concrete, "nc1_pinv")
 
 
 # ----------------------------------------------------------------------------- CDNV
 def _cdnv_from(var, centred):
-    k = centred.shape[0]
-    diff = centred[:, None, :] - centred[None, :, :]
-    dist2 = jnp.sum(diff * diff, axis=-1)                            # (K, K)
-    iu = np.triu_indices(k, 1)
-    pair = (var[:, None] + var[None, :])[iu] / (2.0 * dist2[iu])
-    return jnp.mean(pair)
+  k = centred.shape[0]
+  diff = centred[:, None, :] - centred[None, :, :]
+  dist2 = jnp.sum(diff * diff, axis=-1)                            # (K, K)
+  iu = np.triu_indices(k, 1)
+  pair = (var[:, None] + var[None, :])[iu] / (2.0 * dist2[iu])
+  return jnp.mean(pair)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _cdnv_impl(h, y, k):
-    # One pass: Var_k = mean ||h - c_k||^2 - ||m_k||^2 about the class's first row c_k.  As
-    # c_k is a sample of class k, ||m_k||^2 is about Var_k and the subtraction costs ~1 bit
-    # (an outlier first row at t standard deviations costs log2(t^2) bits), whatever the
-    # offset; a second pass over h - mu_y would cost a gather XLA:CPU writes out as N x d.
-    counts, ref, m, ok, sq, t = _pass1(h, y, k, squares=True)
-    n = jnp.maximum(counts, 1).astype(ref.dtype)
-    centred = _centred_means(ref, m)
-    inv = _inv_pow2_scale(centred)
-    var = jnp.maximum(sq / n - jnp.sum(jnp.square(m * t), axis=1), 0.0) * jnp.square(inv / t)
-    ok = ok & jnp.all(jnp.isfinite(var))
-    return _nan_unless(ok, _cdnv_from(var, centred * inv)), ok
+  # One pass: Var_k = mean ||h - c_k||^2 - ||m_k||^2 about the class's first row c_k.  As
+  # c_k is a sample of class k, ||m_k||^2 is about Var_k and the subtraction costs ~1 bit
+  # (an outlier first row at t standard deviations costs log2(t^2) bits), whatever the
+  # offset; a second pass over h - mu_y would cost a gather XLA:CPU writes out as N x d.
+  counts, ref, m, ok, sq, t = _pass1(h, y, k, squares=True)
+  n = jnp.maximum(counts, 1).astype(ref.dtype)
+  centred = _centred_means(ref, m)
+  inv = _inv_pow2_scale(centred)
+  var = jnp.maximum(sq / n - jnp.sum(jnp.square(m * t), axis=1), 0.0) * jnp.square(inv / t)
+  ok = ok & jnp.all(jnp.isfinite(var))
+  return _nan_unless(ok, _cdnv_from(var, centred * inv)), ok
 
 
 def cdnv(features, labels, num_classes: int | None = None):
-    """Class-distance normalised variance (Galanti et al.), averaged over class pairs i < j.
+  """Class-distance normalised variance (Galanti et al.), averaged over class pairs i < j.
 
-    ``(Var_i + Var_j) / (2 ||mu_i - mu_j||^2)`` with ``Var_k = mean_{i in k} ||h_i - mu_k||^2``,
-    dimensionless.  One read pass in the shifted frame (variances about each class's first
-    row, see _cdnv_impl), rescaled exactly.  Returns ``inf`` if two class means coincide.
-    Arguments as :func:`nc1`.
-    """
-    h, y, k, concrete = _prepare(features, labels, num_classes, "cdnv")
-    val, ok = _cdnv_impl(h, y, k)
-    return _finish(val, ok, features, concrete, "cdnv")
+  ``(Var_i + Var_j) / (2 ||mu_i - mu_j||^2)`` with ``Var_k = mean_{i in k} ||h_i - mu_k||^2``,
+  dimensionless.  One read pass in the shifted frame (variances about each class's first
+  row, see _cdnv_impl), rescaled exactly.  Returns ``inf`` if two class means coincide.
+  Arguments as :func:`nc1`.
+  """
+  h, y, k, concrete = _prepare(features, labels, num_classes, "cdnv")
+  val, ok = _cdnv_impl(h, y, k)
+  return _finish(val, ok, features, concrete, "cdnv")
 
 
 # ----------------------------------------------------------------------------- numerical rank
 def _class_top_eigs(h, y, counts, k, window, inv):
-    """``||H_k / s||_2^2`` for every class (K,), exactly (``eigvalsh``), H_k uncentred.
+  """``||H_k / s||_2^2`` for every class (K,), exactly (``eigvalsh``), H_k uncentred.
 
-    Rows are visited class by class through the argsort of the labels, so forming the K
-    Grams costs O(N d^2) in total (masking all N rows for every class cost K N d^2).  Each
-    class gets the d x d Gram ``H_k^T H_k``, summed over blocks of its rows, or -- when the
-    largest class (``window`` rows) is small against d -- the window x window Gram
-    ``H_k H_k^T`` of its rows (same nonzero spectrum), whichever costs fewer flops.
-    """
-    n, d = h.shape
-    dt = inv.dtype
-    order = jnp.argsort(y).astype(jnp.int32)                         # classes contiguous
-    starts = jnp.cumsum(counts) - counts
-    blk = int(min(256, max(8, 1 << max(0, (n // (2 * k)).bit_length() - 1))))
-    if (n + k * blk) * d * d + k * d ** 3 <= k * (window * window * d + window ** 3):
-        order = jnp.concatenate([order, jnp.zeros((blk,), jnp.int32)])   # slices stay in range
+  Rows are visited class by class through the argsort of the labels, so forming the K
+  Grams costs O(N d^2) in total (masking all N rows for every class cost K N d^2).  Each
+  class gets the d x d Gram ``H_k^T H_k``, summed over blocks of its rows, or -- when the
+  largest class (``window`` rows) is small against d -- the window x window Gram
+  ``H_k H_k^T`` of its rows (same nonzero spectrum), whichever costs fewer flops.
+  """
+  n, d = h.shape
+  dt = inv.dtype
+  order = jnp.argsort(y).astype(jnp.int32)                         # classes contiguous
+  starts = jnp.cumsum(counts) - counts
+  blk = int(min(256, max(8, 1 << max(0, (n // (2 * k)).bit_length() - 1))))
+  if (n + k * blk) * d * d + k * d ** 3 <= k * (window * window * d + window ** 3):
+    order = jnp.concatenate([order, jnp.zeros((blk,), jnp.int32)])   # slices stay in range
 
-        def top(start, cnt):
-            def add_block(j, g):
-                rows = h[lax.dynamic_slice_in_dim(order, start + j * blk, blk)]
-                x = jnp.where((j * blk + jnp.arange(blk) < cnt)[:, None], rows.astype(dt) * inv, 0)
-                return g + jnp.dot(x.T, x, precision=_HI)
-            g = lax.fori_loop(0, (cnt + blk - 1) // blk, add_block, jnp.zeros((d, d), dt))
-            return jnp.linalg.eigvalsh(g)[-1]
-    else:
-        order = jnp.concatenate([order, jnp.zeros((window,), jnp.int32)])
+    def top(start, cnt):
+      def add_block(j, g):
+        rows = h[lax.dynamic_slice_in_dim(order, start + j * blk, blk)]
+        x = jnp.where((j * blk + jnp.arange(blk) < cnt)[:, None], rows.astype(dt) * inv, 0)
+        return g + jnp.dot(x.T, x, precision=_HI)
+      g = lax.fori_loop(0, (cnt + blk - 1) // blk, add_block, jnp.zeros((d, d), dt))
+      return jnp.linalg.eigvalsh(g)[-1]
+  else:
+    order = jnp.concatenate([order, jnp.zeros((window,), jnp.int32)])
 
-        def top(start, cnt):
-            rows = h[lax.dynamic_slice_in_dim(order, start, window)]
-            x = jnp.where((jnp.arange(window) < cnt)[:, None], rows.astype(dt) * inv, 0)
-            return jnp.linalg.eigvalsh(jnp.dot(x, x.T, precision=_HI))[-1]
-    return lax.map(lambda sc: top(*sc), (starts, counts))
+    def top(start, cnt):
+      rows = h[lax.dynamic_slice_in_dim(order, start, window)]
+      x = jnp.where((jnp.arange(window) < cnt)[:, None], rows.astype(dt) * inv, 0)
+      return jnp.linalg.eigvalsh(jnp.dot(x, x.T, precision=_HI))[-1]
+  return lax.map(lambda sc: top(*sc), (starts, counts))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _numrank_impl(h, y, k, exact, window, num_iters):
-    n, d = h.shape
-    counts, ref, m, ok, _, _ = _pass1(h, y, k)
-    dt = ref.dtype
-    means = ref + m                    # rounded absolute means: only a scale and start vectors
-    inv = _inv_pow2_scale(jnp.concatenate([ref, means]))             # data rows and means
-    x = h.astype(dt)
-    fro2 = _add_rows(jnp.zeros((k,), dt), y, jnp.sum(jnp.square(x * inv), axis=1))
-    if exact:
-        spec2 = _class_top_eigs(h, y, counts, k, window, inv)
-    else:
-        # Batched power iteration on H_k^T H_k, one K x d block of vectors; class masking via
-        # the one-hot matrix keeps every shape static.  Start: class mean + fixed perturbation.
-        onehot = jax.nn.one_hot(y, k, dtype=dt)                      # (N, K) masks
-        g = jax.random.normal(jax.random.PRNGKey(0), (k, d), dt)
-        g = g / jnp.linalg.norm(g, axis=1, keepdims=True)
-        mn = jnp.linalg.norm(means * inv, axis=1, keepdims=True)
-        u = means * inv / jnp.where(mn > 0, mn, 1.0) + 0.1 * g
-        u = u / jnp.linalg.norm(u, axis=1, keepdims=True)
+  n, d = h.shape
+  counts, ref, m, ok, _, _ = _pass1(h, y, k)
+  dt = ref.dtype
+  means = ref + m                    # rounded absolute means: only a scale and start vectors
+  inv = _inv_pow2_scale(jnp.concatenate([ref, means]))             # data rows and means
+  x = h.astype(dt)
+  fro2 = _add_rows(jnp.zeros((k,), dt), y, jnp.sum(jnp.square(x * inv), axis=1))
+  if exact:
+    spec2 = _class_top_eigs(h, y, counts, k, window, inv)
+  else:
+    # Batched power iteration on H_k^T H_k, one K x d block of vectors; class masking via
+    # the one-hot matrix keeps every shape static.  Start: class mean + fixed perturbation.
+    onehot = jax.nn.one_hot(y, k, dtype=dt)                      # (N, K) masks
+    g = jax.random.normal(jax.random.PRNGKey(0), (k, d), dt)
+    g = g / jnp.linalg.norm(g, axis=1, keepdims=True)
+    mn = jnp.linalg.norm(means * inv, axis=1, keepdims=True)
+    u = means * inv / jnp.where(mn > 0, mn, 1.0) + 0.1 * g
+    u = u / jnp.linalg.norm(u, axis=1, keepdims=True)
 
-        def project(u):                                              # (N, K): h_i . u_{y_i} / s
-            return jnp.dot(x, u.T, precision=_HI) * onehot * inv
+    def project(u):                                              # (N, K): h_i . u_{y_i} / s
+      return jnp.dot(x, u.T, precision=_HI) * onehot * inv
 
-        def step(_, u):
-            w = lax.dot_general(project(u), x, (((0,), (0,)), ((), ())), precision=_HI) * inv
-            wn = jnp.linalg.norm(w, axis=1, keepdims=True)
-            return w / jnp.where(wn > 0, wn, 1.0)
+    def step(_, u):
+      w = lax.dot_general(project(u), x, (((0,), (0,)), ((), ())), precision=_HI) * inv
+      wn = jnp.linalg.norm(w, axis=1, keepdims=True)
+      return w / jnp.where(wn > 0, wn, 1.0)
 
-        u = lax.fori_loop(0, num_iters, step, u)                     # traced trip count
-        spec2 = jnp.sum(jnp.square(project(u)), axis=0)              # ||H_k u_k||^2 (Rayleigh)
-    val = jnp.mean(fro2 / spec2)
-    ok = ok & jnp.isfinite(val)
-    return _nan_unless(ok, val), ok
+    u = lax.fori_loop(0, num_iters, step, u)                     # traced trip count
+    spec2 = jnp.sum(jnp.square(project(u)), axis=0)              # ||H_k u_k||^2 (Rayleigh)
+  val = jnp.mean(fro2 / spec2)
+  ok = ok & jnp.isfinite(val)
+  return _nan_unless(ok, val), ok
 
 
 def numerical_rank(features, labels, num_classes: int | None = None, exact: bool = False,
                    num_iters: int = 20):
-    """Numerical (stable) rank ``(1/K) sum_k ||H_k||_F^2 / ||H_k||_2^2``, H_k uncentred.
+  """Numerical (stable) rank ``(1/K) sum_k ||H_k||_F^2 / ||H_k||_2^2``, H_k uncentred.
 
-    Dimensionless, in ``[1, min(n_k, d)]`` per class.  ``exact=False`` (default, as in the
-    paper): ``||H_k||_2^2`` by ``num_iters`` steps of power iteration on ``H_k^T H_k``, all
-    classes batched (2 read passes of the features per step), started deterministically from
-    the class mean plus a fixed pseudo-random perturbation (PRNGKey(0)).  The estimate is the
-    Rayleigh quotient ``||H_k u||^2``, a lower bound on ``||H_k||_2^2``, so the rank estimate
-    is an upper bound that decreases monotonically to the exact value; its relative error is
-    at most about ``tan^2(theta_0) (sigma_2/sigma_1)^(4 t)`` after t steps (theta_0 the start
-    angle).  For uncentred features the top direction is close to the class mean, so
-    convergence is fast unless the two largest singular values of H_k are nearly equal (then
-    the error is still small in the value, as both candidates give nearly the same norm).
-    ``exact=True``: largest eigenvalue of each class Gram (``eigvalsh``); forming the Grams
-    costs O(N d^2) in total, the eigendecompositions ``K min(d, n_max)^3`` (n_max the largest
-    class when labels are concrete, N under jit).  The metric is not translation invariant,
-    so it is computed on the features as given, rescaled by an exact power of two.
-    """
-    fn = "numerical_rank"
-    num_iters = _as_int(num_iters, "num_iters", fn, 1)
-    h, y, k, concrete = _prepare(features, labels, num_classes, fn, translate=False)
-    window = h.shape[0]
-    if exact and not _is_traced(labels):
-        window = int(np.bincount(np.asarray(labels).astype(np.int64), minlength=k).max())
-    val, ok = _numrank_impl(h, y, k, bool(exact), window, jnp.asarray(num_iters, jnp.int32))
-    return _finish(val, ok, features, concrete, fn)
+  Dimensionless, in ``[1, min(n_k, d)]`` per class.  ``exact=False`` (default, as in the
+  paper): ``||H_k||_2^2`` by ``num_iters`` steps of power iteration on ``H_k^T H_k``, all
+  classes batched (2 read passes of the features per step), started deterministically from
+  the class mean plus a fixed pseudo-random perturbation (PRNGKey(0)).  The estimate is the
+  Rayleigh quotient ``||H_k u||^2``, a lower bound on ``||H_k||_2^2``, so the rank estimate
+  is an upper bound that decreases monotonically to the exact value; its relative error is
+  at most about ``tan^2(theta_0) (sigma_2/sigma_1)^(4 t)`` after t steps (theta_0 the start
+  angle).  For uncentred features the top direction is close to the class mean, so
+  convergence is fast unless the two largest singular values of H_k are nearly equal (then
+  the error is still small in the value, as both candidates give nearly the same norm).
+  ``exact=True``: largest eigenvalue of each class Gram (``eigvalsh``); forming the Grams
+  costs O(N d^2) in total, the eigendecompositions ``K min(d, n_max)^3`` (n_max the largest
+  class when labels are concrete, N under jit).  The metric is not translation invariant,
+  so it is computed on the features as given, rescaled by an exact power of two.
+  """
+  fn = "numerical_rank"
+  num_iters = _as_int(num_iters, "num_iters", fn, 1)
+  h, y, k, concrete = _prepare(features, labels, num_classes, fn, translate=False)
+  window = h.shape[0]
+  if exact and not _is_traced(labels):
+    window = int(np.bincount(np.asarray(labels).astype(np.int64), minlength=k).max())
+  val, ok = _numrank_impl(h, y, k, bool(exact), window, jnp.asarray(num_iters, jnp.int32))
+  return _finish(val, ok, features, concrete, fn)
 
 
 # ----------------------------------------------------------------------------- NC2 / NC3
 def _unit_fro(a):
-    a = a * _inv_pow2_scale(a)                   # exact; keeps ||a||^2 in range
-    return a / jnp.linalg.norm(a)
+  a = a * _inv_pow2_scale(a)                   # exact; keeps ||a||^2 in range
+  return a / jnp.linalg.norm(a)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _nc2_impl(h, y, k):
-    *_, centred, _, ok = _scaled_frame(h, y, k)
-    unit = centred / jnp.linalg.norm(centred, axis=1, keepdims=True)
-    gram = jnp.dot(unit, unit.T, precision=_HI)
-    etf = (k / (k - 1.0)) * (jnp.eye(k, dtype=gram.dtype) - 1.0 / k)
-    val = jnp.linalg.norm(_unit_fro(gram) - _unit_fro(etf))
-    return _nan_unless(ok, val), ok
+  *_, centred, _, ok = _scaled_frame(h, y, k)
+  unit = centred / jnp.linalg.norm(centred, axis=1, keepdims=True)
+  gram = jnp.dot(unit, unit.T, precision=_HI)
+  etf = (k / (k - 1.0)) * (jnp.eye(k, dtype=gram.dtype) - 1.0 / k)
+  val = jnp.linalg.norm(_unit_fro(gram) - _unit_fro(etf))
+  return _nan_unless(ok, val), ok
 
 
 def nc2_etf(features, labels, num_classes: int | None = None):
-    """NC2: ``|| G/||G||_F - E/||E||_F ||_F``, distance of the centred class means from a simplex ETF.
+  """NC2: ``|| G/||G||_F - E/||E||_F ||_F``, distance of the centred class means from a simplex ETF.
 
-    ``G`` is the Gram matrix of the centred class means, each normalised to unit length;
-    ``E = K/(K-1) (I - 11^T/K)``.  0 for a simplex ETF (any scale, rotation, translation).
-    """
-    h, y, k, concrete = _prepare(features, labels, num_classes, "nc2_etf")
-    val, ok = _nc2_impl(h, y, k)
-    return _finish(val, ok, features, concrete, "nc2_etf")
+  ``G`` is the Gram matrix of the centred class means, each normalised to unit length;
+  ``E = K/(K-1) (I - 11^T/K)``.  0 for a simplex ETF (any scale, rotation, translation).
+  """
+  h, y, k, concrete = _prepare(features, labels, num_classes, "nc2_etf")
+  val, ok = _nc2_impl(h, y, k)
+  return _finish(val, ok, features, concrete, "nc2_etf")
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
 def _nc3_impl(h, y, w, k):
-    *_, centred, _, ok = _scaled_frame(h, y, k)
-    ok = ok & jnp.all(jnp.isfinite(w))
-    val = jnp.linalg.norm(_unit_fro(w) - _unit_fro(centred))
-    return _nan_unless(ok, val), ok
+  *_, centred, _, ok = _scaled_frame(h, y, k)
+  ok = ok & jnp.all(jnp.isfinite(w))
+  val = jnp.linalg.norm(_unit_fro(w) - _unit_fro(centred))
+  return _nan_unless(ok, val), ok
 
 
 def nc3_duality(features, labels, classifier, num_classes: int | None = None, *,
                 flax_kernel: bool = False):
-    """NC3 self-duality ``|| W/||W||_F - M/||M||_F ||_F``, M the centred class means (K x d).
+  """NC3 self-duality ``|| W/||W||_F - M/||M||_F ||_F``, M the centred class means (K x d).
 
-    ``classifier`` is W with shape (K, d) (one row per class, as in ``logits = h @ W.T``).
-    A Flax ``Dense`` kernel has shape (d, K); pass it with ``flax_kernel=True`` (it is
-    transposed).  The bias is not used.
-    """
-    fn = "nc3_duality"
-    h, y, k, concrete = _prepare(features, labels, num_classes, fn)
-    w = classifier if hasattr(classifier, "shape") else np.asarray(classifier)
-    if w.ndim != 2:
-        raise ValueError(f"{fn}: classifier must be 2-D, got shape {tuple(w.shape)}")
-    if flax_kernel:
-        w = w.T
-    d = h.shape[1]
-    if tuple(w.shape) != (k, d):
-        hint = (" (a Flax Dense kernel is (d, K): pass flax_kernel=True)"
-                if tuple(w.shape) == (d, k) and not flax_kernel else "")
-        raise ValueError(f"{fn}: classifier shape {tuple(w.shape)} does not match "
-                         f"(K, d) = ({k}, {d}){hint}")
-    w = jnp.asarray(w).astype(_compute_dtype(h.dtype))
-    if concrete and not _is_traced(w) and not bool(jnp.all(jnp.isfinite(w))):
-        raise ValueError(f"{fn}: classifier contains NaN or Inf")
-    val, ok = _nc3_impl(h, y, w, k)
-    return _finish(val, ok, features, concrete, fn)
+  ``classifier`` is W with shape (K, d) (one row per class, as in ``logits = h @ W.T``).
+  A Flax ``Dense`` kernel has shape (d, K); pass it with ``flax_kernel=True`` (it is
+  transposed).  The bias is not used.
+  """
+  fn = "nc3_duality"
+  h, y, k, concrete = _prepare(features, labels, num_classes, fn)
+  w = classifier if hasattr(classifier, "shape") else np.asarray(classifier)
+  if w.ndim != 2:
+    raise ValueError(f"{fn}: classifier must be 2-D, got shape {tuple(w.shape)}")
+  if flax_kernel:
+    w = w.T
+  d = h.shape[1]
+  if tuple(w.shape) != (k, d):
+    hint = (" (a Flax Dense kernel is (d, K): pass flax_kernel=True)"
+            if tuple(w.shape) == (d, k) and not flax_kernel else "")
+    raise ValueError(f"{fn}: classifier shape {tuple(w.shape)} does not match "
+                     f"(K, d) = ({k}, {d}){hint}")
+  w = jnp.asarray(w).astype(_compute_dtype(h.dtype))
+  if concrete and not _is_traced(w) and not bool(jnp.all(jnp.isfinite(w))):
+    raise ValueError(f"{fn}: classifier contains NaN or Inf")
+  val, ok = _nc3_impl(h, y, w, k)
+  return _finish(val, ok, features, concrete, fn)
 # ----------------------------------------------------------------------------- streaming
 def _check_mask(mask, n: int, fn: str):
-    """None, or an (N,) bool / 0-1 numeric row mask (values checked when concrete)."""
-    if mask is None:
-        return None
-    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
-        mask = np.asarray(mask)
-    dt = np.dtype(mask.dtype)
-    if not (dt == np.bool_ or np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)
-            or dt == jnp.bfloat16):
-        raise ValueError(f"{fn}: mask must be boolean or 0/1 weights, got dtype {dt}")
-    if tuple(mask.shape) != (n,):
-        raise ValueError(f"{fn}: mask must have shape ({n},) (one entry per row), got "
-                         f"{tuple(mask.shape)}")
-    if not _is_traced(mask):
-        m = np.asarray(mask)
-        if dt != np.bool_:
-            odd = np.flatnonzero((m != 0) & (m != 1))
-            if odd.size:
-                raise ValueError(f"{fn}: mask must be boolean or 0/1 weights, got "
-                                 f"{m[odd[0]]} at row {int(odd[0])}")
-    return mask
+  """None, or an (N,) bool / 0-1 numeric row mask (values checked when concrete)."""
+  if mask is None:
+    return None
+  if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+    mask = np.asarray(mask)
+  dt = np.dtype(mask.dtype)
+  if not (dt == np.bool_ or np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)
+          or dt == jnp.bfloat16):
+    raise ValueError(f"{fn}: mask must be boolean or 0/1 weights, got dtype {dt}")
+  if tuple(mask.shape) != (n,):
+    raise ValueError(f"{fn}: mask must have shape ({n},) (one entry per row), got "
+                     f"{tuple(mask.shape)}")
+  if not _is_traced(mask):
+    m = np.asarray(mask)
+    if dt != np.bool_:
+      odd = np.flatnonzero((m != 0) & (m != 1))
+      if odd.size:
+        raise ValueError(f"{fn}: mask must be boolean or 0/1 weights, got "
+                         f"{m[odd[0]]} at row {int(odd[0])}")
+  return mask
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -773,175 +773,175 @@ def _check_mask(mask, n: int, fn: str):
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class CollapseStats:
-    """Streaming, mergeable sufficient statistics for NC1, CDNV and numerical rank (a pytree).
+  """Streaming, mergeable sufficient statistics for NC1, CDNV and numerical rank (a pytree).
 
-    Fields (K classes, dimension d, in the features' units; every moment is about the
-    per-class shift ``c_k``, the first row of class k that an update saw):
-      counts (K,) int32; shift (K, d) = c_k; sums (K, d) = sum (h - c_k);
-      sqnorms (K,) = sum ||h - c_k||^2; scatter (d, d) = sum (h - c_y)(h - c_y)^T;
-      class_scatter (K, d, d) per-class version of scatter, or None.
-    Memory O(K d + d^2) (+ K d^2 with ``per_class_second_moment``), independent of N.
+  Fields (K classes, dimension d, in the features' units; every moment is about the
+  per-class shift ``c_k``, the first row of class k that an update saw):
+    counts (K,) int32; shift (K, d) = c_k; sums (K, d) = sum (h - c_k);
+    sqnorms (K,) = sum ||h - c_k||^2; scatter (d, d) = sum (h - c_y)(h - c_y)^T;
+    class_scatter (K, d, d) per-class version of scatter, or None.
+  Memory O(K d + d^2) (+ K d^2 with ``per_class_second_moment``), independent of N.
 
-    Usage::
+  Usage::
 
-        stats = CollapseStats.create(K, d)
-        for h, y, valid in batches: stats = stats.update(h, y, mask=valid)   # jittable
-        stats.nc1(), stats.cdnv()
+      stats = CollapseStats.create(K, d)
+      for h, y, valid in batches: stats = stats.update(h, y, mask=valid)   # jittable
+      stats.nc1(), stats.cdnv()
 
-    ``update`` and ``merge`` are pure; ``merge`` is associative (up to rounding) and
-    commutative in value; ``psum(axis_name)`` merges across a mapped/mesh axis.
+  ``update`` and ``merge`` are pure; ``merge`` is associative (up to rounding) and
+  commutative in value; ``psum(axis_name)`` merges across a mapped/mesh axis.
+  """
+  counts: Any
+  shift: Any
+  sums: Any
+  sqnorms: Any
+  scatter: Any
+  class_scatter: Any = None
+
+  # -- construction
+  @classmethod
+  def create(cls, num_classes: int, dim: int, dtype=jnp.float32,
+             per_class_second_moment: bool = False) -> "CollapseStats":
+    """Empty statistics for ``num_classes`` (int >= 2) classes of ``dim``-dim features.
+
+    ``dtype`` follows the module's rule: float64 only with x64 enabled (a float64 request
+    without x64 warns once and gives float32).
     """
-    counts: Any
-    shift: Any
-    sums: Any
-    sqnorms: Any
-    scatter: Any
-    class_scatter: Any = None
+    fn = "CollapseStats.create"
+    k = _as_int(num_classes, "num_classes", fn, 2)
+    d = _as_int(dim, "dim", fn, 1)
+    if _wide(dtype) and np.dtype(dtype).kind == "f" and not jax.config.jax_enable_x64:
+      _warn_float32(fn)
+    dtype = _compute_dtype(dtype)
+    z = functools.partial(jnp.zeros, dtype=dtype)
+    return cls(counts=jnp.zeros((k,), jnp.int32), shift=z((k, d)), sums=z((k, d)),
+               sqnorms=z((k,)), scatter=z((d, d)),
+               class_scatter=z((k, d, d)) if per_class_second_moment else None)
 
-    # -- construction
-    @classmethod
-    def create(cls, num_classes: int, dim: int, dtype=jnp.float32,
-               per_class_second_moment: bool = False) -> "CollapseStats":
-        """Empty statistics for ``num_classes`` (int >= 2) classes of ``dim``-dim features.
+  @property
+  def num_classes(self) -> int:
+    return self.counts.shape[0]
 
-        ``dtype`` follows the module's rule: float64 only with x64 enabled (a float64 request
-        without x64 warns once and gives float32).
-        """
-        fn = "CollapseStats.create"
-        k = _as_int(num_classes, "num_classes", fn, 2)
-        d = _as_int(dim, "dim", fn, 1)
-        if _wide(dtype) and np.dtype(dtype).kind == "f" and not jax.config.jax_enable_x64:
-            _warn_float32(fn)
-        dtype = _compute_dtype(dtype)
-        z = functools.partial(jnp.zeros, dtype=dtype)
-        return cls(counts=jnp.zeros((k,), jnp.int32), shift=z((k, d)), sums=z((k, d)),
-                   sqnorms=z((k,)), scatter=z((d, d)),
-                   class_scatter=z((k, d, d)) if per_class_second_moment else None)
+  @property
+  def dim(self) -> int:
+    return self.shift.shape[1]
 
-    @property
-    def num_classes(self) -> int:
-        return self.counts.shape[0]
+  # -- accumulation
+  def update(self, features, labels, mask=None) -> "CollapseStats":
+    """Adds a batch and returns new statistics (pure; jittable).  Classes may be absent.
 
-    @property
-    def dim(self) -> int:
-        return self.shift.shape[1]
+    Args:
+      features: (N, d) float or integer array, d = ``self.dim``.
+      labels: (N,) integers in ``[0, K)``.
+      mask: optional (N,) row mask, boolean or 0/1 weights (int or float).  A row with
+        mask False/0 contributes nothing -- not to the counts, the sums, the scatters or
+        the shifts -- whatever its features (NaN included) and its label (-1 padding is
+        fine).  ``None``: every row counts.  Use it for a padded last batch, so that the
+        batch can stay on the device.
+    Rows that count must have labels in ``[0, K)`` and finite features whose squares fit
+    the dtype (see the module docstring), and mask values must be 0 or 1.  With concrete
+    inputs a violation raises ``ValueError``; inside ``jit`` it makes the returned
+    statistics NaN (sums, squared norms and scatters), so every metric computed from them
+    is NaN (and raises when computed eagerly) rather than a number about a subset.
+    """
+    fn = "CollapseStats.update"
+    features = _check_features(features, fn)
+    n = features.shape[0]
+    labels = _check_labels(labels, n, fn)
+    if features.shape[1] != self.dim:
+      raise ValueError(f"{fn}: feature dimension {features.shape[1]} != stats dim {self.dim}")
+    mask = _check_mask(mask, n, fn)
+    concrete = not any(_is_traced(a) for a in (features, labels, mask))
+    keep = None
+    if concrete:
+      keep = np.ones(n, bool) if mask is None else np.asarray(mask) != 0
+      if keep.any():
+        _resolve_classes(np.asarray(labels)[keep], self.num_classes, fn,
+                         require_all=False)
+    host = (not _on_device(features) and _wide(np.dtype(features.dtype))
+            and not jax.config.jax_enable_x64)
+    if host and np.dtype(features.dtype).kind == "f":
+      _warn_float32(fn)
+    if host and concrete:                  # 64-bit NumPy without x64: shift on the host
+      new, tiny = _stats_accumulate(self, *_host_shift_residuals(self, features, labels,
+                                                                keep))
+    else:
+      w = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask)
+      h = features if _on_device(features) else jnp.asarray(np.asarray(features))
+      new, tiny = _stats_update(self, h, _labels_int32(labels), w)
+    if concrete and not _is_traced(new.counts) and not _finite(new):
+      if bool(tiny):
+        raise ValueError(f"{fn}: features too small: a row differs from its class shift "
+                         f"by less than {np.sqrt(np.finfo(self.shift.dtype).tiny):.0e} "
+                         f"in every component, so its square underflows "
+                         f"{np.dtype(self.shift.dtype).name}; rescale the features")
+      if not _finite(self):
+        raise ValueError(f"{fn}: the statistics were already NaN/Inf before this "
+                         "update" + _NAN_CAUSES)
+      _raise_nonfinite(np.where(keep[:, None], np.asarray(features), 0), fn,
+                       self.shift.dtype)
+    return new
 
-    # -- accumulation
-    def update(self, features, labels, mask=None) -> "CollapseStats":
-        """Adds a batch and returns new statistics (pure; jittable).  Classes may be absent.
+  def reshift(self, new_shift) -> "CollapseStats":
+    """The same statistics expressed about another per-class shift (K, d); exact algebra."""
+    return _reshift(self, new_shift)
 
-        Args:
-          features: (N, d) float or integer array, d = ``self.dim``.
-          labels: (N,) integers in ``[0, K)``.
-          mask: optional (N,) row mask, boolean or 0/1 weights (int or float).  A row with
-            mask False/0 contributes nothing -- not to the counts, the sums, the scatters or
-            the shifts -- whatever its features (NaN included) and its label (-1 padding is
-            fine).  ``None``: every row counts.  Use it for a padded last batch, so that the
-            batch can stay on the device.
-        Rows that count must have labels in ``[0, K)`` and finite features whose squares fit
-        the dtype (see the module docstring), and mask values must be 0 or 1.  With concrete
-        inputs a violation raises ``ValueError``; inside ``jit`` it makes the returned
-        statistics NaN (sums, squared norms and scatters), so every metric computed from them
-        is NaN (and raises when computed eagerly) rather than a number about a subset.
-        """
-        fn = "CollapseStats.update"
-        features = _check_features(features, fn)
-        n = features.shape[0]
-        labels = _check_labels(labels, n, fn)
-        if features.shape[1] != self.dim:
-            raise ValueError(f"{fn}: feature dimension {features.shape[1]} != stats dim {self.dim}")
-        mask = _check_mask(mask, n, fn)
-        concrete = not any(_is_traced(a) for a in (features, labels, mask))
-        keep = None
-        if concrete:
-            keep = np.ones(n, bool) if mask is None else np.asarray(mask) != 0
-            if keep.any():
-                _resolve_classes(np.asarray(labels)[keep], self.num_classes, fn,
-                                 require_all=False)
-        host = (not _on_device(features) and _wide(np.dtype(features.dtype))
-                and not jax.config.jax_enable_x64)
-        if host and np.dtype(features.dtype).kind == "f":
-            _warn_float32(fn)
-        if host and concrete:                  # 64-bit NumPy without x64: shift on the host
-            new, tiny = _stats_accumulate(self, *_host_shift_residuals(self, features, labels,
-                                                                      keep))
-        else:
-            w = jnp.ones((n,), bool) if mask is None else jnp.asarray(mask)
-            h = features if _on_device(features) else jnp.asarray(np.asarray(features))
-            new, tiny = _stats_update(self, h, _labels_int32(labels), w)
-        if concrete and not _is_traced(new.counts) and not _finite(new):
-            if bool(tiny):
-                raise ValueError(f"{fn}: features too small: a row differs from its class shift "
-                                 f"by less than {np.sqrt(np.finfo(self.shift.dtype).tiny):.0e} "
-                                 f"in every component, so its square underflows "
-                                 f"{np.dtype(self.shift.dtype).name}; rescale the features")
-            if not _finite(self):
-                raise ValueError(f"{fn}: the statistics were already NaN/Inf before this "
-                                 "update" + _NAN_CAUSES)
-            _raise_nonfinite(np.where(keep[:, None], np.asarray(features), 0), fn,
-                             self.shift.dtype)
-        return new
+  def merge(self, other: "CollapseStats") -> "CollapseStats":
+    """Statistics of the union of both data sets (keeps self's shift where self has data)."""
+    if (other.counts.shape != self.counts.shape or other.shift.shape != self.shift.shape
+            or (other.class_scatter is None) != (self.class_scatter is None)):
+      raise ValueError("CollapseStats.merge: statistics have different num_classes, dim "
+                       "or per_class_second_moment")
+    target = jnp.where((self.counts > 0)[:, None], self.shift, other.shift)
+    a, b = _reshift(self, target), _reshift(other, target)
+    return jax.tree_util.tree_map(jnp.add, dataclasses.replace(a, shift=jnp.zeros_like(target)),
+                                  dataclasses.replace(b, shift=target))
 
-    def reshift(self, new_shift) -> "CollapseStats":
-        """The same statistics expressed about another per-class shift (K, d); exact algebra."""
-        return _reshift(self, new_shift)
+  def psum(self, axis_name) -> "CollapseStats":
+    """Merges the statistics held along a mapped/mesh axis (inside jit/shard_map/pmap).
 
-    def merge(self, other: "CollapseStats") -> "CollapseStats":
-        """Statistics of the union of both data sets (keeps self's shift where self has data)."""
-        if (other.counts.shape != self.counts.shape or other.shift.shape != self.shift.shape
-                or (other.class_scatter is None) != (self.class_scatter is None)):
-            raise ValueError("CollapseStats.merge: statistics have different num_classes, dim "
-                             "or per_class_second_moment")
-        target = jnp.where((self.counts > 0)[:, None], self.shift, other.shift)
-        a, b = _reshift(self, target), _reshift(other, target)
-        return jax.tree_util.tree_map(jnp.add, dataclasses.replace(a, shift=jnp.zeros_like(target)),
-                                      dataclasses.replace(b, shift=target))
+    All members move to the common shift ``sum_p n_k^p c_k^p / sum_p n_k^p`` and the
+    additive fields are summed; the result is replicated along the axis.
+    """
+    n = self.counts.astype(self.shift.dtype)[:, None]
+    num = lax.psum(n * self.shift, axis_name)
+    den = lax.psum(n, axis_name)
+    target = num / jnp.maximum(den, 1.0)
+    moved = _reshift(self, target)
+    summed = lax.psum(dataclasses.replace(moved, shift=jnp.zeros_like(target)), axis_name)
+    return dataclasses.replace(summed, shift=target)
 
-    def psum(self, axis_name) -> "CollapseStats":
-        """Merges the statistics held along a mapped/mesh axis (inside jit/shard_map/pmap).
+  # -- metrics
+  def _check_usable(self, fn):
+    if _is_traced(self.counts):
+      return
+    empty = np.flatnonzero(np.asarray(self.counts) == 0)
+    if empty.size:
+      raise ValueError(f"CollapseStats.{fn}: class {int(empty[0])} has no samples")
+    if not _finite(self):
+      raise ValueError(f"CollapseStats.{fn}: the statistics contain NaN or Inf"
+                       + _NAN_CAUSES)
 
-        All members move to the common shift ``sum_p n_k^p c_k^p / sum_p n_k^p`` and the
-        additive fields are summed; the result is replicated along the axis.
-        """
-        n = self.counts.astype(self.shift.dtype)[:, None]
-        num = lax.psum(n * self.shift, axis_name)
-        den = lax.psum(n, axis_name)
-        target = num / jnp.maximum(den, 1.0)
-        moved = _reshift(self, target)
-        summed = lax.psum(dataclasses.replace(moved, shift=jnp.zeros_like(target)), axis_name)
-        return dataclasses.replace(summed, shift=target)
+  def nc1(self):
+    """NC1 = tr(Sigma_W Sigma_B^+)/K, same conventions and cutoff as :func:`nc1`."""
+    self._check_usable("nc1")
+    return _stats_nc1(self)
 
-    # -- metrics
-    def _check_usable(self, fn):
-        if _is_traced(self.counts):
-            return
-        empty = np.flatnonzero(np.asarray(self.counts) == 0)
-        if empty.size:
-            raise ValueError(f"CollapseStats.{fn}: class {int(empty[0])} has no samples")
-        if not _finite(self):
-            raise ValueError(f"CollapseStats.{fn}: the statistics contain NaN or Inf"
-                             + _NAN_CAUSES)
+  def cdnv(self):
+    """CDNV, same definition as :func:`cdnv`."""
+    self._check_usable("cdnv")
+    return _stats_cdnv(self)
 
-    def nc1(self):
-        """NC1 = tr(Sigma_W Sigma_B^+)/K, same conventions and cutoff as :func:`nc1`."""
-        self._check_usable("nc1")
-        return _stats_nc1(self)
+  def numerical_rank(self):
+    """Exact numerical rank (eigvalsh of each class's uncentred second moment).
 
-    def cdnv(self):
-        """CDNV, same definition as :func:`cdnv`."""
-        self._check_usable("cdnv")
-        return _stats_cdnv(self)
-
-    def numerical_rank(self):
-        """Exact numerical rank (eigvalsh of each class's uncentred second moment).
-
-        Needs ``per_class_second_moment=True``; equals ``numerical_rank(..., exact=True)``.
-        """
-        if self.class_scatter is None:
-            raise ValueError("CollapseStats.numerical_rank: needs per_class_second_moment=True "
-                             "in CollapseStats.create")
-        self._check_usable("numerical_rank")
-        return _stats_numrank(self)
+    Needs ``per_class_second_moment=True``; equals ``numerical_rank(..., exact=True)``.
+    """
+    if self.class_scatter is None:
+      raise ValueError("CollapseStats.numerical_rank: needs per_class_second_moment=True "
+                       "in CollapseStats.create")
+    self._check_usable("numerical_rank")
+    return _stats_numrank(self)
 
 
 _NAN_CAUSES = (": an update inside jit saw a label outside [0, K), a mask value other than 0/1 "
@@ -950,103 +950,103 @@ _NAN_CAUSES = (": an update inside jit saw a label outside [0, K), a mask value 
 
 
 def _moments(s: CollapseStats):
-    return [x for x in (s.sums, s.sqnorms, s.scatter, s.class_scatter) if x is not None]
+  return [x for x in (s.sums, s.sqnorms, s.scatter, s.class_scatter) if x is not None]
 
 
 def _finite(s: CollapseStats) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in _moments(s))
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in _moments(s))
 
 
 def _stats_ok(s: CollapseStats):
-    """Traceable: every class seen and every moment finite."""
-    ok = jnp.all(s.counts > 0)
-    for x in _moments(s):
-        ok = ok & jnp.all(jnp.isfinite(x))
-    return ok
+  """Traceable: every class seen and every moment finite."""
+  ok = jnp.all(s.counts > 0)
+  for x in _moments(s):
+    ok = ok & jnp.all(jnp.isfinite(x))
+  return ok
 
 
 def _reshift(s: CollapseStats, new_shift) -> CollapseStats:
-    # h - new = (h - old) + delta, delta = old - new.
-    delta = s.shift - new_shift
-    n = s.counts.astype(s.shift.dtype)
-    sums = s.sums + n[:, None] * delta
-    sq = s.sqnorms + 2.0 * jnp.sum(s.sums * delta, axis=1) + n * jnp.sum(delta * delta, axis=1)
-    cross = jnp.dot(s.sums.T, delta, precision=_HI)
-    scatter = s.scatter + cross + cross.T + jnp.dot(delta.T * n, delta, precision=_HI)
-    cs = s.class_scatter
-    if cs is not None:
-        c = jnp.einsum("kd,ke->kde", s.sums, delta, precision=_HI)
-        cs = cs + c + jnp.swapaxes(c, 1, 2) + jnp.einsum("k,kd,ke->kde", n, delta, delta,
-                                                          precision=_HI)
-    return CollapseStats(s.counts, new_shift, sums, sq, scatter, cs)
+  # h - new = (h - old) + delta, delta = old - new.
+  delta = s.shift - new_shift
+  n = s.counts.astype(s.shift.dtype)
+  sums = s.sums + n[:, None] * delta
+  sq = s.sqnorms + 2.0 * jnp.sum(s.sums * delta, axis=1) + n * jnp.sum(delta * delta, axis=1)
+  cross = jnp.dot(s.sums.T, delta, precision=_HI)
+  scatter = s.scatter + cross + cross.T + jnp.dot(delta.T * n, delta, precision=_HI)
+  cs = s.class_scatter
+  if cs is not None:
+    c = jnp.einsum("kd,ke->kde", s.sums, delta, precision=_HI)
+    cs = cs + c + jnp.swapaxes(c, 1, 2) + jnp.einsum("k,kd,ke->kde", n, delta, delta,
+                                                      precision=_HI)
+  return CollapseStats(s.counts, new_shift, sums, sq, scatter, cs)
 
 
 def _shift_residuals(s: CollapseStats, h, y, w):
-    """A batch in the statistics' frame: (new shifts, residuals h - c_y, labels, bad).
+  """A batch in the statistics' frame: (new shifts, residuals h - c_y, labels, bad).
 
-    Rows count where ``w != 0``.  A class seen for the first time takes its first counted
-    row as shift.  Residuals of rows that do not count are 0 and their labels become K
-    (dropped by every scatter below); ``bad`` flags counted rows with a label outside
-    ``[0, K)`` or a weight other than 0/1.
-    """
-    k, dt = s.num_classes, s.shift.dtype
-    n = h.shape[0]
-    counted = w != 0
-    valid = counted & (y >= 0) & (y < k)
-    bad = jnp.any(counted & ~valid) | jnp.any(counted & (w != 1))
-    yv = jnp.where(valid, y, k)
-    first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), yv, num_segments=k)
-    new = (s.counts == 0) & (first < n)
-    shift = jnp.where(new[:, None], h[jnp.minimum(first, n - 1)].astype(dt), s.shift)
-    hc = jnp.where(valid[:, None], h.astype(dt) - shift[jnp.minimum(yv, k - 1)], 0.0)
-    return shift, hc, yv, bad
+  Rows count where ``w != 0``.  A class seen for the first time takes its first counted
+  row as shift.  Residuals of rows that do not count are 0 and their labels become K
+  (dropped by every scatter below); ``bad`` flags counted rows with a label outside
+  ``[0, K)`` or a weight other than 0/1.
+  """
+  k, dt = s.num_classes, s.shift.dtype
+  n = h.shape[0]
+  counted = w != 0
+  valid = counted & (y >= 0) & (y < k)
+  bad = jnp.any(counted & ~valid) | jnp.any(counted & (w != 1))
+  yv = jnp.where(valid, y, k)
+  first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), yv, num_segments=k)
+  new = (s.counts == 0) & (first < n)
+  shift = jnp.where(new[:, None], h[jnp.minimum(first, n - 1)].astype(dt), s.shift)
+  hc = jnp.where(valid[:, None], h.astype(dt) - shift[jnp.minimum(yv, k - 1)], 0.0)
+  return shift, hc, yv, bad
 
 
 def _host_shift_residuals(s: CollapseStats, features, labels, keep):
-    """_shift_residuals in float64 on the host, for 64-bit NumPy features without x64.
+  """_shift_residuals in float64 on the host, for 64-bit NumPy features without x64.
 
-    The residuals are rounded to float32 only after the subtraction, so a large offset costs
-    no precision; the inputs were validated, so ``bad`` is False.
-    """
-    k = s.num_classes
-    a = np.asarray(features).astype(np.float64)
-    y = np.asarray(labels).astype(np.int64)
-    shift = np.array(s.shift)
-    rows = np.flatnonzero(keep)
-    cls, first = np.unique(y[rows], return_index=True)
-    new = np.asarray(s.counts)[cls] == 0
-    with np.errstate(over="ignore", invalid="ignore"):
-        shift[cls[new]] = a[rows[first[new]]]
-        hc = np.zeros(a.shape, shift.dtype)
-        hc[rows] = a[rows] - shift[y[rows]].astype(np.float64)
-    yv = np.where(keep, y, k).astype(np.int32)
-    return jnp.asarray(shift), jnp.asarray(hc), jnp.asarray(yv), jnp.asarray(False)
+  The residuals are rounded to float32 only after the subtraction, so a large offset costs
+  no precision; the inputs were validated, so ``bad`` is False.
+  """
+  k = s.num_classes
+  a = np.asarray(features).astype(np.float64)
+  y = np.asarray(labels).astype(np.int64)
+  shift = np.array(s.shift)
+  rows = np.flatnonzero(keep)
+  cls, first = np.unique(y[rows], return_index=True)
+  new = np.asarray(s.counts)[cls] == 0
+  with np.errstate(over="ignore", invalid="ignore"):
+    shift[cls[new]] = a[rows[first[new]]]
+    hc = np.zeros(a.shape, shift.dtype)
+    hc[rows] = a[rows] - shift[y[rows]].astype(np.float64)
+  yv = np.where(keep, y, k).astype(np.int32)
+  return jnp.asarray(shift), jnp.asarray(hc), jnp.asarray(yv), jnp.asarray(False)
 
 
 def _accumulate(s: CollapseStats, shift, hc, yv, bad):
-    """Adds shifted rows; returns (statistics, tiny).
+  """Adds shifted rows; returns (statistics, tiny).
 
-    ``tiny`` flags a counted row whose residual is nonzero but below sqrt(smallest normal)
-    (1e-19 in float32) in every component: its square would underflow to 0 and the
-    statistics would silently lose that row's spread.  Bad rows (``bad``) or tiny ones make
-    the statistics NaN, never a number about a subset.
-    """
-    k = s.num_classes
-    n = hc.shape[0]
-    onehot = jax.nn.one_hot(yv, k, dtype=hc.dtype)                   # label K: zero row
-    nb = _add_rows(jnp.zeros((k,), jnp.int32), yv, jnp.ones((n,), jnp.int32))
-    rowmax = jnp.max(jnp.abs(hc), axis=1)
-    tiny = jnp.any((rowmax > 0) & (rowmax < np.sqrt(jnp.finfo(hc.dtype).tiny)))
-    sums = lax.dot_general(onehot, hc, (((0,), (0,)), ((), ())), precision=_HI)
-    sq = jnp.dot(jnp.sum(hc * hc, axis=1), onehot, precision=_HI)
-    scatter = jnp.dot(hc.T, hc, precision=_HI)
-    cs = s.class_scatter
-    if cs is not None:
-        cs = cs + jnp.einsum("nk,nd,ne->kde", onehot, hc, hc, precision=_HI)
-    poison = jnp.where(bad | tiny, jnp.nan, 0.0).astype(hc.dtype)
-    new = CollapseStats(s.counts + nb, shift, s.sums + sums + poison, s.sqnorms + sq + poison,
-                        s.scatter + scatter + poison, None if cs is None else cs + poison)
-    return new, tiny
+  ``tiny`` flags a counted row whose residual is nonzero but below sqrt(smallest normal)
+  (1e-19 in float32) in every component: its square would underflow to 0 and the
+  statistics would silently lose that row's spread.  Bad rows (``bad``) or tiny ones make
+  the statistics NaN, never a number about a subset.
+  """
+  k = s.num_classes
+  n = hc.shape[0]
+  onehot = jax.nn.one_hot(yv, k, dtype=hc.dtype)                   # label K: zero row
+  nb = _add_rows(jnp.zeros((k,), jnp.int32), yv, jnp.ones((n,), jnp.int32))
+  rowmax = jnp.max(jnp.abs(hc), axis=1)
+  tiny = jnp.any((rowmax > 0) & (rowmax < np.sqrt(jnp.finfo(hc.dtype).tiny)))
+  sums = lax.dot_general(onehot, hc, (((0,), (0,)), ((), ())), precision=_HI)
+  sq = jnp.dot(jnp.sum(hc * hc, axis=1), onehot, precision=_HI)
+  scatter = jnp.dot(hc.T, hc, precision=_HI)
+  cs = s.class_scatter
+  if cs is not None:
+    cs = cs + jnp.einsum("nk,nd,ne->kde", onehot, hc, hc, precision=_HI)
+  poison = jnp.where(bad | tiny, jnp.nan, 0.0).astype(hc.dtype)
+  new = CollapseStats(s.counts + nb, shift, s.sums + sums + poison, s.sqnorms + sq + poison,
+                      s.scatter + scatter + poison, None if cs is None else cs + poison)
+  return new, tiny
 
 
 _stats_accumulate = jax.jit(_accumulate)
@@ -1054,49 +1054,49 @@ _stats_accumulate = jax.jit(_accumulate)
 
 @jax.jit
 def _stats_update(s: CollapseStats, h, y, w):
-    return _accumulate(s, *_shift_residuals(s, h, y, w))
+  return _accumulate(s, *_shift_residuals(s, h, y, w))
 
 
 def _stats_frame(s: CollapseStats):
-    """(n, m, centred/scale, 1/scale): means about the shifts and the rescaled centred means."""
-    n = s.counts.astype(s.shift.dtype)
-    m = s.sums / jnp.maximum(n, 1)[:, None]                         # mu_k - c_k
-    centred = _centred_means(s.shift, m)
-    inv = _inv_pow2_scale(centred)
-    return n, m, centred * inv, inv
+  """(n, m, centred/scale, 1/scale): means about the shifts and the rescaled centred means."""
+  n = s.counts.astype(s.shift.dtype)
+  m = s.sums / jnp.maximum(n, 1)[:, None]                         # mu_k - c_k
+  centred = _centred_means(s.shift, m)
+  inv = _inv_pow2_scale(centred)
+  return n, m, centred * inv, inv
 
 
 @jax.jit
 def _stats_nc1(s: CollapseStats):
-    n, m, centred, inv = _stats_frame(s)
-    v, inv_s2 = _lowrank(centred, s.shift.dtype)
-    v = v * inv
-    # N Sigma_W = scatter - sum_k n_k m_k m_k^T  (small terms: m_k is the mean about c_k)
-    mv = jnp.dot(m, v, precision=_HI)
-    proj = (jnp.sum(v * jnp.dot(s.scatter, v, precision=_HI), axis=0)
-            - jnp.sum(n[:, None] * mv * mv, axis=0)) / jnp.sum(n)
-    val = jnp.maximum(jnp.sum(jnp.maximum(proj, 0.0) * inv_s2), 0.0)
-    return jnp.where(_stats_ok(s), val, jnp.nan)
+  n, m, centred, inv = _stats_frame(s)
+  v, inv_s2 = _lowrank(centred, s.shift.dtype)
+  v = v * inv
+  # N Sigma_W = scatter - sum_k n_k m_k m_k^T  (small terms: m_k is the mean about c_k)
+  mv = jnp.dot(m, v, precision=_HI)
+  proj = (jnp.sum(v * jnp.dot(s.scatter, v, precision=_HI), axis=0)
+          - jnp.sum(n[:, None] * mv * mv, axis=0)) / jnp.sum(n)
+  val = jnp.maximum(jnp.sum(jnp.maximum(proj, 0.0) * inv_s2), 0.0)
+  return jnp.where(_stats_ok(s), val, jnp.nan)
 
 
 @jax.jit
 def _stats_cdnv(s: CollapseStats):
-    n, m, centred, inv = _stats_frame(s)
-    n = jnp.maximum(n, 1)
-    var = jnp.maximum(s.sqnorms / n - jnp.sum(m * m, axis=1), 0.0) * (inv * inv)
-    return jnp.where(_stats_ok(s), _cdnv_from(var, centred), jnp.nan)
+  n, m, centred, inv = _stats_frame(s)
+  n = jnp.maximum(n, 1)
+  var = jnp.maximum(s.sqnorms / n - jnp.sum(m * m, axis=1), 0.0) * (inv * inv)
+  return jnp.where(_stats_ok(s), _cdnv_from(var, centred), jnp.nan)
 
 
 @jax.jit
 def _stats_numrank(s: CollapseStats):
-    n = s.counts.astype(s.shift.dtype)
-    c = s.shift
-    fro2 = s.sqnorms + 2.0 * jnp.sum(c * s.sums, axis=1) + n * jnp.sum(c * c, axis=1)
-    cross = jnp.einsum("kd,ke->kde", s.sums, c, precision=_HI)
-    second = (s.class_scatter + cross + jnp.swapaxes(cross, 1, 2)
-              + jnp.einsum("k,kd,ke->kde", n, c, c, precision=_HI))
-    spec2 = jnp.linalg.eigvalsh(second)[:, -1]
-    return jnp.where(_stats_ok(s), jnp.mean(fro2 / spec2), jnp.nan)
+  n = s.counts.astype(s.shift.dtype)
+  c = s.shift
+  fro2 = s.sqnorms + 2.0 * jnp.sum(c * s.sums, axis=1) + n * jnp.sum(c * c, axis=1)
+  cross = jnp.einsum("kd,ke->kde", s.sums, c, precision=_HI)
+  second = (s.class_scatter + cross + jnp.swapaxes(cross, 1, 2)
+            + jnp.einsum("k,kd,ke->kde", n, c, c, precision=_HI))
+  spec2 = jnp.linalg.eigvalsh(second)[:, -1]
+  return jnp.where(_stats_ok(s), jnp.mean(fro2 / spec2), jnp.nan)
 
 
 # ----------------------------------------------------------------------------- layer-wise
@@ -1110,44 +1110,44 @@ _LAYER_METRICS = {
 
 
 def _pool(x, name, token_index):
-    """(N, C) features of one layer; pooling keeps the precision the metrics will use."""
-    fn = f"layerwise[{name!r}]"
-    x = _check_features(x, fn, ndims=(2, 3, 4))
-    if x.ndim == 3 and token_index is not None:                     # (N, T, C): one token
-        t = x.shape[1]
-        if not -t <= token_index < t:
-            raise ValueError(f"{fn}: token_index {token_index} out of range for {t} tokens")
-        return x[:, token_index]
-    if x.ndim == 2:
-        return x
-    axes = (1, 2) if x.ndim == 4 else (1,)                           # (N, H, W, C) / (N, T, C)
-    if not _on_device(x) and _wide(np.dtype(x.dtype)) and not jax.config.jax_enable_x64:
-        return np.mean(np.asarray(x), axis=axes, dtype=np.float64)  # the metric converts it
-    x = jnp.asarray(x)
-    return jnp.mean(x.astype(_compute_dtype(x.dtype)), axis=axes)
+  """(N, C) features of one layer; pooling keeps the precision the metrics will use."""
+  fn = f"layerwise[{name!r}]"
+  x = _check_features(x, fn, ndims=(2, 3, 4))
+  if x.ndim == 3 and token_index is not None:                     # (N, T, C): one token
+    t = x.shape[1]
+    if not -t <= token_index < t:
+      raise ValueError(f"{fn}: token_index {token_index} out of range for {t} tokens")
+    return x[:, token_index]
+  if x.ndim == 2:
+    return x
+  axes = (1, 2) if x.ndim == 4 else (1,)                           # (N, H, W, C) / (N, T, C)
+  if not _on_device(x) and _wide(np.dtype(x.dtype)) and not jax.config.jax_enable_x64:
+    return np.mean(np.asarray(x), axis=axes, dtype=np.float64)  # the metric converts it
+  x = jnp.asarray(x)
+  return jnp.mean(x.astype(_compute_dtype(x.dtype)), axis=axes)
 
 
 def layerwise(features_by_layer: Mapping[str, Any], labels, num_classes: int | None = None,
               token_index: int | None = None,
               metrics: Sequence[str] = ("nc1", "cdnv", "numerical_rank")) -> dict:
-    """Metrics for every layer: ``{layer: {metric: float}}`` in the input dict's order.
+  """Metrics for every layer: ``{layer: {metric: float}}`` in the input dict's order.
 
-    4-D (N, H, W, C) features are average-pooled over H, W; 3-D (N, T, C) are mean-pooled over
-    tokens, or the token ``token_index`` is taken (e.g. 0 for a ViT class token); 2-D are used
-    as is.  ``metrics`` are names from: nc1, nc1_pinv, cdnv, numerical_rank, nc2_etf.
-    """
-    if isinstance(metrics, str):
-        metrics = (metrics,)
-    unknown = [m for m in metrics if m not in _LAYER_METRICS]
-    if unknown:
-        raise ValueError(f"layerwise: unknown metric(s) {unknown}; choose from "
-                         f"{sorted(_LAYER_METRICS)}")
-    if not isinstance(features_by_layer, Mapping) or not features_by_layer:
-        raise ValueError("layerwise: features_by_layer must be a non-empty dict name -> array")
-    if token_index is not None:
-        token_index = _as_int(token_index, "token_index", "layerwise")
-    out = {}
-    for name, x in features_by_layer.items():
-        h = _pool(x, name, token_index)
-        out[name] = {m: float(_LAYER_METRICS[m](h, labels, num_classes)) for m in metrics}
-    return out
+  4-D (N, H, W, C) features are average-pooled over H, W; 3-D (N, T, C) are mean-pooled over
+  tokens, or the token ``token_index`` is taken (e.g. 0 for a ViT class token); 2-D are used
+  as is.  ``metrics`` are names from: nc1, nc1_pinv, cdnv, numerical_rank, nc2_etf.
+  """
+  if isinstance(metrics, str):
+    metrics = (metrics,)
+  unknown = [m for m in metrics if m not in _LAYER_METRICS]
+  if unknown:
+    raise ValueError(f"layerwise: unknown metric(s) {unknown}; choose from "
+                     f"{sorted(_LAYER_METRICS)}")
+  if not isinstance(features_by_layer, Mapping) or not features_by_layer:
+    raise ValueError("layerwise: features_by_layer must be a non-empty dict name -> array")
+  if token_index is not None:
+    token_index = _as_int(token_index, "token_index", "layerwise")
+  out = {}
+  for name, x in features_by_layer.items():
+    h = _pool(x, name, token_index)
+    out[name] = {m: float(_LAYER_METRICS[m](h, labels, num_classes)) for m in metrics}
+  return out
