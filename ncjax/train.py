@@ -2,7 +2,9 @@
 
 The pieces, each a plain function over pytrees:
 
-* `make_optimizer` — SGD + momentum + weight decay with a cosine schedule, wrapped in
+* `lr_schedule` — the paper's cosine learning-rate schedule (optional linear warm-up), the one
+  definition used by the optimizer and by whoever logs the learning rate.
+* `make_optimizer` — SGD + momentum + weight decay on `lr_schedule`, wrapped in
   `optax.masked(…, mask)` so frozen leaves keep no optimizer state.
 * `make_train_step` — the single train step. It splits the parameters with the method's mask
   (`ncjax.methods.partition`) and differentiates the loss with respect to the trainable
@@ -13,15 +15,33 @@ The pieces, each a plain function over pytrees:
   sharded and the state replicated. The same code runs on one CPU, 8 simulated CPU devices, a
   GPU, a TPU pod slice and several hosts (`jax.distributed`; each process feeds its own slice
   of the global batch through `jax.make_array_from_process_local_data`).
-* `fit` — the loop: deterministic data order and augmentation from the seed and the step, so a
-  run resumed from an orbax checkpoint ends with bit-identical parameters; a NaN/Inf loss stops
-  the run with an error naming the step; tqdm progress bars.
+* `fit` — the loop: deterministic data order and augmentation from the seed and the step; log
+  windows end at fixed steps (every `log_every`, every checkpoint, the end); a NaN/Inf loss
+  stops the run with an error naming the step; tqdm progress bars.
+
+Checkpoint lifecycle (orbax, one directory per run; whether a directory may be reused is
+decided upstream, from config fingerprints, before training starts):
+
+* Each checkpoint holds the `TrainState` and the log history up to its step, and is written
+  only after the losses of its window and the parameters were checked finite, so a diverging
+  run never rotates its last finite checkpoints out.
+* `fit` with a `checkpoint_dir` always continues from the newest readable checkpoint there.
+  Since windows end at every checkpoint step, a run killed and resumed returns the parameters
+  and the history of an uninterrupted run, bit for bit.
+* Before resuming, orbax's ``*.orbax-checkpoint-tmp*`` leftovers (a save killed midway) are
+  removed with a warning; an unreadable newest checkpoint is renamed aside
+  (``<step>.unreadable``, never deleted) with a warning and the next newest one is used; no
+  readable checkpoint at all is a `CheckpointError`.
+* A full disk while saving is reported as ``OSError(ENOSPC, ..., <checkpoint path>)``.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import os
+import shutil
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -31,10 +51,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from ncjax import methods
+from ncjax.errors import CheckpointError
 
 PyTree = Any
 # forward(params, batch_stats, x, train) -> (logits, new_batch_stats)
@@ -66,19 +88,26 @@ class OptimConfig:
     return cls(**{k: cfg[k] for k in fields if k in cfg})
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, mask: PyTree) -> optax.GradientTransformation:
-  """Masked SGD: frozen leaves (``mask`` False) get neither updates nor optimizer state."""
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  """The learning rate of update ``count`` (0-based optimizer steps): linear warm-up from 0
+  over ``cfg.warmup_steps`` (none: starts at ``cfg.lr``), then cosine from ``cfg.lr`` down to
+  ``cfg.lr_end`` at `total_steps`."""
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
   if cfg.lr_end > cfg.lr:
     raise ValueError(f"lr_end ({cfg.lr_end}) must not exceed lr ({cfg.lr})")
-  schedule = optax.warmup_cosine_decay_schedule(
+  return optax.warmup_cosine_decay_schedule(
       init_value=cfg.lr if cfg.warmup_steps == 0 else 0.0, peak_value=cfg.lr,
       warmup_steps=cfg.warmup_steps, decay_steps=max(total_steps, cfg.warmup_steps + 1),
       end_value=cfg.lr_end)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, mask: PyTree) -> optax.GradientTransformation:
+  """Masked SGD on `lr_schedule`: frozen leaves (``mask`` False) get neither updates nor
+  optimizer state."""
   inner = optax.chain(
       optax.add_decayed_weights(cfg.weight_decay),  # PyTorch-style L2 on the gradient
-      optax.sgd(schedule, momentum=cfg.momentum),
+      optax.sgd(lr_schedule(cfg, total_steps), momentum=cfg.momentum),
   )
   return optax.masked(inner, mask)
 
@@ -268,6 +297,195 @@ def jit_train_step(step, mesh: Mesh):
                  donate_argnums=(0,), compiler_options=_cpu_train_options() if on_cpu else None)
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+# orbax writes a step under `<step>.orbax-checkpoint-tmp…` and renames it once complete.
+_TMP_MARK = ".orbax-checkpoint-tmp"
+_UNREADABLE = ".unreadable"
+
+
+def _checkpoint_manager(directory: str, max_to_keep: int = 2):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False))
+
+
+def _warn(message: str) -> None:
+  """A warning in the absl log (cluster and file logs) and on stderr (the terminal, whatever
+  the absl verbosity)."""
+  logging.warning("%s", message)
+  print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+  """``Type: message`` on one line, at most about `limit` characters of message."""
+  text = " ".join(str(exc).split()) or "(no message)"
+  if len(text) > limit:
+    text = text[:limit - 3] + "..."
+  return f"{type(exc).__name__}: {text}"
+
+
+def _is_chief() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  """Waits for every process (several hosts share one checkpoint directory; only process 0
+  renames or removes in it)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def remove_partial_saves(directory: str) -> list[str]:
+  """Removes orbax's temporary directories (``<step>.orbax-checkpoint-tmp*``) from
+  `directory`, with a warning naming them; returns their paths.
+
+  orbax gives a save its final name only once it is complete, so such a directory is a save
+  that was killed midway: never readable, and in the way of the next save of its step."""
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    return []
+  leftovers = sorted(os.path.join(directory, n) for n in os.listdir(directory) if _TMP_MARK in n)
+  if leftovers and _is_chief():
+    _warn(f"removing {len(leftovers)} incomplete checkpoint save(s) left by an interrupted run "
+          f"in {directory}: {', '.join(os.path.basename(p) for p in leftovers)}")
+    for path in leftovers:
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+  _sync("ncjax.remove_partial_saves")
+  return leftovers
+
+
+def _abstract(state: PyTree) -> PyTree:
+  """`state` with each array replaced by its shape, dtype and sharding (a restore target)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                      if isinstance(x, jax.Array) else x, state)
+
+
+def _checked_history(history, step: int) -> list[dict]:
+  """`history` as restored from json, checked to be windows ``{'step', 'loss', 'accuracy'}``
+  ending in increasing order by `step` (a garbled file can still parse)."""
+  if not isinstance(history, list) or not all(
+      isinstance(h, dict) and {"step", "loss", "accuracy"} <= set(h) for h in history):
+    raise ValueError("the history is not a list of {'step', 'loss', 'accuracy'} entries")
+  steps = [h["step"] for h in history]
+  if any(not isinstance(s, int) for s in steps) or steps != sorted(set(steps)) or (
+      steps and steps[-1] > step):
+    raise ValueError(f"the history's steps {steps} are not increasing up to step {step}")
+  return [dict(h) for h in history]
+
+
+def _set_aside(directory: str, step: int) -> str:
+  """Renames the step directory `step` to a free ``<step>.unreadable[-k]``; returns the name."""
+  base = f"{step}{_UNREADABLE}"
+  name, k = base, 0
+  while os.path.exists(os.path.join(directory, name)):
+    k += 1
+    name = f"{base}-{k}"
+  os.rename(os.path.join(directory, str(step)), os.path.join(directory, name))
+  return name
+
+
+def restore_latest(directory: str, abstract_state: TrainState
+                   ) -> tuple[TrainState, list[dict]] | None:
+  """The newest readable checkpoint in `directory` (written by `fit`): its state, restored
+  into the structure and shardings of `abstract_state` (a `TrainState` of arrays or of
+  `jax.ShapeDtypeStruct`), and the `fit` history saved with it. None when `directory` holds
+  no checkpoint.
+
+  Newer checkpoints that cannot be restored (truncated or garbled files, an empty step
+  directory) are renamed aside to ``<step>.unreadable`` with a warning: kept for inspection,
+  and out of the way of the next save of that step.
+
+  Raises:
+    CheckpointError: `directory` holds checkpoints but none is readable (nothing is renamed;
+      the one-line message names the directory and the newest checkpoint's error).
+  """
+  import orbax.checkpoint as ocp
+  if not directory or not os.path.isdir(directory):
+    return None
+  directory = os.path.abspath(directory)
+  target = _abstract(abstract_state)
+  mngr = _checkpoint_manager(directory)
+  failed, restored = [], None
+  try:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        r = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore()))
+        restored = (step, r.state, _checked_history(r.history, int(r.state.step)))
+        break
+      # Whatever fails (orbax, tensorstore, json, a missing item), this step cannot be used.
+      except Exception as e:  # noqa: BLE001
+        failed.append((step, e))
+  finally:
+    mngr.close()
+  if not steps:
+    return None
+  if restored is None:
+    raise CheckpointError(
+        f"no readable checkpoint in {directory} (steps {', '.join(map(str, steps))}; newest: "
+        f"{_one_line(failed[0][1])}); move the directory aside to start the run afresh")
+  step, state, history = restored
+  if _is_chief():
+    for bad, e in failed:
+      aside = _set_aside(directory, bad)
+      _warn(f"checkpoint step {bad} in {directory} is unreadable ({_one_line(e)}); renamed it "
+            f"to {aside} (not deleted) and resuming from step {step}")
+  _sync("ncjax.restore_latest")
+  return state, history
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+  """`exc` and every exception reachable from it through ``__cause__``, ``__context__`` and
+  exception groups (asyncio's TaskGroup wraps what a save task raised)."""
+  seen, todo = set(), [exc]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    yield e
+    todo += [e.__cause__, e.__context__]
+    inner = getattr(e, "exceptions", ())  # an ExceptionGroup's members (Python >= 3.11)
+    if isinstance(inner, (tuple, list)):
+      todo += [x for x in inner if isinstance(x, BaseException)]
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+  chain = list(_exception_chain(exc))
+  if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain):
+    return True
+  # tensorstore raises ValueError and keeps only the text ("[OS error 28: No space left...]").
+  return any("no space left on device" in str(e).lower() or "ENOSPC" in str(e) for e in chain)
+
+
+def _save_checkpoint(mngr, step: int, state: TrainState, history: list[dict]) -> None:
+  """Saves `state` and `history` as checkpoint `step` (synchronously).
+
+  Raises:
+    OSError: ENOSPC with the checkpoint's path as filename (from the original error, however
+      deeply orbax wrapped it), so the caller can report a full disk in one line.
+  """
+  import orbax.checkpoint as ocp
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                            history=ocp.args.JsonSave([dict(h) for h in history]))
+  try:
+    mngr.save(step, args=args, force=True)
+    mngr.wait_until_finished()
+  except Exception as e:
+    if _is_disk_full(e):
+      path = os.path.join(str(mngr.directory), str(step))
+      raise OSError(errno.ENOSPC, "No space left on device", path) from e
+    raise
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def batch_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
@@ -290,87 +508,100 @@ def batch_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, *, s
       step += 1
 
 
-def _checkpoint_manager(directory: str, max_to_keep: int = 2):
-  import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(
-      os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False))
-
-
-def restore_latest(directory: str, abstract_state: TrainState) -> TrainState | None:
-  """The latest checkpoint in `directory` restored into `abstract_state`'s structure, or None."""
-  import orbax.checkpoint as ocp
-  if not directory or not os.path.isdir(directory):
-    return None
-  mngr = _checkpoint_manager(directory)
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-                        if isinstance(x, jax.Array) else x, abstract_state)
-  return mngr.restore(step, args=ocp.args.StandardRestore(target))
-
-
 def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
         batch_size: int, total_steps: int, seed: int, mesh: Mesh | None = None,
-        checkpoint_dir: str | None = None, checkpoint_every: int = 0, resume: bool = False,
-        log_every: int = 50, desc: str = "train") -> tuple[TrainState, list[dict]]:
+        checkpoint_dir: str | None = None, checkpoint_every: int = 0, log_every: int = 50,
+        desc: str = "train", lr_fn: Callable[[int], Any] | None = None,
+        on_log: Callable[[dict], None] | None = None) -> tuple[TrainState, list[dict]]:
   """Runs `step_fn` (from `make_train_step`) until ``state.step == total_steps``.
 
   Args:
+    state: the initial state, copied (the caller's arrays stay alive). When `checkpoint_dir`
+      holds a checkpoint, only its structure and shardings are used.
     images, labels: the whole training set on the host (global; every process holds it).
     batch_size: global batch size (divisible by the number of devices).
-    checkpoint_dir: orbax checkpoints go there every `checkpoint_every` steps (0: only at the
-      end); with `resume`, training continues from the latest one.
+    seed: fixes the data order and the augmentation of every step.
+    checkpoint_dir: orbax checkpoints (state and history) go there at every multiple of
+      `checkpoint_every` (0: none) and at `total_steps`. Training always continues from the
+      newest readable checkpoint already there (`restore_latest`), after removing orbax's
+      incomplete saves (`remove_partial_saves`); nothing else is deleted. Whether the
+      directory belongs to this run is the caller's decision.
+    log_every: a log window ends every `log_every` steps, at every multiple of
+      `checkpoint_every` (with or without a directory) and at `total_steps`: window ends depend
+      on the step only, so a resumed run logs exactly the windows of an uninterrupted one.
+    desc: the progress bar's label and the prefix of error messages.
+    lr_fn: the learning rate at an optimizer step (e.g. `lr_schedule`), for `on_log`.
+    on_log: called at the end of every window (after its checkpoint is saved) with
+      ``{'step', 'loss', 'accuracy', 'lr', 'examples_per_s'}``: the window's mean loss and
+      accuracy (fraction), ``lr_fn(step)`` (NaN without `lr_fn`) and the window's global
+      examples per wall-clock second (the first window includes compilation).
   Returns:
-    the final state and a history of ``{'step', 'loss', 'accuracy'}`` averaged per log window.
+    the final state and the history, one ``{'step', 'loss', 'accuracy'}`` (window means,
+    Python floats) per window since step 0: windows before a resume come from the checkpoint,
+    so a killed and resumed run returns the history of an uninterrupted one, bit for bit.
   Raises:
-    FloatingPointError: a loss was NaN or Inf (the message names the step).
+    FloatingPointError: a loss, or a parameter before a save, was NaN or Inf (the message
+      names the step; the checkpoints on disk, all finite, are kept).
+    CheckpointError: `checkpoint_dir` holds checkpoints but none is readable, or the newest
+      one is past `total_steps`.
+    OSError: errno ENOSPC, the disk filled up while saving (filename: the checkpoint's path).
   """
-  import orbax.checkpoint as ocp
+  if log_every < 1 or checkpoint_every < 0:
+    raise ValueError(f"log_every must be >= 1 and checkpoint_every >= 0, got {log_every} "
+                     f"and {checkpoint_every}")
   mesh = mesh or data_mesh()
   check_batch_size(batch_size, mesh)
   train_step = jit_train_step(step_fn, mesh)
   # The step donates its state; copy so the caller's arrays (e.g. pre-trained weights shared
   # by several runs) stay alive.
   state = put_replicated(mesh, state, copy=True)
-  mngr = _checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
-  if mngr is not None and mngr.latest_step() is not None:
-    if resume:
-      state = restore_latest(checkpoint_dir, state)
-    else:  # a fresh run: checkpoints of an earlier run in this directory are stale
-      for s in mngr.all_steps():
-        mngr.delete(s)
+  history: list[dict] = []
+  mngr = None
+  if checkpoint_dir:
+    checkpoint_dir = os.path.abspath(checkpoint_dir)
+    remove_partial_saves(checkpoint_dir)
+    restored = restore_latest(checkpoint_dir, state)
+    if restored is not None:
+      state, history = restored
+      if int(state.step) > total_steps:
+        raise CheckpointError(f"{desc}: the newest checkpoint in {checkpoint_dir} is at step "
+                              f"{int(state.step)}, past total_steps={total_steps}")
+    mngr = _checkpoint_manager(checkpoint_dir)
   start = int(state.step)
+  if start > total_steps:
+    raise ValueError(f"{desc}: the state is at step {start}, past total_steps={total_steps}")
   rng = jax.device_put(jax.random.PRNGKey(seed), replicated(mesh))
   rows = local_rows(batch_size)
-  history, window = [], []
+  window = []
 
-  def check(upto_step):
-    losses = np.asarray([float(m["loss"]) for m in window])
+  def checkpoint_step(step):
+    return checkpoint_every > 0 and step % checkpoint_every == 0
+
+  def flush(upto_step, since) -> dict:
+    """Ends the window at `upto_step` (started at perf_counter `since`): appends its means to
+    the history and returns the `on_log` entry."""
+    losses = np.asarray([float(m["loss"]) for m in window])  # waits for the device
+    seconds = time.perf_counter() - since
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
       s = upto_step - len(window) + int(bad[0])
       raise FloatingPointError(f"{desc}: non-finite loss {losses[bad[0]]} at step {s} "
                                f"(lower the learning rate, or check the input data)")
-    return losses
-
-  def flush(upto_step):
-    if not window:
-      return
-    losses = check(upto_step)
-    history.append({"step": upto_step, "loss": float(losses.mean()),
-                    "accuracy": float(np.mean([float(m["accuracy"]) for m in window]))})
+    means = {"step": upto_step, "loss": float(losses.mean()),
+             "accuracy": float(np.mean([float(m["accuracy"]) for m in window]))}
+    history.append(means)
+    entry = dict(means, lr=float(lr_fn(upto_step)) if lr_fn is not None else float("nan"),
+                 examples_per_s=len(window) * batch_size / max(seconds, 1e-9))
     window.clear()
+    return entry
 
-  def save(upto_step, force=False):
-    # Never write a diverged state: it could rotate the last finite checkpoints out.
-    check(upto_step)
+  def save(upto_step):
+    # The window's losses were checked by `flush`; never write diverged parameters either:
+    # they could rotate the last finite checkpoints out.
     if not bool(_all_finite((state.params, state.opt_state))):
       raise FloatingPointError(f"{desc}: non-finite parameters after step {upto_step} "
                                "(lower the learning rate); the checkpoints on disk are kept")
-    mngr.save(upto_step, args=ocp.args.StandardSave(state), force=force)
+    _save_checkpoint(mngr, upto_step, state, history)
 
   from ncjax import data
   # Batches are gathered (and, for a lazily decoded split, decoded) a few steps ahead in a
@@ -378,26 +609,29 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
   batches = data.prefetch(batch_iterator(images, labels, batch_size, seed=seed,
                                          start_step=start, total_steps=total_steps), size=3)
   bar = progress(batches, total=total_steps, initial=start, desc=desc)
-  step = start
-  for x, y in bar:
-    state, m = train_step(state, to_global(mesh, x[rows]), to_global(mesh, y[rows]),
-                          rng)
-    step += 1
-    window.append(m)
-    if step % log_every == 0 or step == total_steps:
-      flush(step)
-      if hasattr(bar, "set_postfix"):
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-    if mngr is not None and checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
-      save(step)
-  if hasattr(bar, "close"):
-    bar.close()
-  flush(step)
-  if mngr is not None:
-    if mngr.latest_step() != int(state.step):
-      save(int(state.step), force=True)
-    mngr.wait_until_finished()
-    mngr.close()
+  step, since = start, time.perf_counter()
+  try:
+    for x, y in bar:
+      state, m = train_step(state, to_global(mesh, x[rows]), to_global(mesh, y[rows]), rng)
+      step += 1
+      window.append(m)
+      if step % log_every == 0 or checkpoint_step(step) or step == total_steps:
+        entry = flush(step, since)
+        if mngr is not None and (checkpoint_step(step) or step == total_steps):
+          save(step)
+        if hasattr(bar, "set_postfix"):
+          bar.set_postfix(loss=f"{entry['loss']:.4f}")
+        if on_log is not None:
+          on_log(entry)
+        since = time.perf_counter()  # the next window's time excludes saving and logging
+    if mngr is not None and mngr.latest_step() != step:
+      save(step)  # a state that took no step here (already at total_steps)
+  finally:
+    if hasattr(bar, "close"):
+      bar.close()
+    batches.close()  # stops the prefetch thread when the loop ended early
+    if mngr is not None:
+      mngr.close()
   return state, history
 
 

@@ -1,6 +1,10 @@
 """Tests of the fine-tuning methods (masks) and the one train step."""
+import errno
+import glob
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +16,7 @@ import pytest
 import orbax.checkpoint as ocp
 
 from ncjax import methods, models, train
+from ncjax.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,25 +185,237 @@ def _tiny_problem(n=64, k=4, seed=0):
   return model, v, x, y, prepare
 
 
-def _fit_tiny(tmp, total, stop=None, resume=False, lr=0.1):
+def _fit_tiny(tmp, total, stop=None, lr=0.1, **kw):
+  """`fit` on the tiny problem with the schedule of a `total`-step run, stopped after `stop`
+  steps (a shorter run) if given; `kw` go to `fit` (checkpoints every 2 steps by default)."""
   model, v, x, y, prepare = _tiny_problem()
   mask = methods.trainable_mask(v["params"], "full")
   tx = train.make_optimizer(train.OptimConfig(lr=lr), total, mask)
   step = train.make_train_step(train.model_forward(model), tx, mask, prepare)
   state = train.init_state(v["params"], {}, tx)
+  kw.setdefault("checkpoint_every", 2)
   return train.fit(state, step, x, y, batch_size=16, total_steps=stop or total, seed=3,
-                   checkpoint_dir=tmp, checkpoint_every=2, resume=resume)
+                   checkpoint_dir=tmp, **kw)
+
+
+def _tiny_like(lr=0.1, total=10):
+  """A replicated state of the tiny problem, as a restore target."""
+  model, v, *_ = _tiny_problem()
+  mask = methods.trainable_mask(v["params"], "full")
+  tx = train.make_optimizer(train.OptimConfig(lr=lr), total, mask)
+  return train.put_replicated(train.data_mesh(), train.init_state(v["params"], {}, tx))
+
+
+def _assert_same_state(a, b):
+  leaves = lambda s: jax.tree.leaves((s.params, s.opt_state))
+  for x, y in zip(leaves(a), leaves(b)):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_lr_schedule_is_the_optimizers_schedule():
+  cfg = train.OptimConfig(lr=0.2, lr_end=0.01, warmup_steps=2)
+  sched = train.lr_schedule(cfg, 10)
+  assert float(sched(0)) == 0.0 and float(sched(2)) == pytest.approx(0.2)
+  assert float(sched(10)) == pytest.approx(0.01)
+  # One plain SGD step (no momentum history, no weight decay) moves w by lr(0) * grad.
+  cfg = train.OptimConfig(lr=0.3, lr_end=0.1, momentum=0.0, weight_decay=0.0)
+  params = {"head": {"w": jnp.ones(3)}}
+  tx = train.make_optimizer(cfg, 5, methods.trainable_mask(params, "full"))
+  updates, _ = tx.update({"head": {"w": jnp.ones(3)}}, tx.init(params), params)
+  np.testing.assert_allclose(updates["head"]["w"], -float(train.lr_schedule(cfg, 5)(0)))
+  with pytest.raises(ValueError, match="total_steps must be >= 1"):
+    train.lr_schedule(cfg, 0)
 
 
 def test_resume_is_bit_identical(tmp_path):
   full, _ = _fit_tiny(str(tmp_path / "a"), total=10)
-  _fit_tiny(str(tmp_path / "b"), total=10, stop=5)        # "interrupted" after step 5
-  resumed, _ = _fit_tiny(str(tmp_path / "b"), total=10, resume=True)
+  _fit_tiny(str(tmp_path / "b"), total=10, stop=5)        # a shorter run, to step 5
+  resumed, _ = _fit_tiny(str(tmp_path / "b"), total=10)   # continues from its checkpoint
   assert int(resumed.step) == 10
-  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
-    assert np.array_equal(np.asarray(a), np.asarray(b))
-  for a, b in zip(jax.tree.leaves(full.opt_state), jax.tree.leaves(resumed.opt_state)):
-    assert np.array_equal(np.asarray(a), np.asarray(b))
+  _assert_same_state(full, resumed)
+
+
+class _Killed(BaseException):
+  """Stands for SIGKILL: raised from inside `fit`, caught by no `except Exception`."""
+
+
+def test_killed_and_resumed_run_returns_the_uninterrupted_history(tmp_path):
+  """Windows end every 4 steps, at every checkpoint (3, 6, 9) and at the end: 3 4 6 8 9 10.
+  A run killed at step 8 (after the checkpoint at 6, before the one at 9) and resumed returns
+  the same history as an uninterrupted run, bit for bit (floats round-trip through json)."""
+  kw = dict(total=10, checkpoint_every=3, log_every=4)
+  full, history = _fit_tiny(str(tmp_path / "a"), **kw)
+  assert [h["step"] for h in history] == [3, 4, 6, 8, 9, 10]
+  _, no_dir = _fit_tiny(None, **kw)
+  assert no_dir == history  # windows do not depend on where checkpoints go
+
+  def kill_at_8(entry):
+    if entry["step"] == 8:
+      raise _Killed()
+  d = str(tmp_path / "b")
+  with pytest.raises(_Killed):
+    _fit_tiny(d, on_log=kill_at_8, **kw)
+  assert train._checkpoint_manager(d).latest_step() == 6
+  resumed, resumed_history = _fit_tiny(d, **kw)
+  assert resumed_history == history
+  assert all(type(h["loss"]) is float and type(h["step"]) is int for h in resumed_history)
+  _assert_same_state(full, resumed)
+  # The checkpoint holds the history: resuming a finished run returns it unchanged.
+  state, again = _fit_tiny(d, **kw)
+  assert again == history and int(state.step) == 10
+  restored_state, restored_history = train.restore_latest(d, _tiny_like())
+  assert restored_history == history and int(restored_state.step) == 10
+
+
+def test_on_log_entries(tmp_path):
+  cfg = train.OptimConfig(lr=0.1)
+  lr_fn = train.lr_schedule(cfg, 7)
+  entries = []
+  _, history = _fit_tiny(None, total=7, log_every=3, checkpoint_every=0, lr_fn=lr_fn,
+                         on_log=entries.append)
+  assert [e["step"] for e in entries] == [h["step"] for h in history] == [3, 6, 7]
+  for e, h in zip(entries, history):
+    assert set(e) == {"step", "loss", "accuracy", "lr", "examples_per_s"}
+    assert e["lr"] == float(lr_fn(e["step"]))
+    assert (e["loss"], e["accuracy"]) == (h["loss"], h["accuracy"])
+    assert np.isfinite(e["examples_per_s"]) and e["examples_per_s"] > 0
+  entries.clear()
+  _fit_tiny(None, total=2, log_every=1, on_log=entries.append)
+  assert len(entries) == 2 and all(np.isnan(e["lr"]) for e in entries)  # no lr_fn
+
+
+def _corrupt(step_dir, how):
+  """Damages a saved checkpoint's files the way a crash or a bad disk would."""
+  if how == "empty step dir":
+    shutil.rmtree(step_dir)
+    os.makedirs(step_dir)
+    return
+  pattern, action = {"garbled arrays": ("state/d/*", "garble"),
+                     "truncated ocdbt manifest": ("state/manifest.ocdbt", "truncate"),
+                     "truncated array metadata": ("state/_METADATA", "truncate"),
+                     "garbled history": ("history/metadata", "garble"),
+                     "no history": ("history", "remove")}[how]
+  paths = glob.glob(os.path.join(step_dir, pattern))
+  assert paths, (step_dir, pattern, sorted(os.listdir(step_dir)))
+  for p in paths:
+    if action == "remove":
+      shutil.rmtree(p)
+    elif action == "truncate":
+      with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) // 2)
+    else:
+      with open(p, "rb") as f:
+        b = bytearray(f.read())
+      b[::7] = bytes(c ^ 0xFF for c in b[::7])
+      with open(p, "wb") as f:
+        f.write(bytes(b))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A 6-step run checkpointed every 2 steps (orbax keeps 4 and 6): dir, state, history."""
+  d = str(tmp_path_factory.mktemp("finished") / "ckpt")
+  state, history = _fit_tiny(d, total=6)
+  assert train._checkpoint_manager(d).all_steps() == [4, 6]
+  return d, state, history
+
+
+@pytest.mark.parametrize("how", ["garbled arrays", "truncated ocdbt manifest",
+                                 "truncated array metadata", "garbled history", "no history",
+                                 "empty step dir"])
+def test_unreadable_newest_checkpoint_falls_back_with_a_warning(finished_run, tmp_path, how,
+                                                                capsys, caplog):
+  src, full, history = finished_run
+  d = str(tmp_path / "ckpt")
+  shutil.copytree(src, d)
+  _corrupt(os.path.join(d, "6"), how)
+  with caplog.at_level(logging.WARNING):
+    state, resumed_history = _fit_tiny(d, total=6)  # resumes from 4, saves 6 again
+  err = capsys.readouterr().err
+  assert re.search(rf"checkpoint step 6 in {re.escape(d)} is unreadable .*renamed it to "
+                   r"6\.unreadable .*resuming from step 4", err), err
+  assert any(r.levelno == logging.WARNING and "6.unreadable" in r.getMessage()
+             for r in caplog.records)
+  assert os.path.isdir(os.path.join(d, "6.unreadable"))  # set aside, not deleted
+  assert train._checkpoint_manager(d).all_steps() == [4, 6]
+  assert resumed_history == history
+  _assert_same_state(full, state)
+
+
+def test_no_readable_checkpoint_is_a_one_line_checkpoint_error(finished_run, tmp_path):
+  src, *_ = finished_run
+  d = str(tmp_path / "ckpt")
+  shutil.copytree(src, d)
+  _corrupt(os.path.join(d, "6"), "garbled arrays")
+  _corrupt(os.path.join(d, "4"), "empty step dir")
+  with pytest.raises(CheckpointError) as e:
+    _fit_tiny(d, total=6)
+  msg = str(e.value)
+  assert "\n" not in msg and f"no readable checkpoint in {d} " in msg and "steps 6, 4" in msg
+  assert sorted(os.listdir(d)) == ["4", "6"]  # nothing renamed when there is no fallback
+  assert train.restore_latest(str(tmp_path / "none"), _tiny_like()) is None
+
+
+def test_partial_save_leftovers_are_removed_with_a_warning(tmp_path, monkeypatch, capsys,
+                                                           caplog):
+  """A run killed while writing checkpoint 4 (after its state, inside the history's save)
+  leaves orbax's ``4.orbax-checkpoint-tmp``; the next run removes it, saying so, and resumes
+  from 2."""
+  d = str(tmp_path / "ckpt")
+  full, history = _fit_tiny(str(tmp_path / "ref"), total=4)
+
+  async def killed(*args, **kwargs):
+    raise _Killed()
+  with monkeypatch.context() as m:
+    m.setattr(ocp.JsonCheckpointHandler, "async_save", killed)
+    with pytest.raises(_Killed):
+      _fit_tiny(d, total=4, checkpoint_every=4)  # killed inside the only save, at step 4
+  leftovers = [n for n in os.listdir(d) if ".orbax-checkpoint-tmp" in n]
+  assert leftovers, sorted(os.listdir(d))
+  with caplog.at_level(logging.WARNING):
+    state, resumed_history = _fit_tiny(d, total=4, checkpoint_every=4)
+  err = capsys.readouterr().err
+  assert f"removing 1 incomplete checkpoint save(s) left by an interrupted run in {d}: " \
+         f"{leftovers[0]}" in err, err
+  assert any(leftovers[0] in r.getMessage() for r in caplog.records)
+  assert sorted(os.listdir(d)) == ["4"]
+  _assert_same_state(full, state)
+  assert [h["step"] for h in resumed_history] == [4]
+
+
+def _wrapped_enospc(self, *args, **kwargs):
+  """What a full disk looks like through orbax: an OSError deep in a chain of wrappers."""
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device", "/x/state/d/abc")
+    except OSError as e:
+      raise ValueError("Error writing local file: tensorstore failed") from e
+  except ValueError:
+    raise RuntimeError("Task exception was never retrieved")  # __context__, not __cause__
+
+
+def _text_only_enospc(self, *args, **kwargs):
+  raise ValueError('Error writing "state/d/abc": [OS error 28: No space left on device]')
+
+
+@pytest.mark.parametrize("save,cause", [(_wrapped_enospc, RuntimeError),
+                                        (_text_only_enospc, ValueError)])
+def test_disk_full_while_saving_is_an_enospc_oserror(tmp_path, monkeypatch, save, cause):
+  d = str(tmp_path / "ckpt")
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  with pytest.raises(OSError) as e:
+    _fit_tiny(d, total=4)
+  assert e.value.errno == errno.ENOSPC and e.value.filename == os.path.join(d, "2")
+  assert str(e.value) == f"[Errno {errno.ENOSPC}] No space left on device: '{d}/2'"
+  assert type(e.value.__cause__) is cause  # raised from what orbax raised
+
+
+def test_other_save_errors_pass_through(tmp_path, monkeypatch):
+  def denied(self, *args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied", "/x")
+  monkeypatch.setattr(ocp.CheckpointManager, "save", denied)
+  with pytest.raises(PermissionError, match="Permission denied"):
+    _fit_tiny(str(tmp_path / "ckpt"), total=4)
 
 
 def test_nan_loss_stops_and_names_the_step(tmp_path):
@@ -215,14 +432,13 @@ def test_divergence_keeps_the_last_finite_checkpoint(tmp_path):
     _fit_tiny(d, total=12, lr=1e8)
   mngr = train._checkpoint_manager(d)
   assert mngr.all_steps(), "the finite checkpoint written before the divergence is kept"
-  model, v, *_ = _tiny_problem()
-  mask = methods.trainable_mask(v["params"], "full")
-  tx = train.make_optimizer(train.OptimConfig(lr=1e8), 12, mask)
-  like = train.put_replicated(train.data_mesh(), train.init_state(v["params"], {}, tx))
+  like = train._abstract(_tiny_like(lr=1e8, total=12))
   for s in mngr.all_steps():
-    restored = mngr.restore(s, args=ocp.args.StandardRestore(like))
-    for leaf in jax.tree.leaves((restored.params, restored.opt_state)):
+    restored = mngr.restore(s, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(like), history=ocp.args.JsonRestore()))
+    for leaf in jax.tree.leaves((restored.state.params, restored.state.opt_state)):
       assert np.all(np.isfinite(np.asarray(leaf))), s
+    assert all(np.isfinite(h["loss"]) for h in restored.history), s
 
 
 def test_batch_iterator_is_deterministic_and_resumable():
