@@ -55,9 +55,9 @@ def main():
   args = p.parse_args()
 
   c = table3.get_config()
-  c.models, c.datasets, c.dtype = "resnet18", "cifar10", args.dtype
+  c.models, c.datasets, c.dtype = ("resnet18",), ("cifar10",), args.dtype
   c.optim.epochs, c.checkpoint_every, c.plots = args.epochs, 0, False
-  c.train_sizes = str(args.train_size) if args.train_size else ""
+  c.train_sizes = (args.train_size,) if args.train_size else ()
   c.backbone.resnet18.weights = args.weights
   c.backbone.resnet18.image_size = args.image_size
   c.data_dir = args.data_dir

@@ -16,12 +16,12 @@ def get_config():
   c.seed = 0
 
   # --- the grid: models x datasets x train_sizes x methods x units ---------------------------
-  c.models = "resnet18"      # comma-separated registry names (ncjax.models.names())
-  c.datasets = "digits"      # comma-separated downstream datasets (ncjax.data.load names)
-  c.downstream_classes = "5-9"  # class range of the downstream data ('' = all classes)
-  c.methods = "linear,layer,scl,full"
-  c.units = ""               # '' = each backbone's `unit`; else a comma list (Tables 5-7 sweeps)
-  c.train_sizes = ""         # '' = the whole training split; else class-balanced subset sizes
+  # Name lists are tuples; on the command line a comma list: --config.methods=linear,full
+  c.models = ("resnet18",)   # registry names (ncjax.models.names())
+  c.datasets = ("digits",)   # downstream datasets (ncjax.data.load names)
+  c.downstream_classes = "5-9"  # class ids and ranges, e.g. "5-9" or "0,2,4" ('' = all classes)
+  c.methods = ("linear", "layer", "scl", "full")
+  c.train_sizes = ()         # () = the whole training split; else class-balanced subset sizes
   c.test_split = "test"
   c.data_dir = ""            # TFDS data_dir ('' = TFDS default)
   # Dataset name -> ncjax.data.load source, for data TFDS lacks (e.g. FGVC-Aircraft).
@@ -31,11 +31,11 @@ def get_config():
   c.backbone = ml_collections.ConfigDict()
   c.backbone.default = ml_collections.ConfigDict(dict(
       weights="",            # path to a checkpoint | 'pretrain' | '' (pretrain if enabled, else scratch)
-      unit="block5",         # the unit Layer FT / SCL FT tune
+      unit=("block5",),      # the unit(s) Layer FT / SCL FT tune; several = a sweep (Tables 5-7)
       image_size=0,          # model input resolution (0 = the data's own)
       channels=0,            # model input channels (0 = the data's; 3 tiles grayscale to RGB)
       normalization="dataset",  # 'dataset' (train-split stats) | 'imagenet' | 'inception' | 'cifar10' ...
-      datasets="",           # '' = config.datasets; else this backbone's own dataset list
+      datasets=(),           # () = config.datasets; else this backbone's own datasets
       options=ml_collections.ConfigDict(dict(stem="cifar", width=16)),
   ))
 
@@ -55,9 +55,10 @@ def get_config():
   c.pretrain.optim = ml_collections.ConfigDict(dict(epochs=30, steps=0, aug_level=1, lr=0.1))
 
   # --- variants: the whole job once per variant, one combined report ---------------------------
-  # "tag: field=value field=value; tag2: ..." (dotted config fields), e.g. Table 1's
-  # "mse: pretrain.loss=mse; ce: pretrain.loss=ce". Records carry the tag as `pretrain`.
-  c.variants = ""
+  # A tuple of dict(tag=<path-safe name>, overrides={<dotted field>: <typed value>}), e.g.
+  # Table 1's dict(tag="mse", overrides={"pretrain.loss": "mse"}). Each value must have its
+  # field's type. Records carry the tag as `pretrain`; runs go to runs/<tag>/.
+  c.variants = ()
 
   # --- optimisation (paper, Appendix B: SGD 0.9, wd 1e-4, cosine 0.1 -> 1e-4, 200 epochs) -----
   c.optim = ml_collections.ConfigDict(dict(
@@ -80,6 +81,7 @@ def get_config():
   # --- evaluation / bookkeeping ---------------------------------------------------------------
   c.collapse = True          # NC1 / CDNV / numerical rank + layer-wise NC1 on downstream train data
   c.checkpoint_every = 0     # orbax checkpoint every N steps (0: only at the end of each run)
-  c.resume = False           # continue interrupted runs from their latest checkpoint
+  # A rerun into the same --workdir resumes each run from its last readable checkpoint (and
+  # skips finished runs); --fresh starts them over.
   c.plots = True
   return c

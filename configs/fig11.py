@@ -6,8 +6,8 @@ from configs import table3
 
 def get_config():
   c = table3.get_config()
-  c.models = "resnet18"
-  c.datasets = "cifar10"
-  c.train_sizes = "10,24,59,142,344,835,2022,4898"
+  c.models = ("resnet18",)
+  c.datasets = ("cifar10",)
+  c.train_sizes = (10, 24, 59, 142, 344, 835, 2022, 4898)
   c.collapse = False  # NC1 of 10 images is not meaningful; accuracy is what Fig. 11 plots
   return c

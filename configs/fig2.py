@@ -9,10 +9,10 @@ from configs import default
 def get_config(arg="fashion_mnist"):
   c = default.get_config()
   c.job = "pretrain"
-  c.models = "mlp"
+  c.models = ("mlp",)
   c.backbone.default.options = {"depth": 9, "width": 64 if arg == "digits" else 784}
   c.backbone.default.normalization = "dataset"
-  c.backbone.default.unit = "layer5"
+  c.backbone.default.unit = ("layer5",)
   c.pretrain.dataset = arg
   c.pretrain.classes = ""
   # lr 0.1 diverges for a 9-layer plain MLP (NaN loss); 0.01 trains stably.

@@ -6,9 +6,10 @@ from configs import table1
 
 def get_config():
   c = table1.get_config()
-  c.models = "resnet50"
-  c.variants = "; ".join(
-      f"{loss}-proj{n}: pretrain.loss={loss} pretrain.projection_layers={n}"
-      + (" pretrain.optim.lr=0.01" if loss == "mse" else "")  # see table1.py
+  c.models = ("resnet50",)
+  c.variants = tuple(
+      dict(tag=f"{loss}-proj{n}",
+           overrides={"pretrain.loss": loss, "pretrain.projection_layers": n,
+                      **({"pretrain.optim.lr": 0.01} if loss == "mse" else {})})  # table1.py
       for loss in ("ce", "mse", "supcon") for n in (1, 2, 3))
   return c

@@ -8,9 +8,10 @@ from configs import table1
 def get_config(arg="cifar"):
   c = table1.get_config(arg)
   if arg != "digits":
-    c.models = "resnet50"
-  c.variants = "; ".join(
-      [f"aug{l}: pretrain.optim.aug_level={l}" for l in (1, 2, 3, 4, 5)]
-      + [f"adv{e}: pretrain.optim.aug_level=3 pretrain.adversarial_eps={e}/255"
+    c.models = ("resnet50",)
+  c.variants = tuple(
+      [dict(tag=f"aug{l}", overrides={"pretrain.optim.aug_level": l}) for l in (1, 2, 3, 4, 5)]
+      + [dict(tag=f"adv{e}", overrides={"pretrain.optim.aug_level": 3,
+                                        "pretrain.adversarial_eps": e / 255})
          for e in (1, 2, 3, 5, 8)])
   return c

@@ -6,6 +6,6 @@ from configs import fig4
 
 def get_config():
   c = fig4.get_config()
-  c.datasets = "cifar10,aircraft,dtd,oxford_iiit_pet"
+  c.datasets = ("cifar10", "aircraft", "dtd", "oxford_iiit_pet")
   c.backbone.default.image_size = 32  # Aircraft/DTD/Pets images resized to the CIFAR size
   return c

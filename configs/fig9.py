@@ -14,10 +14,10 @@ from configs import table3
 def get_config():
   c = table3.get_config()
   c.job = "layer_probe"
-  c.models = "resnet34,vit_b32"
-  c.datasets = "cifar10"
+  c.models = ("resnet34", "vit_b32")
+  c.datasets = ("cifar10",)
   c.backbone.resnet34 = table3.resnet("~/weights/resnet34-b627a593.pth", "")
   c.backbone.vit_b32.options = ml_collections.ConfigDict(dict(pool="mean"))
-  c.backbone.vit_b32.datasets = ""
+  c.backbone.vit_b32.datasets = ()
   c.optim.epochs = 30
   return c

@@ -12,14 +12,19 @@ from configs import default
 
 # The square loss diverges at the paper's lr 0.1 here (NaN within 10 steps; 0.05 too), so the
 # MSE variant starts its cosine schedule at 0.01.
-VARIANTS = ("mse: pretrain.loss=mse pretrain.optim.lr=0.01; ce: pretrain.loss=ce; "
-            "supcon+linear: pretrain.loss=supcon pretrain.projection_layers=1; "
-            "supcon+mlp: pretrain.loss=supcon pretrain.projection_layers=2")
+VARIANTS = (
+    dict(tag="mse", overrides={"pretrain.loss": "mse", "pretrain.optim.lr": 0.01}),
+    dict(tag="ce", overrides={"pretrain.loss": "ce"}),
+    dict(tag="supcon+linear", overrides={"pretrain.loss": "supcon",
+                                         "pretrain.projection_layers": 1}),
+    dict(tag="supcon+mlp", overrides={"pretrain.loss": "supcon",
+                                      "pretrain.projection_layers": 2}),
+)
 
 
 def get_config(arg="cifar"):
   c = default.get_config()
-  c.methods = "linear"
+  c.methods = ("linear",)
   c.variants = VARIANTS
   c.pretrain.optim.aug_level = 3   # crop + flip (SupCon needs augmented views)
   if arg == "digits":
@@ -32,7 +37,7 @@ def get_config(arg="cifar"):
   c.pretrain.dataset = "cifar100"
   c.pretrain.classes = ""
   c.pretrain.optim.epochs = 200
-  c.datasets = "cifar10"
+  c.datasets = ("cifar10",)
   c.downstream_classes = ""
   c.optim.epochs = 200
   return c

@@ -20,22 +20,22 @@ from configs import default
 
 def resnet(weights, unit):
   return ml_collections.ConfigDict(dict(
-      weights=weights, unit=unit, image_size=224, channels=3, normalization="imagenet",
-      datasets="", options=ml_collections.ConfigDict(dict(stem="imagenet", width=64))))
+      weights=weights, unit=(unit,) if unit else (), image_size=224, channels=3,
+      normalization="imagenet", datasets=(), options=ml_collections.ConfigDict(dict(stem="imagenet", width=64))))
 
 
 def get_config():
   c = default.get_config()
-  c.models = "resnet18,resnet50,vit_b32"
-  c.datasets = "cifar10,cifar100,aircraft,dtd,oxford_iiit_pet"
+  c.models = ("resnet18", "resnet50", "vit_b32")
+  c.datasets = ("cifar10", "cifar100", "aircraft", "dtd", "oxford_iiit_pet")
   c.downstream_classes = ""
   c.pretrain.enabled = False
   c.backbone.resnet18 = resnet("~/weights/resnet18-f37072fd.pth", "block5")
   c.backbone.resnet50 = resnet("~/weights/resnet50-0676ba61.pth", "block8")
   # The paper's ViT-B/32 runs at 384x384 (145 tokens), vit_jax's [-1, 1] input scaling.
   c.backbone.vit_b32 = ml_collections.ConfigDict(dict(
-      weights="~/weights/ViT-B_32.npz", unit="layer8", image_size=384, channels=3,
-      normalization="inception", datasets="aircraft,dtd,oxford_iiit_pet",
+      weights="~/weights/ViT-B_32.npz", unit=("layer8",), image_size=384, channels=3,
+      normalization="inception", datasets=("aircraft", "dtd", "oxford_iiit_pet"),
       options=ml_collections.ConfigDict(dict(pool="cls"))))
   c.optim.epochs = 200
   c.optim.batch_size = 128

@@ -5,6 +5,6 @@ from configs import table3
 
 def get_config():
   c = table3.get_config()
-  c.models = "resnet18"
-  c.units = "block1,block3,block5,block7"
+  c.models = ("resnet18",)
+  c.backbone.resnet18.unit = ("block1", "block3", "block5", "block7")
   return c

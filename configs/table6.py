@@ -5,6 +5,6 @@ from configs import table3
 
 def get_config():
   c = table3.get_config()
-  c.models = "resnet50"
-  c.units = "block1,block4,block8,block14"
+  c.models = ("resnet50",)
+  c.backbone.resnet50.unit = ("block1", "block4", "block8", "block14")
   return c

@@ -5,6 +5,6 @@ from configs import table3
 
 def get_config():
   c = table3.get_config()
-  c.models = "vit_b32"
-  c.units = "layer2,layer5,layer8,layer11"
+  c.models = ("vit_b32",)
+  c.backbone.vit_b32.unit = ("layer2", "layer5", "layer8", "layer11")
   return c

@@ -70,7 +70,7 @@ from absl import logging
 
 __all__ = [
     "ArrayDataset", "ImageSource", "load", "materialize", "fit_image", "balanced_subset", "select_classes", "class_counts",
-    "read_idx", "write_idx", "batches", "num_batches", "prefetch",
+    "read_idx", "write_idx", "prefetch",
     "normalize", "resize", "augment", "preprocess", "Preprocess", "dataset_stats", "stats_for",
     "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN",
     "CIFAR100_STD", "MNIST_MEAN", "MNIST_STD", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",
@@ -731,32 +731,7 @@ def select_classes(ds: ArrayDataset, classes: Iterable[int | str]) -> ArrayDatas
 
 
 # ---------------------------------------------------------------------------------------------
-# Batching (host).
-
-def num_batches(ds: ArrayDataset | int, batch_size: int, drop_remainder: bool = True) -> int:
-  n = ds if isinstance(ds, (int, np.integer)) else len(ds)
-  return n // batch_size if drop_remainder else -(-n // batch_size)
-
-
-def batches(ds: ArrayDataset, batch_size: int, *, seed: int, epoch: int = 0,
-            shuffle: bool = True, drop_remainder: bool = True,
-            start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields ``(images, labels)`` numpy batches for one epoch.
-
-  The order is ``np.random.default_rng((seed, epoch)).permutation(N)``, a pure function of
-  ``(seed, epoch)``: a run resumed at ``epoch`` (and batch ``start`` within it) sees the
-  same batches as an uninterrupted one.  With ``drop_remainder`` the last partial batch is
-  dropped, so every batch has ``batch_size`` rows (one jit compilation).
-  """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  n = len(ds)
-  order = (np.random.default_rng((seed, epoch)).permutation(n) if shuffle
-           else np.arange(n))
-  for b in range(start, num_batches(n, batch_size, drop_remainder)):
-    idx = order[b * batch_size:(b + 1) * batch_size]
-    yield ds.images[idx], ds.labels[idx]
-
+# Reading ahead (host). Training batches: `ncjax.train.batch_iterator`.
 
 def prefetch(iterator: Iterable[Any], size: int = 2,
              transform: Callable[[Any], Any] | None = None) -> Iterator[Any]:

@@ -10,107 +10,130 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
 import numpy as np
 
-JOBS = ("transfer", "pretrain", "layer_probe", "metrics")
+from ncjax import records
+
+def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> list[dict]:
+  """Validates the whole config, then runs its job into `workdir` and writes the report.
+
+  Every variant, every run and every asset is checked before the first step (`ConfigError`
+  lists all problems). Runs already in the workdir resume from their last readable
+  checkpoint, or are not run again when finished; a run made with a different config stops
+  the job before any work (`CheckpointError` naming the differing fields) unless `fresh`,
+  which removes those runs first and says so. `dry_run` prints the grid and its assets and
+  returns without training."""
+  from ncjax import spec as spec_lib
+  if config.job == "metrics":
+    os.makedirs(workdir, exist_ok=True)
+    return metrics_job(config, workdir)
+  specs = spec_lib.build(config)
+  runs = [r for s in specs for r in s.runs()]
+  if dry_run:
+    print(describe(specs, runs, workdir))
+  spec_lib.check_assets(specs, progress=(lambda m: print(f"  {m}")) if dry_run else
+                        (lambda m: None))
+  if dry_run:
+    print("assets: all present and readable")
+    return []
+  stale = _stale_runs(workdir, runs)
+  if stale and not fresh:
+    from ncjax.errors import CheckpointError
+    lines = [f"{records.run_dir(workdir, r.id)}: {d}" for r, diff in stale for d in diff]
+    raise CheckpointError(
+        f"{len(stale)} run(s) in --workdir={workdir} were made with a different config:\n  "
+        + "\n  ".join(lines) + "\nRerun with that config, use another --workdir, or pass "
+        "--fresh to start these runs over (removes their checkpoints and results).")
+  if fresh:
+    _remove_runs(workdir, [r for r in runs if records.read_fingerprint(workdir, r.id)
+                           is not None])
+  return _run_specs(specs, workdir)
 
 
-def parse_variants(spec: str) -> list[tuple[str, dict[str, str]]]:
-  """``"mse: pretrain.loss=mse; supcon+mlp: pretrain.loss=supcon pretrain.projection_layers=2"``
-  -> ``[('mse', {'pretrain.loss': 'mse'}), ('supcon+mlp', {...})]``."""
+def _stale_runs(workdir: str, runs) -> list:
+  """Runs of the grid whose workdir fingerprint differs from the config's, with the diff."""
+  from ncjax import spec as spec_lib
   out = []
-  for part in (p.strip() for p in str(spec or "").split(";")):
-    if not part:
-      continue
-    tag, sep, assigns = part.partition(":")
-    if not sep or not tag.strip():
-      raise ValueError(f"variant {part!r} must read 'tag: field=value ...'")
-    fields = {}
-    for a in assigns.split():
-      key, eq, value = a.partition("=")
-      if not eq:
-        raise ValueError(f"variant {tag.strip()!r}: {a!r} is not field=value")
-      fields[key] = value
-    out.append((tag.strip(), fields))
+  for r in runs:
+    stored = records.read_fingerprint(workdir, r.id)
+    if stored is not None:
+      diff = spec_lib.fingerprint_diff(stored, dict(r.fingerprint))
+      if diff:
+        out.append((r, diff))
   return out
 
 
-def with_overrides(config, fields: dict[str, str]):
-  """A copy of `config` with dotted `fields` set, each parsed as its existing field's type."""
-  c = config.copy_and_resolve_references()
-  for key, value in fields.items():
-    *path, last = key.split(".")
-    holder = c
-    for p in path:
-      holder = holder[p]
-    if last not in holder:
-      raise ValueError(f"variant field {key!r} is not a config field")
-    old = holder[last]
-    if isinstance(old, bool):
-      value = value.lower() in ("1", "true", "yes")
-    elif isinstance(old, int):
-      value = int(value)
-    elif isinstance(old, float):
-      value = eval_number(value)
-    holder[last] = value
-  return c
+def _remove_runs(workdir: str, runs) -> None:
+  """--fresh: removes the runs' directories, TensorBoard events and metrics lines, listing
+  each path."""
+  from ncjax import telemetry
+  ids = {r.id for r in runs}
+  for r in runs:
+    for path in (records.run_dir(workdir, r.id), os.path.join(workdir, "tensorboard", r.id)):
+      if os.path.exists(path):
+        print(f"ncjax: --fresh: removing {path}")
+        shutil.rmtree(path)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if ids and os.path.exists(metrics):
+    kept = [m for m in telemetry.read_metrics(metrics) if m.get("run") not in ids]
+    print(f"ncjax: --fresh: removing the metrics.jsonl lines of {len(ids)} run(s)")
+    records.atomic_write(metrics, "".join(json.dumps(m) + "\n" for m in kept))
 
 
-def eval_number(text: str) -> float:
-  """'8/255' -> 0.0313...; plain numbers as float."""
-  num, sep, den = text.partition("/")
-  return float(num) / float(den) if sep else float(num)
+def describe(specs, runs, workdir: str) -> str:
+  """The resolved grid and the assets it needs (--dry_run)."""
+  from ncjax import spec as spec_lib
+  lines = [f"job {specs[0].job}: {len(runs)} run(s) into {workdir}"]
+  for r in runs:
+    state = ("finished" if records.load_record(workdir, r.id) else
+             "resumes" if records.read_fingerprint(workdir, r.id) is not None else "new")
+    lines.append(f"  {r.kind:8s} {r.id}  [{state}]")
+  lines.append("assets:")
+  lines += [f"  --config.{field}: {what}" for field, what, _ in spec_lib.assets(specs)]
+  return "\n".join(lines)
 
 
-def run(config, workdir: str) -> list[dict]:
-  job = config.job
-  if job not in JOBS:
-    raise ValueError(f"unknown job {job!r}; config.job must be one of {JOBS}")
-  if job == "metrics":
-    os.makedirs(workdir, exist_ok=True)
-    return metrics_job(config, workdir)
-  from ncjax import report, train, transfer
-  variants = parse_variants(config.get("variants", ""))
-  problems = []
-  for tag, fields in variants or [("", {})]:  # every variant, before any work
-    try:
-      transfer.check_config(with_overrides(config, fields))
-    except transfer.ConfigError as e:
-      problems += [(f"variant {tag!r}: " if tag else "") + line.strip()
-                   for line in str(e).splitlines()[1:]]
-  if problems:
-    raise transfer.ConfigError("invalid config:\n  " + "\n  ".join(problems))
+def _run_specs(specs, workdir: str) -> list[dict]:
+  from ncjax import report, telemetry, train, transfer
+  primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  cache = train.enable_compilation_cache(str(config.compile_cache_dir))
+  if primary:
+    records.write_json(os.path.join(workdir, "config.json"),
+                       {**records.version_info(), "config": specs[0].resolved,
+                        "variants": {s.tag: s.resolved for s in specs if s.tag}})
+  cache = train.enable_compilation_cache(specs[0].compile_cache_dir)
   compiles = train.compile_stats()
   since, t0 = compiles.snapshot(), time.time()
-  if variants:
-    records = []
-    for tag, fields in variants:
-      for r in _run_job(with_overrides(config, fields), os.path.join(workdir, tag)):
-        records.append(dict(r, pretrain=tag))
-  else:
-    records = _run_job(config, workdir)
-  if jax.process_index() == 0:
-    paths = report.write_all(records, workdir, plots=bool(config.plots))
-    print(report.markdown_table(records))
+  mesh = train.data_mesh()
+  out: list[dict] = []
+
+  def on_record(rec):
+    out.append(rec.to_dict())
+    if primary:
+      records.write_jsonl(os.path.join(workdir, "records.jsonl"), out)
+
+  with telemetry.RunLog(workdir) as log:
+    def on_log(run_id):
+      def write(entry):
+        entry = dict(entry)
+        log.log(run_id, int(entry.pop("step")), **entry)
+      return write
+    for s in specs:
+      transfer.run(s, workdir, mesh, on_record=on_record, on_log=on_log, primary=primary)
+  # The report holds the job's results; pre-training records (in records.jsonl) only when
+  # pre-training is the job.
+  results = [r for r in out if r["stage"] != "pretrain"] or out
+  if primary:
+    paths = report.write_all(results, workdir, plots=specs[0].plots)
+    print(report.markdown_table(results))
     print("wrote: " + ", ".join(os.path.relpath(p, workdir) for p in paths if p))
     print(f"{time.time() - t0:.1f} s; {compiles.summary(since)}"
           + (f"; compilation cache {cache}" if cache else ""))
-  return records
-
-
-def _run_job(config, workdir: str) -> list[dict]:
-  from ncjax import transfer
-  os.makedirs(workdir, exist_ok=True)
-  if config.job == "transfer":
-    return transfer.run(config, workdir)
-  if config.job == "pretrain":
-    return transfer.run_pretrain_only(config, workdir)
-  return transfer.run_layer_probes(config, workdir)
+  return results
 
 
 def metrics_job(config, workdir: str) -> list[dict]:
@@ -140,8 +163,6 @@ def metrics_job(config, workdir: str) -> list[dict]:
   table = "\n".join(lines)
   print(f"Neural-collapse metrics of the digits ({len(ds)} {config.get('split', 'train')} "
         f"images, {ds.num_classes} classes)\n{table}")
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(rows, f, indent=2)
-  with open(os.path.join(workdir, "metrics.md"), "w") as f:
-    f.write(table + "\n")
+  records.write_json(os.path.join(workdir, "metrics.json"), rows)
+  records.atomic_write(os.path.join(workdir, "metrics.md"), table + "\n")
   return rows

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
 
 METHODS = ("linear", "layer", "scl", "full")
 HEAD = "head"
 
 PyTree = Any
+# jax is imported inside the functions that use it: `ncjax.report` reads METHODS without it.
 
 
 def needs_unit(method: str) -> bool:
@@ -68,6 +68,7 @@ def trainable_top_level(method: str, unit: str | None, top_level: Sequence[str])
 
 def trainable_mask(params: Mapping[str, PyTree], method: str, unit: str | None = None) -> PyTree:
   """Pytree of bools shaped like `params`: ``True`` where the parameter trains."""
+  import jax
   keep = trainable_top_level(method, unit, list(params.keys()))
   return {k: jax.tree.map(lambda _: k in keep, v) for k, v in params.items()}
 
@@ -78,6 +79,7 @@ def partition(params: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:
   ``None`` is an empty pytree node, so `jax.grad` over the trainable partition gives gradients
   only for trainable leaves and the optimizer sees (and keeps state for) those alone.
   """
+  import jax
   trainable = jax.tree.map(lambda p, m: p if m else None, params, mask)
   frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
   return trainable, frozen
@@ -85,12 +87,14 @@ def partition(params: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:
 
 def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
   """Inverse of `partition`."""
+  import jax
   return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
                       is_leaf=lambda x: x is None)
 
 
 def count(params: PyTree, mask: PyTree | None = None) -> int:
   """Number of scalars in `params` (only the ``True`` leaves of `mask` when given)."""
+  import jax
   if mask is None:
     return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)))
   return int(sum(np.prod(np.shape(p)) for p, m in zip(jax.tree.leaves(params),
@@ -100,3 +104,10 @@ def count(params: PyTree, mask: PyTree | None = None) -> int:
 def percent_trainable(params: PyTree, mask: PyTree) -> float:
   """Trainable parameters (head included) over all parameters, in percent (Table 3's row)."""
   return 100.0 * count(params, mask) / count(params)
+
+
+def model_options(method: str, unit: str | None) -> dict:
+  """The `ncjax.models.get` options a method needs: SCL FT adds the skip from its unit to
+  the penultimate feature."""
+  _check_method(method)
+  return {"scl_unit": unit} if method == "scl" else {}

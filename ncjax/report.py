@@ -55,6 +55,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ncjax.methods import METHODS
+from ncjax.records import atomic_write
+
 __all__ = [
     "REQUIRED_FIELDS",
     "OPTIONAL_FIELDS",
@@ -98,7 +101,7 @@ _FLOAT_FIELDS = ("accuracy", "nc1", "cdnv", "numerical_rank", "percent_params", 
 _INT_FIELDS = ("num_train", "seed")
 _DICT_FIELDS = ("layerwise_nc1", "layerwise_accuracy")
 
-METHOD_ORDER = ("linear", "layer", "scl", "full")
+METHOD_ORDER = METHODS
 METHOD_NAMES = {
     "linear": "Linear Probe",
     "layer": "Layer FT",
@@ -202,10 +205,8 @@ def write_json(records: Sequence[Mapping], path: str) -> str:
   """
   records = validate(records)
   _makedirs_for(path)
-  with open(path, "w") as f:
-    json.dump([dict(r) for r in records], f, indent=1, default=_to_builtin)
-    f.write("\n")
-  return path
+  return atomic_write(path, json.dumps([dict(r) for r in records], indent=1,
+                                       default=_to_builtin) + "\n")
 
 
 def read_json(path: str) -> list[dict]:
@@ -247,12 +248,12 @@ def write_csv(records: Sequence[Mapping], path: str) -> str:
   records = validate(records)
   cols = _columns(records)
   _makedirs_for(path)
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(cols)
-    for r in records:
-      w.writerow([_csv_cell(r.get(c)) for c in cols])
-  return path
+  f = io.StringIO(newline="")
+  w = csv.writer(f)
+  w.writerow(cols)
+  for r in records:
+    w.writerow([_csv_cell(r.get(c)) for c in cols])
+  return atomic_write(path, f.getvalue())
 
 
 def _parse_csv_cell(col: str, s: str) -> Any:
@@ -786,9 +787,7 @@ def write_all(records: Sequence[Mapping], workdir: str, plots: bool = True) -> l
     md.write("\n## Unit sweeps\n\n")
     md.write(unit_sweep_table(records, min_units=2))
   md_path = os.path.join(workdir, "results.md")
-  with open(md_path, "w") as f:
-    f.write(md.getvalue())
-  paths.append(md_path)
+  paths.append(atomic_write(md_path, md.getvalue()))
   if plots:
     for fn, name in (
         (plot_layerwise_nc1, "layerwise_nc1.png"),

@@ -17,7 +17,7 @@ The pieces, each a plain function over pytrees:
   of the global batch through `jax.make_array_from_process_local_data`).
 * `fit` — the loop: deterministic data order and augmentation from the seed and the step; log
   windows end at fixed steps (every `log_every`, every checkpoint, the end); a NaN/Inf loss
-  stops the run with an error naming the step; tqdm progress bars.
+  stops the run with an error naming the step; progress on a terminal or as log lines (`ncjax.telemetry`).
 
 Checkpoint lifecycle (orbax, one directory per run; whether a directory may be reused is
 decided upstream, from config fingerprints, before training starts):
@@ -53,9 +53,8 @@ import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
-from ncjax import methods
+from ncjax import methods, telemetry
 from ncjax.errors import CheckpointError
 
 PyTree = Any
@@ -608,7 +607,7 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
   # background thread while the device runs the current step.
   batches = data.prefetch(batch_iterator(images, labels, batch_size, seed=seed,
                                          start_step=start, total_steps=total_steps), size=3)
-  bar = progress(batches, total=total_steps, initial=start, desc=desc)
+  bar = telemetry.progress(batches, total=total_steps, initial=start, desc=desc)
   step, since = start, time.perf_counter()
   try:
     for x, y in bar:
@@ -619,16 +618,14 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
         entry = flush(step, since)
         if mngr is not None and (checkpoint_step(step) or step == total_steps):
           save(step)
-        if hasattr(bar, "set_postfix"):
-          bar.set_postfix(loss=f"{entry['loss']:.4f}")
+        bar.set_postfix(loss=entry["loss"])
         if on_log is not None:
           on_log(entry)
         since = time.perf_counter()  # the next window's time excludes saving and logging
     if mngr is not None and mngr.latest_step() != step:
       save(step)  # a state that took no step here (already at total_steps)
   finally:
-    if hasattr(bar, "close"):
-      bar.close()
+    bar.close()
     batches.close()  # stops the prefetch thread when the loop ended early
     if mngr is not None:
       mngr.close()
@@ -680,7 +677,7 @@ def predict(fn: Callable[..., Any], inputs, batch_size: int, *, args: tuple = ()
   n = len(inputs)
   batches = data.prefetch((idx, valid, inputs[idx][rows])
                           for idx, valid in padded_batches(n, batch_size))
-  for idx, valid, x in progress(batches, total=-(-n // batch_size), desc=desc):
+  for idx, valid, x in telemetry.progress(batches, total=-(-n // batch_size), desc=desc):
     out = jitted(*args, to_global(mesh, x))
     out = jax.tree.map(lambda a: to_host(a)[:valid], out)
     yield out, slice(int(idx[0]), int(idx[0]) + valid)
@@ -717,32 +714,7 @@ def accuracy(forward: Forward, params, batch_stats, prepare: Prepare | None, ima
   return 100.0 * correct / len(labels)
 
 
-# ----------------------------------------------------------------------------- telemetry
-
-def progress(iterable, *, total: int, desc: str, initial: int = 0, leave: bool = False):
-  """tqdm on a terminal; when stdout is not a terminal (nohup, Slurm, Colab `!python`),
-  a plain progress line at most every 30 s instead, so a long phase is never silent."""
-  import sys
-  disable = jax.process_index() != 0
-  if disable or sys.stdout.isatty():
-    return tqdm(iterable, total=total, initial=initial, desc=desc, leave=leave,
-                disable=disable or None)
-  return _log_progress(iterable, total, desc, initial)
-
-
-def _log_progress(iterable, total, desc, initial, every_s: float = 30.0):
-  t0 = last = time.monotonic()
-  done = initial
-  for item in iterable:
-    yield item
-    done += 1
-    now = time.monotonic()
-    if now - last >= every_s and done < total:
-      rate = (done - initial) / (now - t0)
-      eta = (total - done) / rate if rate > 0 else float("nan")
-      print(f"{desc}: {done}/{total} ({rate:.2f}/s, ~{eta:.0f} s left)", flush=True)
-      last = now
-
+# ----------------------------------------------------------------------------- compilation
 
 class CompileStats:
   """Counts XLA compilations and their wall time (from `jax.monitoring` events), and loads
@@ -791,3 +763,24 @@ def enable_compilation_cache(directory: str) -> str | None:
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   return path
+
+
+# ----------------------------------------------------------------------------- one entry
+
+def train(forward: Forward, params: PyTree, batch_stats: PyTree, mask: PyTree | None,
+          optim: OptimConfig, inputs, labels, *, batch_size: int, steps: int, seed: int,
+          mesh: Mesh | None = None, prepare: Prepare | None = None, loss_fn=cross_entropy,
+          adversary=None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+          desc: str = "train", on_log=None) -> tuple[TrainState, list[dict]]:
+  """Trains the `mask`-ed leaves of `params` (None: all) for `steps` steps of `batch_size`:
+  the optimizer (`make_optimizer`), the one train step (`make_train_step`), the state and
+  the loop (`fit`, which resumes from `checkpoint_dir`'s newest readable checkpoint).
+  Returns the final state and the history of log windows."""
+  if mask is None:
+    mask = jax.tree.map(lambda _: True, params)
+  tx = make_optimizer(optim, steps, mask)
+  step = make_train_step(forward, tx, mask, prepare, loss_fn=loss_fn, adversary=adversary)
+  return fit(init_state(params, batch_stats, tx), step, inputs, labels, batch_size=batch_size,
+             total_steps=steps, seed=seed, mesh=mesh, checkpoint_dir=checkpoint_dir,
+             checkpoint_every=checkpoint_every, desc=desc, lr_fn=lr_schedule(optim, steps),
+             on_log=on_log)

@@ -8,7 +8,8 @@ import sys
 import pytest
 from ml_collections import config_flags  # noqa: F401  (the loader main uses)
 
-from ncjax import jobs, methods, models, transfer
+from ncjax import assemble, jobs, measure, models, spec
+from ncjax.errors import ConfigError
 from tiny_config import tiny_mlp_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,42 +34,57 @@ def test_paper_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
 def test_config_is_consistent(path):
+  """spec.build validates models, methods, units per model, variants, ranges: a config
+  that builds names only real things."""
   c = _load(path)
-  assert c.job in jobs.JOBS
-  for _, fields in jobs.parse_variants(c.variants) or [("", {})]:
-    transfer.check_config(jobs.with_overrides(c, fields))  # raises ConfigError if not
-  for m in transfer.split_list(c.methods):
-    assert m in methods.METHODS
-  for name in transfer.split_list(c.models):
-    bb = transfer.backbone_config(c, name)
-    unit_list = models.units(name, **{k: v for k, v in bb["options"].items() if k != "pool"})
-    for u in transfer.split_list(c.units) or ([bb["unit"]] if bb["unit"] else []):
-      assert u in unit_list, (name, u)
+  assert c.job in spec.JOBS
+  if c.job == "metrics":
+    return
+  specs = spec.build(c)
+  runs = [r for s in specs for r in s.runs()]
+  assert runs and len({r.id for r in runs}) == len(runs)
+  for r in runs:
+    if r.unit:
+      assert r.unit in models.units(r.backbone.model, **{
+          k: v for k, v in r.backbone.options.items() if k in ("depth", "widths")})
 
 
 def test_table_unit_sweeps_match_the_paper():
-  assert transfer.split_list(_load(os.path.join(ROOT, "configs", "table5.py")).units) == \
-      ["block1", "block3", "block5", "block7"]
-  assert transfer.split_list(_load(os.path.join(ROOT, "configs", "table6.py")).units) == \
-      ["block1", "block4", "block8", "block14"]
-  assert transfer.split_list(_load(os.path.join(ROOT, "configs", "table7.py")).units) == \
-      ["layer2", "layer5", "layer8", "layer11"]
-  c = _load(os.path.join(ROOT, "configs", "fig11.py"))
-  assert transfer.split_list(c.train_sizes) == ["10", "24", "59", "142", "344", "835", "2022", "4898"]
+  units = lambda name: spec.build(_load(os.path.join(ROOT, "configs", name)))[0].backbones[0].units
+  assert units("table5.py") == ("block1", "block3", "block5", "block7")
+  assert units("table6.py") == ("block1", "block4", "block8", "block14")
+  assert units("table7.py") == ("layer2", "layer5", "layer8", "layer11")
+  (s,) = spec.build(_load(os.path.join(ROOT, "configs", "fig11.py")))
+  assert s.train_sizes == (10, 24, 59, 142, 344, 835, 2022, 4898)
+  # Table 5: Layer FT and SCL FT per unit, linear probe and full FT once per dataset.
+  (s,) = spec.build(_load(os.path.join(ROOT, "configs", "table5.py")))
+  cifar = [r.id for r in s.runs() if r.dataset == "cifar10"]
+  assert cifar[:3] == ["resnet18-cifar10-linear", "resnet18-cifar10-layer-block1",
+                       "resnet18-cifar10-layer-block3"] and len(cifar) == 10
 
 
 def test_parse_classes():
-  assert transfer.parse_classes("5-9") == [5, 6, 7, 8, 9]
-  assert transfer.parse_classes("0,2, 4") == [0, 2, 4]
-  assert transfer.parse_classes("") is None
+  assert spec.parse_classes("5-9") == (5, 6, 7, 8, 9)
+  assert spec.parse_classes("0,2, 4") == (0, 2, 4)
+  assert spec.parse_classes((0, 2)) == (0, 2)
+  assert spec.parse_classes("") is None
+  for bad in ("9-5", "-1", "a", "1,1"):
+    with pytest.raises(ValueError):
+      spec.parse_classes(bad)
 
 
-def test_missing_weights_say_where_they_come_from(tmp_path):
+def test_missing_assets_are_reported_together_saying_where_they_come_from(tmp_path):
   c = _load(os.path.join(ROOT, "configs", "table3.py"))
-  bb = transfer.backbone_config(c, "resnet18")
-  bb["weights"] = str(tmp_path / "nope.pth")
-  with pytest.raises(FileNotFoundError, match="download.pytorch.org"):
-    transfer.load_backbone(c, "resnet18", bb, {}, None)
+  c.backbone.resnet18.weights = str(tmp_path / "nope.pth")
+  c.data_dir = str(tmp_path)
+  with pytest.raises(ConfigError) as e:
+    spec.check_assets(spec.build(c))
+  msg = str(e.value)
+  assert f"--config.backbone.resnet18.weights={tmp_path}/nope.pth" in msg
+  assert "download.pytorch.org" in msg and "ViT-B_32.npz" in msg  # every weights file
+  for name in ("cifar10:train", "cifar100:test", "aircraft:train", "dtd:train",
+               "oxford_iiit_pet:test"):  # and every dataset split
+    assert name in msg, name
 
 
 def _run_cli(args, workdir):
@@ -93,9 +109,31 @@ def test_default_config_end_to_end(tmp_path):
     assert r["num_train"] == 1438 - 718 or r["num_train"] > 0
   pct = {r["method"]: r["percent_params"] for r in records}
   assert pct["full"] == 100.0 and pct["layer"] == pct["scl"] and pct["linear"] < pct["layer"]
-  for f in ("results.csv", "results.md", "layerwise_nc1.png", "pretrain.jsonl"):
+  for f in ("results.csv", "results.md", "layerwise_nc1.png", "records.jsonl", "config.json",
+            "metrics.jsonl"):
     assert (tmp_path / f).exists(), f
-  assert (tmp_path / "checkpoints").is_dir()
+  assert (tmp_path / "runs" / "resnet18-digits-scl-block5" / "checkpoints").is_dir()
+  assert (tmp_path / "tensorboard" / "pretrain-resnet18-digits").is_dir()
+  saved = json.load(open(tmp_path / "config.json"))
+  assert saved["config"]["optim"]["steps"] == 2 and saved["ncjax_version"]
+
+
+def test_a_wrong_weights_file_is_rejected_before_any_work(tmp_path):
+  """A weights file of another architecture is refused by the asset check, naming the
+  field, before pre-training or any run starts."""
+  import numpy as np
+  from test_weights import _vit_jax_checkpoint
+  ck = _vit_jax_checkpoint()
+  ck["embedding/kernel"] = ck["embedding/kernel"][..., :100]  # not ViT-Ti/16's width
+  np.savez(tmp_path / "bad.npz", **ck)
+  c = _tiny_mlp_config("transfer")
+  c.models = ("vit_ti16",)
+  c.backbone.default.update(dict(weights=str(tmp_path / "bad.npz"), unit=("layer1",),
+                                 image_size=32, channels=3))
+  c.backbone.default.options = {"pool": "cls"}
+  with pytest.raises(ConfigError, match="--config.backbone.vit_ti16.weights=.*bad.npz: .*shape"):
+    jobs.run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "runs").exists()
 
 
 def test_metrics_job(tmp_path):
@@ -132,7 +170,7 @@ def test_pretrain_job_measures_source_collapse(tmp_path):
 
 def test_unknown_job_is_named(tmp_path):
   c = _tiny_mlp_config("finetune")
-  with pytest.raises(ValueError, match="unknown job 'finetune'"):
+  with pytest.raises(ConfigError, match="--config.job=finetune: must be one of"):
     jobs.run(c, str(tmp_path))
 
 
@@ -140,11 +178,11 @@ def test_vit_transfer_with_scl_and_on_device_resize(tmp_path):
   """A ViT through the whole pipeline: digits resized on device 8 -> 32, grayscale tiled to
   RGB, SCL on layer3, from scratch."""
   c = _tiny_mlp_config("transfer")
-  c.models = "vit_ti16"
+  c.models = ("vit_ti16",)
   c.pretrain.enabled = False
-  c.methods = "linear,scl"
+  c.methods = ("linear", "scl")
   c.backbone.default.options = {"pool": "cls"}
-  c.backbone.default.unit = "layer3"
+  c.backbone.default.unit = ("layer3",)
   c.backbone.default.image_size = 32
   c.backbone.default.channels = 3
   c.optim.steps = 2
@@ -159,8 +197,8 @@ def test_vit_transfer_with_scl_and_on_device_resize(tmp_path):
 def test_data_scarcity_grid_writes_accuracy_vs_size(tmp_path):
   """Fig. 11's loop: class-balanced subsets (10 images: batch shrinks to fit)."""
   c = _tiny_mlp_config("transfer")
-  c.train_sizes = "10,40"
-  c.methods = "linear,full"
+  c.train_sizes = (10, 40)
+  c.methods = ("linear", "full")
   c.collapse = False
   records = jobs.run(c, str(tmp_path))
   assert [(r["method"], r["num_train"]) for r in records] == \
@@ -178,17 +216,18 @@ def test_pretrained_vit_checkpoint_through_the_pipeline(tmp_path):
   path = tmp_path / "ViT-Ti_16.npz"
   np.savez(path, **ck)
   c = _tiny_mlp_config("transfer")
-  c.models = "vit_ti16"
+  c.models = ("vit_ti16",)
   c.pretrain.enabled = False
-  c.methods = "layer"
-  c.backbone.default.update(dict(weights=str(path), unit="layer12", image_size=32, channels=3,
-                                 normalization="inception"))
+  c.methods = ("layer",)
+  c.backbone.default.update(dict(weights=str(path), unit=("layer12",), image_size=32,
+                                 channels=3, normalization="inception"))
   c.backbone.default.options = {"pool": "cls"}
-  bb = transfer.backbone_config(c, "vit_ti16")
-  ds = transfer.load_split(c, "digits", "train", 32, [5, 6, 7, 8, 9])
-  model = models.get("vit_ti16", ds.num_classes, pool="cls")
-  fresh = transfer.init_variables(model, transfer.input_shape(bb, ds), 0)
-  loaded, origin = transfer.load_backbone(c, "vit_ti16", bb, fresh, None)
+  (s,) = spec.build(c)
+  spec.check_assets([s])  # the file fits the architecture
+  bb = s.backbones[0]
+  ds = assemble.load_split(s, "digits", "train", bb, (5, 6, 7, 8, 9))
+  model = assemble.build_model(s, bb, ds.num_classes)
+  loaded, origin = assemble.initial_variables(s, bb, model, ds, None)
   assert origin == str(path)
   np.testing.assert_array_equal(loaded["params"]["embedding"]["kernel"], ck["embedding/kernel"])
   assert loaded["params"]["pos_embedding"].shape == (1, 5, 192)
@@ -240,7 +279,7 @@ def test_bfloat16_default_config_matches_float32_accuracy(tmp_path):
 def test_unknown_dtype_is_an_error_naming_the_field(tmp_path):
   c = tiny_mlp_config("transfer")
   c.dtype = "float16"
-  with pytest.raises(ValueError, match="config.dtype"):
+  with pytest.raises(ConfigError, match="--config.dtype=float16: must be one of"):
     jobs.run(c, str(tmp_path))
 
 
@@ -255,11 +294,11 @@ def test_collapse_streams_exact_nc1_with_a_padded_last_batch():
   y = np.arange(37) % 3
   ds = data.ArrayDataset(x, y, 3)
   model = models.get("mlp", 3, depth=3, width=8)
-  v = transfer.init_variables(model, (1, 6, 6, 1), 0)
-  prep = transfer.make_prepare((0.5,), (0.25,), None, 1, 1)
+  v = assemble.init_variables(model, (1, 6, 6, 1), 0)
+  prep = assemble.make_prepare((0.5,), (0.25,), None, 1, 1)
   mesh = train.data_mesh()
-  pen, layerwise = transfer.collapse(model, v, prep, ds, 16, mesh)
-  feats = transfer.extract(model, v, prep, x, 16, mesh)
+  pen, layerwise = measure.collapse(model, v, prep, ds, 16, mesh)
+  feats = measure.extract(model, v, prep, x, 16, mesh)
 
   def nc1_ref(h):
     h = h.astype(np.float64)
@@ -293,5 +332,4 @@ def test_coercions_are_errors_reported_together_before_any_work(tmp_path):
   assert "unknown method 'nope'" in err and "Traceback" not in err
   assert "--config.data_budget_mb=-1: must be >= 0" in err
   assert f"README.md/cache: {ROOT}/README.md is not a directory" in err
-  assert not (tmp_path / "checkpoints").exists() and time.time() - t0 < 60
-  assert transfer.parse_classes("5-9,2") == [5, 6, 7, 8, 9, 2]
+  assert not (tmp_path / "runs").exists() and time.time() - t0 < 30

@@ -422,29 +422,6 @@ def test_dataset_stats_and_constants():
 # batching
 
 
-def test_batches_determinism_coverage_and_resume():
-    ds = _ds(10, k=3)  # 30 examples, unique ids
-    assert data.num_batches(ds, 8) == 3 and data.num_batches(ds, 8, False) == 4
-    epoch0 = list(data.batches(ds, 8, seed=1, epoch=0, drop_remainder=False))
-    assert [len(b[1]) for b in epoch0] == [8, 8, 8, 6]
-    ids = np.concatenate([_ids(data.ArrayDataset(x, y, 3)) for x, y in epoch0])
-    assert sorted(ids) == list(range(30))  # each example exactly once
-    for x, y in epoch0:  # labels travel with their images
-        np.testing.assert_array_equal(y, ds.labels[_ids(data.ArrayDataset(x, y, 3))])
-    again = list(data.batches(ds, 8, seed=1, epoch=0, drop_remainder=False))
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(epoch0, again))
-    epoch1 = list(data.batches(ds, 8, seed=1, epoch=1, drop_remainder=False))
-    assert not np.array_equal(epoch0[0][0], epoch1[0][0])
-    other_seed = list(data.batches(ds, 8, seed=2, epoch=0))
-    assert not np.array_equal(epoch0[0][0], other_seed[0][0])
-    dropped = list(data.batches(ds, 8, seed=1, epoch=0))
-    assert len(dropped) == 3 and all(len(b[1]) == 8 for b in dropped)
-    resumed = list(data.batches(ds, 8, seed=1, epoch=0, start=2))
-    np.testing.assert_array_equal(resumed[0][0], dropped[2][0])
-    ordered = list(data.batches(ds, 30, seed=0, shuffle=False))
-    np.testing.assert_array_equal(ordered[0][0], ds.images)
-
-
 def test_prefetch():
     items = list(data.prefetch(iter(range(10)), size=2, transform=lambda v: v * 2))
     assert items == [2 * i for i in range(10)]

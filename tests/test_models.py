@@ -82,7 +82,7 @@ def test_finetune_percent_full_and_errors():
   assert models.finetune_percent('resnet18', 'full', None, 10) == 100.0
   # ViT-B/32 at 224 has 95 fewer position embeddings (REFERENCE §3).
   assert round(models.finetune_percent('vit_b32', 'layer', 'layer8', 100, 224), 2) == 8.19
-  with pytest.raises(ValueError, match='methods'):
+  with pytest.raises(ValueError, match='unknown fine-tuning method'):
     models.finetune_percent('resnet18', 'partial', 'block5', 10)
   with pytest.raises(ValueError, match='block8'):
     models.finetune_percent('resnet18', 'layer', 'block9', 10)

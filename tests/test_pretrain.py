@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ncjax import jobs, losses, methods, models, train, transfer
+from ncjax import jobs, losses, models, pretrain, spec, train
+from ncjax.errors import ConfigError
 from tiny_config import tiny_mlp_config
 
 
@@ -50,9 +51,11 @@ def test_pretrain_objectives(tmp_path, loss, layers, eps):
   c = _config()
   c.pretrain.loss, c.pretrain.projection_layers, c.pretrain.adversarial_eps = loss, layers, eps
   c.pretrain.optim.aug_level = 3
-  mesh = train.data_mesh()
-  bb = transfer.backbone_config(c, "mlp")
-  variables, rec = transfer.pretrain(c, "mlp", bb, str(tmp_path), mesh)
+  (s,) = spec.build(c)
+  run = s.runs()[0]
+  assert run.kind == "pretrain"
+  variables, rec = pretrain.pretrain(s, run, str(tmp_path), train.data_mesh())
+  rec = rec.to_dict()
   model = models.get("mlp", 5, depth=2, width=32)
   fresh = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
   # The projection head is dropped: the returned backbone has the model's own structure.
@@ -66,39 +69,47 @@ def test_pretrain_objectives(tmp_path, loss, layers, eps):
   assert any(changed)
 
 
-def test_bad_pretrain_settings_are_named(tmp_path):
+def test_bad_pretrain_settings_are_named():
   c = _config()
   c.pretrain.loss = "triplet"
-  with pytest.raises(ValueError, match="unknown loss 'triplet'"):
-    transfer.pretrain(c, "mlp", transfer.backbone_config(c, "mlp"), str(tmp_path),
-                      train.data_mesh())
+  with pytest.raises(ConfigError, match="--config.pretrain.loss=triplet: must be one of ce, mse"):
+    spec.build(c)
   c.pretrain.loss, c.pretrain.adversarial_eps = "supcon", 0.01
-  with pytest.raises(ValueError, match="adversarial pre-training"):
-    transfer.pretrain(c, "mlp", transfer.backbone_config(c, "mlp"), str(tmp_path),
-                      train.data_mesh())
+  with pytest.raises(ConfigError, match="adversarial pre-training"):
+    spec.build(c)
 
 
-def test_parse_variants_and_overrides():
-  v = jobs.parse_variants("mse: pretrain.loss=mse; adv8: pretrain.adversarial_eps=8/255 "
-                          "pretrain.optim.aug_level=3")
-  assert v == [("mse", {"pretrain.loss": "mse"}),
-               ("adv8", {"pretrain.adversarial_eps": "8/255", "pretrain.optim.aug_level": "3"})]
-  c = jobs.with_overrides(_config(), v[1][1])
-  assert c.pretrain.adversarial_eps == pytest.approx(8 / 255)
-  assert c.pretrain.optim.aug_level == 3 and isinstance(c.pretrain.optim.aug_level, int)
-  assert jobs.parse_variants("") == []
-  with pytest.raises(ValueError, match="must read 'tag: field=value"):
-    jobs.parse_variants("pretrain.loss=mse")
-  with pytest.raises(ValueError, match="'loss' is not field=value"):
-    jobs.parse_variants("a: loss")
-  with pytest.raises(ValueError, match="'pretrain.nope' is not a config field"):
-    jobs.with_overrides(_config(), {"pretrain.nope": "1"})
+def test_variant_overrides_are_typed():
+  """A variant's value must have its field's type (an int may set a float): a bool typo or
+  a number written as a string is an error naming the variant and the field, not a
+  coercion."""
+  c = _config()
+  c.variants = (dict(tag="adv8", overrides={"pretrain.adversarial_eps": 8 / 255,
+                                            "pretrain.optim.aug_level": 3,
+                                            "pretrain.optim.lr": 1}),)
+  (s,) = spec.build(c)
+  assert s.tag == "adv8" and s.pretrain.adversarial_eps == pytest.approx(8 / 255)
+  assert s.pretrain.optim.aug_level == 3 and s.pretrain.optim.lr == 1.0
+  c.variants = (dict(tag="a", overrides={"collapse": "flase", "pretrain.optim.steps": "3",
+                                         "pretrain.nope": 1}),
+                dict(tag="a", overrides={}), dict(tag="..", overrides={}),
+                dict(tag="b", overrides={"seed": True}))
+  with pytest.raises(ConfigError) as e:
+    spec.build(c)
+  msg = str(e.value)
+  assert "variant 'a': --config.collapse=flase: must be a bool" in msg
+  assert "variant 'a': --config.pretrain.optim.steps=3: must be a int" in msg
+  assert "variant 'a': --config.pretrain.nope=1: no such config field" in msg
+  assert "--config.variants[1].tag=a: is used twice" in msg
+  assert "--config.variants[2].tag=..: must be a path-safe name" in msg
+  assert "variant 'b': --config.seed=True: must be a int" in msg
 
 
 def test_variants_job_tags_records_and_reports_source_nc1(tmp_path):
   c = _config("transfer")
-  c.methods = "linear"
-  c.variants = "mse: pretrain.loss=mse; ce: pretrain.loss=ce"
+  c.methods = ("linear",)
+  c.variants = (dict(tag="mse", overrides={"pretrain.loss": "mse"}),
+                dict(tag="ce", overrides={"pretrain.loss": "ce"}))
   records = jobs.run(c, str(tmp_path))
   assert [r["pretrain"] for r in records] == ["mse", "ce"]
   assert all(r["source_nc1"] > 0 for r in records)
@@ -106,4 +117,5 @@ def test_variants_job_tags_records_and_reports_source_nc1(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "MLP [mse] / Digits" in md and "NC1 of the pre-trained model on the source data" in md
   assert (tmp_path / "source_nc1_vs_accuracy.png").exists()
-  assert (tmp_path / "mse" / "pretrain.jsonl").exists() and (tmp_path / "ce").is_dir()
+  assert (tmp_path / "runs" / "mse" / "pretrain-mlp-digits" / "record.json").exists()
+  assert (tmp_path / "runs" / "ce" / "mlp-digits-linear").is_dir()

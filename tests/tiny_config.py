@@ -12,9 +12,9 @@ from configs import default  # noqa: E402
 def tiny_mlp_config(job: str, depth: int = 3):
   c = default.get_config()
   c.job = job
-  c.models = "mlp"
+  c.models = ("mlp",)
   c.backbone.default.options = {"depth": depth, "width": 32}
-  c.backbone.default.unit = "layer2"
+  c.backbone.default.unit = ("layer2",)
   c.optim.steps = 3
   c.pretrain.optim.steps = 4
   c.eval_batch_size = 256

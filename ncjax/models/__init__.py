@@ -28,8 +28,6 @@ __all__ = ['get', 'units', 'features', 'count_params', 'finetune_percent', 'name
            'param_shapes', 'ResNet', 'ViT', 'MLP', 'ConvNet4', 'ResNet12', 'BatchNorm',
            'ProjectionHead']
 
-METHODS = ('linear', 'layer', 'scl', 'full')
-
 # name -> (class, fixed config, allowed user options)
 _COMMON = ('scl_unit', 'dtype')
 _REGISTRY: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {}
@@ -142,17 +140,10 @@ def finetune_percent(name: str, method: str, unit: Optional[str], num_classes: i
   input is (1, image_size, image_size, channels): pass `image_size=28, channels=1` for
   the MLP on MNIST. `options` go to `get` (e.g. `stem='cifar'`, `depth=...`).
   """
-  if method not in METHODS:
-    raise ValueError(f'unknown method {method!r}; methods: {", ".join(METHODS)}')
+  from ncjax import methods
   params = param_shapes(name, num_classes, image_size, channels, **options)['params']
-  total = count_params(params)
-  if method == 'full':
-    trainable = total
-  else:
-    trainable = count_params(params['head'])
-    if method in ('layer', 'scl'):
-      valid = units(name, **{k: v for k, v in options.items() if k in ('depth', 'widths')})
-      if unit not in valid:
-        raise ValueError(f'unknown unit {unit!r} for {name!r}; valid units: {", ".join(valid)}')
-      trainable += count_params(params[unit])
-  return 100.0 * trainable / total
+  if methods.needs_unit(method):
+    valid = units(name, **{k: v for k, v in options.items() if k in ('depth', 'widths')})
+    if unit not in valid:
+      raise ValueError(f'unknown unit {unit!r} for {name!r}; valid units: {", ".join(valid)}')
+  return methods.percent_trainable(params, methods.trainable_mask(params, method, unit))

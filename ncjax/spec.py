@@ -1,0 +1,643 @@
+"""The experiment spec: the only reader of a config.
+
+`build(config)` turns an ``ml_collections.ConfigDict`` (see ``configs/default.py`` for every
+field) into one typed, validated `Spec` per variant, checking everything at once before any
+work: a value out of range, a bool typo, an unknown method, model, unit or dataset, a
+reversed class range, a bad or duplicate variant tag all end up in one `ConfigError` whose
+lines read ``--config.<field>=<value>: <why>``. `check_assets` then opens every dataset split
+and weights file the grid needs (shapes of weights against their architecture included).
+
+Each spec enumerates its runs (`Spec.runs`): the pre-training of a backbone, the fine-tuning
+cells ``models x datasets x train sizes x methods x units``, or a layer-probe pass, each with
+a path-safe id and a `fingerprint` of the config values that define it, which guards
+resuming in a used workdir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from typing import Any, Iterator
+
+from ncjax import methods, models
+from ncjax.errors import ConfigError
+
+JOBS = ("transfer", "pretrain", "layer_probe", "metrics")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+LOSSES = ("ce", "mse", "supcon")
+NORMALIZATIONS = ("dataset", "imagenet", "inception")  # or a dataset name `data.stats_for` knows
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+# Fields that change how a run is computed or kept, never what it computes: a rerun may
+# change them freely.
+_NOT_DEFINING = ("eval_batch_size", "data_budget_mb", "compile_cache_dir", "checkpoint_every",
+                 "plots", "data_dir", "variants")
+
+
+# ----------------------------------------------------------------------------- the typed spec
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+  """An optimisation recipe: `train.OptimConfig`'s fields plus the schedule's length, batch
+  and augmentation."""
+  lr: float
+  lr_end: float
+  momentum: float
+  weight_decay: float
+  warmup_steps: int
+  epochs: int       # used when steps == 0
+  steps: int        # > 0 overrides epochs
+  batch_size: int   # global, examples
+  aug_level: int    # 1..5 (REFERENCE §4)
+
+  def optimizer(self):
+    from ncjax import train
+    return train.OptimConfig(lr=self.lr, lr_end=self.lr_end, momentum=self.momentum,
+                             weight_decay=self.weight_decay, warmup_steps=self.warmup_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """One model of the grid, with its ``config.backbone`` settings resolved."""
+  model: str
+  weights: str                 # a checkpoint path | 'pretrain' | '' (pretrain if enabled)
+  units: tuple[str, ...]       # the unit(s) Layer FT / SCL FT tune (several: a sweep)
+  image_size: int              # model input side (0: the data's own)
+  channels: int                # model input channels (0: the data's own)
+  normalization: str
+  datasets: tuple[str, ...]    # downstream datasets
+  options: dict                # `models.get` options
+
+  @property
+  def weights_path(self) -> str | None:
+    return None if self.weights in ("", "pretrain") else os.path.expanduser(self.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrain:
+  enabled: bool
+  dataset: str
+  classes: tuple[int, ...] | None
+  loss: str
+  projection_layers: int
+  projection_width: int
+  projection_dim: int
+  temperature: float
+  adversarial_eps: float       # l_inf radius in [0, 1] pixel units
+  adversarial_steps: int
+  optim: Optim
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One unit of work with its own checkpoints and record.
+
+  kind: 'pretrain' | 'finetune' | 'probe'. `id` is unique in the workdir and path-safe
+  (``[<tag>/]<model>-<dataset>-<method>[-<unit>][-n<size>]``)."""
+  kind: str
+  id: str
+  backbone: Backbone
+  dataset: str = ""
+  size: int = 0                # class-balanced training subset size (0: the whole split)
+  method: str = ""
+  unit: str | None = None
+  fingerprint: tuple = ()      # ((dotted field, value), ...) that define the run
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """The whole job of one variant, validated."""
+  job: str
+  tag: str                     # variant tag ('' without variants)
+  seed: int
+  backbones: tuple[Backbone, ...]
+  datasets: tuple[str, ...]    # the downstream datasets of backbones without their own
+  downstream_classes: tuple[int, ...] | None
+  methods: tuple[str, ...]
+  train_sizes: tuple[int, ...]   # () = the whole training split
+  test_split: str
+  data_dir: str | None
+  dataset_sources: dict        # dataset name -> `data.load` source
+  pretrain: Pretrain
+  optim: Optim
+  eval_batch_size: int
+  cache_linear_features: bool
+  dtype: str
+  data_budget_mb: float
+  compile_cache_dir: str
+  collapse: bool
+  checkpoint_every: int
+  plots: bool
+  resolved: dict               # the resolved config as plain data (config.json)
+
+  def source(self, dataset: str) -> str:
+    return self.dataset_sources.get(dataset) or dataset
+
+  def uses_pretraining(self, bb: Backbone) -> bool:
+    return self.pretrain.enabled and bb.weights in ("", "pretrain")
+
+  def runs(self) -> list[Run]:
+    """Every run of the job, in execution order."""
+    out = []
+    prefix = f"{self.tag}/" if self.tag else ""
+    for bb in self.backbones:
+      if self.job == "pretrain" or self.uses_pretraining(bb):
+        out.append(Run("pretrain", f"{prefix}pretrain-{bb.model}-{self.pretrain.dataset}", bb,
+                       self.pretrain.dataset, fingerprint=self._fingerprint(bb, "pretrain")))
+      if self.job == "layer_probe":
+        for ds in bb.datasets:
+          out.append(Run("probe", f"{prefix}{bb.model}-{ds}-probes", bb, ds,
+                         fingerprint=self._fingerprint(bb, "probe", dataset=ds)))
+      if self.job != "transfer":
+        continue
+      for ds in bb.datasets:
+        for size in self.train_sizes or (0,):
+          for method in self.methods:
+            for unit in bb.units if methods.needs_unit(method) else (None,):
+              name = "-".join(p for p in (bb.model, ds, method, unit,
+                                          f"n{size}" if size else "") if p)
+              out.append(Run("finetune", prefix + name, bb, ds, size, method, unit,
+                             self._fingerprint(bb, "finetune", dataset=ds, size=size,
+                                               method=method, unit=unit)))
+    return out
+
+  def _fingerprint(self, bb: Backbone, kind: str, **cell) -> tuple:
+    """The config values a run's checkpoints and record depend on, as dotted fields."""
+    fields = {"seed": self.seed, "dtype": self.dtype, "model": bb.model,
+              **{f"backbone.{bb.model}.{k}": v for k, v in _flat(dataclasses.asdict(bb)).items()
+                 if k not in ("model", "units", "datasets")}}
+    if kind == "pretrain" or self.uses_pretraining(bb):
+      fields.update({f"pretrain.{k}": v for k, v in _flat(dataclasses.asdict(self.pretrain)).items()
+                     if k != "enabled"})
+    if kind != "pretrain":
+      fields.update({"dataset": cell["dataset"],
+                     f"dataset_sources.{cell['dataset']}": self.source(cell["dataset"]),
+                     "downstream_classes": self.downstream_classes, "test_split": self.test_split,
+                     "collapse": self.collapse,
+                     **{f"optim.{k}": v for k, v in dataclasses.asdict(self.optim).items()}})
+    if kind == "finetune":
+      fields.update(train_size=cell["size"], method=cell["method"], unit=cell["unit"])
+      if cell["method"] == "linear":
+        fields["cache_linear_features"] = self.cache_linear_features
+    return tuple(sorted((k, _plain(v)) for k, v in fields.items()))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and k != "options":
+      out.update(_flat(v, f"{prefix}{k}."))
+    elif isinstance(v, dict):
+      out.update({f"{prefix}{k}.{o}": w for o, w in sorted(v.items())} or {f"{prefix}{k}": {}})
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _plain(v):
+  """JSON-like plain data (tuples as lists) so fingerprints compare equal after a round trip."""
+  if isinstance(v, (tuple, list)):
+    return [_plain(x) for x in v]
+  if isinstance(v, dict):
+    return {str(k): _plain(x) for k, x in v.items()}
+  return v
+
+
+def fingerprint_diff(stored: dict, now: dict) -> list[str]:
+  """``['optim.steps: 30 in the workdir, 15 now', ...]`` for every field that differs."""
+  out = []
+  for k in sorted(set(stored) | set(now)):
+    a, b = stored.get(k, "<unset>"), now.get(k, "<unset>")
+    if a != b:
+      out.append(f"{k}: {a!r} in the workdir, {b!r} now")
+  return out
+
+
+# ----------------------------------------------------------------------------- reading a config
+
+class _Problems:
+  """Collects every problem as ``--config.<field>=<value>: <why>``."""
+
+  def __init__(self):
+    self.lines: list[str] = []
+
+  def add(self, field: str, value, why: str) -> None:
+    shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    line = f"--config.{field}={shown}: {why}"
+    if line not in self.lines:
+      self.lines.append(line)
+
+
+def names(value) -> tuple[str, ...]:
+  """A list of names from a config field: a tuple/list of strings, where the command line's
+  ``--config.methods=linear,full`` arrives as one comma-joined element; a plain string is
+  read the same way."""
+  if isinstance(value, str):
+    value = (value,)
+  out = []
+  for v in value:
+    if not isinstance(v, str):
+      raise TypeError(f"{v!r} is not a name")
+    out.extend(p.strip() for p in v.split(",") if p.strip())
+  return tuple(out)
+
+
+def parse_classes(value) -> tuple[int, ...] | None:
+  """``'5-9'`` -> (5, 6, 7, 8, 9); ``'0,2,4'`` / (0, 2, 4) -> (0, 2, 4); '' -> None (all).
+
+  Raises ValueError for a reversed range (``'9-5'``), a negative id or a non-integer."""
+  if isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                             for v in value):
+    parts = [str(v) for v in value]
+  else:
+    parts = list(names(value))
+  out = []
+  for part in parts:
+    lo, dash, hi = part.partition("-")
+    try:
+      ids = range(int(lo), int(hi) + 1) if dash else [int(part)]
+    except ValueError:
+      raise ValueError(f"{part!r} is not a class id or a range lo-hi") from None
+    if dash and int(hi) < int(lo):
+      raise ValueError(f"reversed class range {part!r} (write {hi}-{lo})")
+    if min(ids) < 0:
+      raise ValueError(f"negative class id in {part!r}")
+    out.extend(ids)
+  if len(set(out)) != len(out):
+    raise ValueError("a class is listed twice")
+  return tuple(out) or None
+
+
+def _int(p: _Problems, field: str, value, lo: int, hi: int | None = None) -> int:
+  if not isinstance(value, int) or isinstance(value, bool) or value < lo or (
+      hi is not None and value > hi):
+    p.add(field, value, f"must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None
+                                                          else ""))
+    return lo
+  return value
+
+
+def _float(p: _Problems, field: str, value, *, positive=False, lo=None, hi=None) -> float:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+  if ok and positive and not value > 0:
+    p.add(field, value, "must be > 0")
+  elif ok and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+    p.add(field, value, f"must be >= {lo:g}" if hi is None else f"must be in [{lo:g}, {hi:g}]")
+  elif not ok:
+    p.add(field, value, "must be a number")
+    return 0.0
+  return float(value)
+
+
+def _bool(p: _Problems, field: str, value) -> bool:
+  if not isinstance(value, bool):
+    p.add(field, value, "must be True or False")
+    return False
+  return value
+
+
+def _str(p: _Problems, field: str, value, choices=None) -> str:
+  if not isinstance(value, str):
+    p.add(field, value, "must be a string")
+    return ""
+  if choices is not None and value not in choices:
+    p.add(field, value, f"must be one of {', '.join(choices)}")
+  return value
+
+
+def _names(p: _Problems, field: str, value, choices=None, what="name") -> tuple[str, ...]:
+  try:
+    out = names(value)
+  except TypeError:
+    p.add(field, value, "must be a comma list of names")
+    return ()
+  for n in out:
+    if choices is not None and n not in choices:
+      p.add(field, value, f"unknown {what} {n!r}{_did_you_mean(n, choices)} "
+            f"(valid: {', '.join(choices)})")
+  if len(set(out)) != len(out):
+    p.add(field, value, f"a {what} is listed twice")
+  return out
+
+
+def _did_you_mean(word: str, choices) -> str:
+  close = difflib.get_close_matches(word, list(choices), n=1)
+  return f", did you mean {close[0]!r}?" if close else ""
+
+
+def _optim(p: _Problems, prefix: str, o, own=None) -> Optim:
+  # An inherited value is reported once, under the field that set it.
+  field = lambda f: f"{prefix if own is None or f in own else 'optim'}.{f}"
+  steps = _int(p, field("steps"), o.steps, 0)
+  out = Optim(
+      lr=_float(p, field("lr"), o.lr, positive=True),
+      lr_end=_float(p, field("lr_end"), o.lr_end, lo=0.0),
+      momentum=_float(p, field("momentum"), o.momentum, lo=0.0, hi=1.0),
+      weight_decay=_float(p, field("weight_decay"), o.weight_decay, lo=0.0),
+      warmup_steps=_int(p, field("warmup_steps"), o.warmup_steps, 0),
+      epochs=_int(p, field("epochs"), o.epochs, 0 if steps else 1),
+      steps=steps,
+      batch_size=_int(p, field("batch_size"), o.batch_size, 1),
+      aug_level=_int(p, field("aug_level"), o.aug_level, 1, 5))
+  if out.lr_end > out.lr > 0:
+    p.add(field("lr_end"), o.lr_end, f"must not exceed lr ({out.lr})")
+  return out
+
+
+def _backbone(p: _Problems, config, model: str, default_datasets) -> Backbone:
+  bb = config.backbone
+  fields = dict(bb.default) if "default" in bb else {}
+  where = {k: "default" for k in fields}
+  if model in bb:
+    fields.update(dict(bb[model]))
+    where.update({k: model for k in bb[model]})
+  known = [f.name for f in dataclasses.fields(Backbone)]
+  known[known.index("units")] = "unit"
+  for k in fields:
+    if k not in known:
+      p.add(f"backbone.{where[k]}.{k}", fields[k],
+            f"no such backbone field{_did_you_mean(k, known)}")
+  name = lambda k: f"backbone.{where.get(k, model)}.{k}"
+  get = lambda k, d: fields.get(k, d)
+  options = dict(get("options", {}) or {})
+  try:
+    model_units = models.units(model, **{k: v for k, v in options.items()
+                                         if k in ("depth", "widths")})
+  except (TypeError, ValueError) as e:
+    p.add(name("options"), options, str(e))
+    model_units = ()
+  try:
+    models.get(model, 2, **options)
+  except (TypeError, ValueError) as e:
+    p.add(name("options"), options, str(e))
+  units = _names(p, name("unit"), get("unit", ()), model_units or None, f"unit of {model}")
+  datasets = (_names(p, name("datasets"), get("datasets", ()), what="dataset")
+              or default_datasets)
+  norm = _str(p, name("normalization"), get("normalization", "dataset"))
+  if norm and norm not in NORMALIZATIONS:
+    from ncjax import data
+    try:
+      data.stats_for(norm)
+    except (KeyError, ValueError):
+      p.add(name("normalization"), norm,
+            f"must be one of {', '.join(NORMALIZATIONS)} or a dataset with stored statistics")
+  return Backbone(
+      model=model, weights=_str(p, name("weights"), get("weights", "")), units=units,
+      image_size=_int(p, name("image_size"), get("image_size", 0), 0, 4096),
+      channels=_int(p, name("channels"), get("channels", 0), 0, 4),
+      normalization=norm, datasets=datasets, options=options)
+
+
+def _resolved(config) -> dict:
+  return _plain(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+
+
+def field_names(config, prefix: str = "") -> list[str]:
+  """Every dotted field of `config` (``optim.batch_size``, ...)."""
+  out = []
+  for k in config:
+    v = config[k]
+    out.append(prefix + k)
+    if hasattr(v, "items") and not isinstance(v, dict):
+      out += field_names(v, f"{prefix}{k}.")
+  return out
+
+
+def with_overrides(config, overrides: dict, p: _Problems):
+  """A copy of `config` with the dotted `overrides` set. A value must have its field's type
+  (an int may set a float field): a bool typo is an error, not False."""
+  c = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    holder = c
+    try:
+      for part in path:
+        holder = holder[part]
+      old = holder[last]
+    except (KeyError, AttributeError, TypeError):
+      p.add(key, value, f"no such config field{_did_you_mean(key, field_names(config))}")
+      continue
+    ok = (isinstance(value, bool) if isinstance(old, bool)
+          else isinstance(value, int) and not isinstance(value, bool) if isinstance(old, int)
+          else isinstance(value, (int, float)) and not isinstance(value, bool)
+          if isinstance(old, float)
+          else isinstance(value, (str, tuple, list)) if isinstance(old, tuple)
+          else isinstance(value, type(old)))
+    if not ok:
+      p.add(key, value, f"must be a {type(old).__name__} like the field it overrides "
+            f"({type(value).__name__} given)")
+      continue
+    with c.unlocked() if hasattr(c, "unlocked") else _nullcontext():
+      holder[last] = float(value) if isinstance(old, float) else value
+  return c
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *_):
+    return False
+
+
+def _variants(p: _Problems, value) -> list[tuple[str, dict]]:
+  """``config.variants``: a sequence of ``{'tag': str, 'overrides': {dotted field: value}}``."""
+  out, seen = [], set()
+  if not isinstance(value, (tuple, list)):
+    p.add("variants", value, "must be a list of dict(tag=..., overrides={...})")
+    return out
+  for i, v in enumerate(value):
+    if not isinstance(v, dict) or set(v) != {"tag", "overrides"} or not isinstance(
+        v.get("overrides"), dict):
+      p.add(f"variants[{i}]", v, "must be dict(tag=<str>, overrides={<dotted field>: value})")
+      continue
+    tag = v["tag"]
+    if not isinstance(tag, str) or not _TAG.match(tag) or tag in (".", ".."):
+      p.add(f"variants[{i}].tag", tag, "must be a path-safe name (letters, digits, _ . + = -; "
+            "not starting with . or -)")
+    elif tag in seen:
+      p.add(f"variants[{i}].tag", tag, "is used twice (each variant needs its own directory)")
+    seen.add(tag)
+    out.append((tag, v["overrides"]))
+  return out
+
+
+def build(config) -> list[Spec]:
+  """One validated `Spec` per variant (one without variants). Raises `ConfigError` listing
+  every problem: those of the base config once, then each variant's own."""
+  top = _Problems()
+  job = _str(top, "job", config.job, JOBS)
+  variants = _variants(top, config.get("variants", ()))
+  base = _Problems()
+  specs = [_build_one(base, config, job, "")]
+  lines = top.lines + base.lines
+  if variants:
+    specs = []
+    for tag, overrides in variants:
+      p = _Problems()
+      specs.append(_build_one(p, with_overrides(config, overrides, p), job, tag))
+      lines += [f"variant {tag!r}: {line}" for line in p.lines if line not in base.lines]
+  if lines:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+  return specs
+
+
+def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
+  seed = _int(p, "seed", c.seed, 0, 2 ** 31 - 1)
+  model_names = _names(p, "models", c.models, models.names(), "model")
+  if not model_names:
+    p.add("models", c.models, "must name at least one model")
+  datasets = _names(p, "datasets", c.datasets, what="dataset")
+  backbones = tuple(_backbone(p, c, m, datasets) for m in model_names)
+  method_names = tuple(m for m in _names(p, "methods", c.methods, methods.METHODS, "method")
+                       if m in methods.METHODS)
+  if job == "transfer" and not method_names:
+    p.add("methods", c.methods, "must name at least one method")
+  for bb in backbones:
+    if job == "transfer" and not bb.datasets:
+      p.add("datasets", c.datasets, f"no downstream dataset for {bb.model}")
+    if job == "transfer" and any(methods.needs_unit(m) for m in method_names) and not bb.units:
+      p.add(f"backbone.{bb.model}.unit", "", "Layer FT / SCL FT need a unit")
+  try:
+    classes = parse_classes(c.downstream_classes)
+  except (ValueError, TypeError) as e:
+    p.add("downstream_classes", c.downstream_classes, str(e))
+    classes = None
+  sizes = ()
+  try:
+    sizes = tuple(int(s) for s in (names(c.train_sizes) if not isinstance(c.train_sizes, (
+        tuple, list)) or any(isinstance(s, str) for s in c.train_sizes) else c.train_sizes))
+    if any(s < 1 for s in sizes):
+      raise ValueError
+  except (ValueError, TypeError):
+    p.add("train_sizes", c.train_sizes, "must be positive integers")
+  pc = c.pretrain
+  po = c.optim.copy_and_resolve_references()
+  po.update(dict(pc.optim))
+  pretraining = job == "pretrain" or (pc.enabled and any(b.weights in ("", "pretrain")
+                                                         for b in backbones))
+  optim = _optim(p, "optim", c.optim)
+  pre_p = p if pretraining else _Problems()  # pre-training fields matter only when used
+  try:
+    pre_classes = parse_classes(pc.classes)
+  except (ValueError, TypeError) as e:
+    pre_p.add("pretrain.classes", pc.classes, str(e))
+    pre_classes = None
+  pretrain = Pretrain(
+      enabled=_bool(p, "pretrain.enabled", pc.enabled),
+      dataset=_str(pre_p, "pretrain.dataset", pc.dataset),
+      classes=pre_classes, loss=_str(pre_p, "pretrain.loss", pc.loss, LOSSES),
+      projection_layers=_int(pre_p, "pretrain.projection_layers", pc.projection_layers, 0, 8),
+      projection_width=_int(pre_p, "pretrain.projection_width", pc.projection_width, 0),
+      projection_dim=_int(pre_p, "pretrain.projection_dim", pc.projection_dim, 1),
+      temperature=_float(pre_p, "pretrain.temperature", pc.temperature, positive=True),
+      adversarial_eps=_float(pre_p, "pretrain.adversarial_eps", pc.adversarial_eps, lo=0.0,
+                             hi=1.0),
+      adversarial_steps=_int(pre_p, "pretrain.adversarial_steps", pc.adversarial_steps, 1),
+      optim=_optim(pre_p, "pretrain.optim", po, own=set(pc.optim)))
+  if pretraining and pretrain.loss == "supcon" and pretrain.adversarial_eps > 0:
+    p.add("pretrain.adversarial_eps", pc.adversarial_eps,
+          "adversarial pre-training is implemented for the ce and mse losses only")
+  for bb in backbones:
+    if bb.weights == "pretrain" and not pc.enabled and job != "pretrain":
+      p.add(f"backbone.{bb.model}.weights", "pretrain", "needs --config.pretrain.enabled=True")
+  sources = c.get("dataset_sources", {}) or {}
+  dtype = _str(p, "dtype", c.dtype, COMPUTE_DTYPES)
+  budget = _float(p, "data_budget_mb", c.data_budget_mb, lo=0.0)
+  cache_dir = _str(p, "compile_cache_dir", c.compile_cache_dir)
+  if cache_dir:
+    why = not_creatable(os.path.expanduser(cache_dir))
+    if why:
+      p.add("compile_cache_dir", cache_dir, why)
+  spec = Spec(
+      job=job, tag=tag, seed=seed, backbones=backbones, datasets=datasets,
+      downstream_classes=classes,
+      methods=method_names, train_sizes=sizes,
+      test_split=_str(p, "test_split", c.test_split),
+      data_dir=_str(p, "data_dir", c.data_dir) or None,
+      dataset_sources={k: str(v) for k, v in dict(sources).items()},
+      pretrain=pretrain, optim=optim,
+      eval_batch_size=_int(p, "eval_batch_size", c.eval_batch_size, 1),
+      cache_linear_features=_bool(p, "cache_linear_features", c.cache_linear_features),
+      dtype=dtype, data_budget_mb=budget, compile_cache_dir=cache_dir,
+      collapse=_bool(p, "collapse", c.collapse),
+      checkpoint_every=_int(p, "checkpoint_every", c.checkpoint_every, 0),
+      plots=_bool(p, "plots", c.plots), resolved=_resolved(c))
+  return None if p.lines else spec
+
+
+def not_creatable(path: str) -> str | None:
+  """Why directory `path` cannot be used or created (its nearest existing ancestor must be a
+  writable directory), or None."""
+  p = os.path.abspath(path)
+  while not os.path.exists(p):
+    p = os.path.dirname(p)
+  if not os.path.isdir(p):
+    return f"{p} is not a directory"
+  if not os.access(p, os.W_OK):
+    return f"{p} is not writable"
+  return None
+
+
+def defining(resolved: dict) -> dict:
+  """`resolved` without the fields a rerun may change freely (`_NOT_DEFINING`)."""
+  return {k: v for k, v in resolved.items() if k not in _NOT_DEFINING}
+
+
+# ----------------------------------------------------------------------------- assets
+
+def assets(specs: list[Spec]) -> Iterator[tuple[str, str, tuple]]:
+  """``(field, what, key)`` for every dataset split and weights file the grid reads, once:
+  ``key`` is ``('data', source, split, image_size, data_dir)`` or
+  ``('weights', path, model, spec, backbone)``."""
+  seen = set()
+  for spec in specs:
+    for bb in spec.backbones:
+      wanted = []
+      if spec.job == "pretrain" or spec.uses_pretraining(bb):
+        wanted += [("pretrain.dataset", spec.pretrain.dataset, s) for s in ("train", "test")]
+      if spec.job != "pretrain":
+        wanted += [("datasets" if bb.datasets == spec.datasets else
+                    f"backbone.{bb.model}.datasets", d, s)
+                   for d in bb.datasets for s in ("train", spec.test_split)]
+      for field, name, split in wanted:
+        key = ("data", spec.source(name), split, bb.image_size or None, spec.data_dir)
+        if key not in seen:
+          seen.add(key)
+          yield field, f"{name}:{split}", key
+      if bb.weights_path and ("weights", bb.weights_path, bb.model) not in seen:
+        seen.add(("weights", bb.weights_path, bb.model))
+        yield f"backbone.{bb.model}.weights", bb.weights, ("weights", bb.weights_path, bb.model,
+                                                            spec, bb)
+
+
+def check_assets(specs: list[Spec], progress=print) -> None:
+  """Opens every dataset split (lazily: labels only) and weights file the grid needs, and
+  loads each weights file against its architecture's shapes. Raises `ConfigError` listing
+  every missing or unfit asset."""
+  from ncjax import data, weights
+  p = _Problems()
+  for field, what, key in assets(specs):
+    progress(f"checking {what}")
+    try:
+      if key[0] == "data":
+        _, source, split, size, data_dir = key
+        data.load(source, split, data_dir=data_dir, decode_size=size)
+      else:
+        _, path, model, spec, bb = key
+        weights.load(path, model, abstract_variables(spec, bb, 2))
+    except (OSError, ValueError, ImportError, KeyError) as e:
+      p.add(field, what, " ".join(str(e).split()))
+  if p.lines:
+    raise ConfigError("missing or unusable assets:\n  " + "\n  ".join(p.lines))
+
+
+def abstract_variables(spec: Spec, bb: Backbone, num_classes: int) -> dict:
+  """Shapes and dtypes of `bb`'s variables (no computation)."""
+  import jax
+  import jax.numpy as jnp
+  model = models.get(bb.model, num_classes, **bb.options)
+  hw = bb.image_size or 32
+  x = jax.ShapeDtypeStruct((1, hw, hw, bb.channels or 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype),
+                                           train=False))
