@@ -43,11 +43,12 @@ def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> 
   stale = _stale_runs(workdir, runs)
   if stale and not fresh:
     from ncjax.errors import CheckpointError
-    lines = [f"{records.run_dir(workdir, r.id)}: {d}" for r, diff in stale for d in diff]
+    lines = [f"{records.run_dir(workdir, r.id)}: " + "; ".join(diff) for r, diff in stale]
     raise CheckpointError(
         f"{len(stale)} run(s) in --workdir={workdir} were made with a different config:\n  "
         + "\n  ".join(lines) + "\nRerun with that config, use another --workdir, or pass "
-        "--fresh to start these runs over (removes their checkpoints and results).")
+        "--fresh to start all runs of this config over (removes their checkpoints and "
+        "results).")
   if fresh:
     _remove_runs(workdir, [r for r in runs if records.read_fingerprint(workdir, r.id)
                            is not None])

@@ -301,31 +301,43 @@ def initialize_distributed() -> None:
 
 def disk_full_error(exc: BaseException) -> OSError | None:
   """The ENOSPC OSError in `exc`'s chain (`__cause__` / `__context__`), or None: libraries
-  (orbax, numpy) re-raise a full disk as their own error."""
-  seen = set()
+  (orbax, numpy) re-raise a full disk as their own error. One that names its file wins: a
+  cleanup that failed on the same disk later may not."""
+  seen, found = set(), []
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-      return exc
+      found.append(exc)
     exc = exc.__cause__ or exc.__context__
-  return None
+  return next((e for e in found if e.filename), found[0] if found else None)
 
 
-def _user_errors() -> tuple[type, ...]:
-  """The exceptions reported as their message: ncjax.errors.UserError, and transfer's own
-  ConfigError while it is not yet one."""
-  from ncjax import errors, transfer
-  return (errors.UserError, getattr(transfer, "ConfigError", errors.UserError))
-
-
-def _report(exc: Exception) -> None:
+def _report(exc: Exception, hard_exit: bool = False) -> None:
   """Exits with one line if `exc` is a user error or a full disk; returns otherwise (a bug:
-  the caller re-raises it, traceback and all)."""
-  if isinstance(exc, _user_errors()):
+  the caller re-raises it, traceback and all). `hard_exit`: a full disk ends the process
+  at once (`os._exit`), skipping exit hooks."""
+  from ncjax.errors import UserError
+  if isinstance(exc, UserError):
     _fail(2, str(exc))
   full = disk_full_error(exc)
   if full is not None:
-    _fail(1, f"{full.filename or FLAGS.workdir}: No space left on device")
+    print(f"ncjax: {full.filename or FLAGS.workdir}: No space left on device", file=sys.stderr,
+          flush=True)
+    # Background writers (TensorBoard's flush thread, its exit hook) would fail again on the
+    # full disk and print their tracebacks after this line: end here, so it stays the last.
+    (os._exit if hard_exit else sys.exit)(1)
+
+
+def _quiet_disk_full_in_threads() -> None:
+  """A background writer that hits a full disk stays quiet: the main thread meets the same
+  error on its next write and reports it as one line."""
+  import threading
+  default = threading.excepthook
+
+  def hook(args):
+    if disk_full_error(args.exc_value) is None:
+      default(args)
+  threading.excepthook = hook
 
 
 def main(argv):
@@ -333,12 +345,13 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     # Keep the console to progress bars and results (orbax logs every checkpoint at INFO).
     logging.set_verbosity(logging.WARNING)
+  _quiet_disk_full_in_threads()
   try:
     _run()
   except KeyboardInterrupt:
     _fail(130, "interrupted; rerun the same command to resume")
   except Exception as e:  # noqa: BLE001 - reported if the user can act on it, else re-raised
-    _report(e)
+    _report(e, hard_exit=True)
     raise
 
 

@@ -91,11 +91,13 @@ def atomic_write(path: str, text: str | bytes) -> str:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     try:
       os.unlink(tmp)
     except OSError:
       pass
+    if isinstance(e, OSError) and not e.filename:  # name the file (e.g. a full disk)
+      raise OSError(e.errno, e.strerror, path) from e
     raise
   return path
 

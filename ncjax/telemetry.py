@@ -145,8 +145,13 @@ class RunLog:
               **{k: _json_float(v) for k, v in values.items()}}
     line = (json.dumps(record, allow_nan=False) + "\n").encode()
     # One write per line: with O_APPEND it lands whole after whatever is there.
-    if os.write(self._metrics_fd(), line) != len(line):
-      raise OSError(f"short write to {os.path.join(self.workdir, METRICS)}")
+    path = os.path.join(self.workdir, METRICS)
+    try:
+      written = os.write(self._metrics_fd(), line)
+    except OSError as e:  # name the file (e.g. a full disk)
+      raise OSError(e.errno, e.strerror, path) from e
+    if written != len(line):
+      raise OSError(f"short write to {path}")
     writer = self._writers.get(run) or self._tensorboard_writer(run)
     for k, v in values.items():
       writer.add_scalar(k, v, step, walltime=now)

@@ -19,3 +19,8 @@ def tiny_mlp_config(job: str, depth: int = 3):
   c.pretrain.optim.steps = 4
   c.eval_batch_size = 256
   return c
+
+
+def get_config(arg: str = "transfer"):
+  """``--config=tests/tiny_config.py:<job>`` on the command line."""
+  return tiny_mlp_config(arg)
