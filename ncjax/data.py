@@ -781,7 +781,9 @@ def dataset_stats(ds: ArrayDataset, chunk: int = 4096) -> tuple[tuple[float, ...
   c = ds.images.shape[-1]
   total, total_sq, count = np.zeros(c), np.zeros(c), 0
   scale = 255.0 if ds.images.dtype == np.uint8 else 1.0
-  for s in range(0, len(ds), chunk):
+  from ncjax import telemetry  # a lazily decoded split can take minutes: show progress
+  starts = range(0, len(ds), chunk)
+  for s in telemetry.progress(starts, total=len(starts), desc=f"{ds.name}: statistics"):
     x = ds.images[s:s + chunk].astype(np.float64).reshape(-1, c) / scale
     total += x.sum(0)
     total_sq += (x * x).sum(0)

@@ -28,10 +28,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 LOSSES = ("ce", "mse", "supcon")
 NORMALIZATIONS = ("dataset", "imagenet", "inception")  # or a dataset name `data.stats_for` knows
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
-# Fields that change how a run is computed or kept, never what it computes: a rerun may
-# change them freely.
-_NOT_DEFINING = ("eval_batch_size", "data_budget_mb", "compile_cache_dir", "checkpoint_every",
-                 "plots", "data_dir", "variants")
 
 
 # ----------------------------------------------------------------------------- the typed spec
@@ -67,6 +63,7 @@ class Backbone:
   normalization: str
   datasets: tuple[str, ...]    # downstream datasets
   options: dict                # `models.get` options
+  origin: dict = dataclasses.field(default_factory=dict, compare=False)  # field -> where set
 
   @property
   def weights_path(self) -> str | None:
@@ -165,7 +162,7 @@ class Spec:
     """The config values a run's checkpoints and record depend on, as dotted fields."""
     fields = {"seed": self.seed, "dtype": self.dtype, "model": bb.model,
               **{f"backbone.{bb.model}.{k}": v for k, v in _flat(dataclasses.asdict(bb)).items()
-                 if k not in ("model", "units", "datasets")}}
+                 if k not in ("model", "units", "datasets") and not k.startswith("origin.")}}
     if kind == "pretrain" or self.uses_pretraining(bb):
       fields.update({f"pretrain.{k}": v for k, v in _flat(dataclasses.asdict(self.pretrain)).items()
                      if k != "enabled"})
@@ -385,7 +382,8 @@ def _backbone(p: _Problems, config, model: str, default_datasets) -> Backbone:
       model=model, weights=_str(p, name("weights"), get("weights", "")), units=units,
       image_size=_int(p, name("image_size"), get("image_size", 0), 0, 4096),
       channels=_int(p, name("channels"), get("channels", 0), 0, 4),
-      normalization=norm, datasets=datasets, options=options)
+      normalization=norm, datasets=datasets, options=options,
+      origin={k: f"backbone.{v}.{k}" for k, v in where.items()})
 
 
 def _resolved(config) -> dict:
@@ -427,17 +425,9 @@ def with_overrides(config, overrides: dict, p: _Problems):
       p.add(key, value, f"must be a {type(old).__name__} like the field it overrides "
             f"({type(value).__name__} given)")
       continue
-    with c.unlocked() if hasattr(c, "unlocked") else _nullcontext():
-      holder[last] = float(value) if isinstance(old, float) else value
+    holder[last] = (float(value) if isinstance(old, float) else
+                    tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value)
   return c
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *_):
-    return False
 
 
 def _variants(p: _Problems, value) -> list[tuple[str, dict]]:
@@ -579,11 +569,6 @@ def not_creatable(path: str) -> str | None:
   return None
 
 
-def defining(resolved: dict) -> dict:
-  """`resolved` without the fields a rerun may change freely (`_NOT_DEFINING`)."""
-  return {k: v for k, v in resolved.items() if k not in _NOT_DEFINING}
-
-
 # ----------------------------------------------------------------------------- assets
 
 def assets(specs: list[Spec]) -> Iterator[tuple[str, str, tuple]]:
@@ -607,8 +592,8 @@ def assets(specs: list[Spec]) -> Iterator[tuple[str, str, tuple]]:
           yield field, f"{name}:{split}", key
       if bb.weights_path and ("weights", bb.weights_path, bb.model) not in seen:
         seen.add(("weights", bb.weights_path, bb.model))
-        yield f"backbone.{bb.model}.weights", bb.weights, ("weights", bb.weights_path, bb.model,
-                                                            spec, bb)
+        yield (bb.origin.get("weights", f"backbone.{bb.model}.weights"), bb.weights,
+               ("weights", bb.weights_path, bb.model, spec, bb))
 
 
 def check_assets(specs: list[Spec], progress=print) -> None:
@@ -616,9 +601,13 @@ def check_assets(specs: list[Spec], progress=print) -> None:
   loads each weights file against its architecture's shapes. Raises `ConfigError` listing
   every missing or unfit asset."""
   from ncjax import data, weights
+  from ncjax import telemetry  # TFDS label passes over large splits take a while
   p = _Problems()
-  for field, what, key in assets(specs):
+  todo, failed = list(assets(specs)), set()
+  for field, what, key in telemetry.progress(todo, total=len(todo), desc="checking assets"):
     progress(f"checking {what}")
+    if key[:2] in failed:
+      continue  # one line per missing dataset, not one per split
     try:
       if key[0] == "data":
         _, source, split, size, data_dir = key
@@ -627,6 +616,7 @@ def check_assets(specs: list[Spec], progress=print) -> None:
         _, path, model, spec, bb = key
         weights.load(path, model, abstract_variables(spec, bb, 2))
     except (OSError, ValueError, ImportError, KeyError) as e:
+      failed.add(key[:2])
       p.add(field, what, " ".join(str(e).split()))
   if p.lines:
     raise ConfigError("missing or unusable assets:\n  " + "\n  ".join(p.lines))

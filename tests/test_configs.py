@@ -82,8 +82,8 @@ def test_missing_assets_are_reported_together_saying_where_they_come_from(tmp_pa
   msg = str(e.value)
   assert f"--config.backbone.resnet18.weights={tmp_path}/nope.pth" in msg
   assert "download.pytorch.org" in msg and "ViT-B_32.npz" in msg  # every weights file
-  for name in ("cifar10:train", "cifar100:test", "aircraft:train", "dtd:train",
-               "oxford_iiit_pet:test"):  # and every dataset split
+  for name in ("cifar10:train", "cifar100:train", "aircraft:train", "dtd:train",
+               "oxford_iiit_pet:train"):  # and every dataset (once, not per split)
     assert name in msg, name
 
 
@@ -131,7 +131,7 @@ def test_a_wrong_weights_file_is_rejected_before_any_work(tmp_path):
   c.backbone.default.update(dict(weights=str(tmp_path / "bad.npz"), unit=("layer1",),
                                  image_size=32, channels=3))
   c.backbone.default.options = {"pool": "cls"}
-  with pytest.raises(ConfigError, match="--config.backbone.vit_ti16.weights=.*bad.npz: .*shape"):
+  with pytest.raises(ConfigError, match="--config.backbone.default.weights=.*bad.npz: .*shape"):
     jobs.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w" / "runs").exists()
 
