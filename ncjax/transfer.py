@@ -100,4 +100,7 @@ def run(spec: Spec, workdir: str, mesh, on_record, on_log=None, primary: bool = 
         rec.source_nc1, rec.source_accuracy = src.nc1, src.accuracy
     if done is None and primary:
       records.save_record(workdir, rec)
+    if done is None and log(r.id) is not None:  # the evaluation, beside the training curve
+      log(r.id)({"step": rec.steps, "test_accuracy": rec.accuracy, "nc1": rec.nc1,
+                 "cdnv": rec.cdnv, "numerical_rank": rec.numerical_rank})
     on_record(rec)

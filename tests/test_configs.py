@@ -114,6 +114,12 @@ def test_default_config_end_to_end(tmp_path):
     assert (tmp_path / f).exists(), f
   assert (tmp_path / "runs" / "resnet18-digits-scl-block5" / "checkpoints").is_dir()
   assert (tmp_path / "tensorboard" / "pretrain-resnet18-digits").is_dir()
+  from ncjax import telemetry
+  evals = [m for m in telemetry.read_metrics(str(tmp_path / "metrics.jsonl"))
+           if "test_accuracy" in m]
+  assert [m["run"] for m in evals] == ["pretrain-resnet18-digits"] + [r["run"] for r in records]
+  assert [m["test_accuracy"] for m in evals[1:]] == [r["accuracy"] for r in records]
+  assert [m["step"] for m in evals[1:]] == [2, 2, 2, 2] and evals[1]["nc1"] == records[0]["nc1"]
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["config"]["optim"]["steps"] == 2 and saved["ncjax_version"]
 
