@@ -1,6 +1,7 @@
 """Fig. 5: the Fig. 4 models (augmentation levels and adversarial pre-training on CIFAR-100)
-transferred by linear probing to CIFAR-10, FGVC-Aircraft, DTD and Pets; NC1 on each downstream
-training set (nc1_vs_accuracy.png). Data as in table3.py / table1.py."""
+transferred by linear probing to CIFAR-10, FGVC-Aircraft, DTD and Pets, against each model's
+NC1 on the CIFAR-10 training set (reference_nc1_vs_accuracy.png; Fig. 13 reads the same runs
+with NC1 on each downstream dataset itself). Data as in table3.py / table1.py."""
 from configs import fig4
 
 
