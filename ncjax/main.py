@@ -1,7 +1,11 @@
 """Command line: ``python -m ncjax.main --config=configs/<name>.py [--config.<field>=...]``.
 
-Every table and figure of the paper is a config file; this entry point only reads the config,
-runs its job and writes the report to ``--workdir``.
+Every table and figure of the paper is a config file, and so is fine-tuning your own model
+(configs/custom.py); this entry point only reads the config, runs its job and writes the
+report to ``--workdir``. ``configs/`` is installed beside the package: ``--config=`` is a
+path from the current directory first, then a config of the installed ones
+(``configs/<name>.py``, ``<name>.py`` or ``<name>``). ``--help`` lists the configs with their
+purpose, the main fields and the flags, and exits 0.
 
 A mistake on the command line, in the config or on disk is one ``ncjax: ...`` line on stderr,
 never a traceback. Exit statuses: 0 done, 2 a user error (flags, config, checkpoints), 1 the
@@ -24,13 +28,29 @@ from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
-# `configs/` lives beside the package in the repository: run from the repository root (or
-# a source checkout, when installed in editable mode).
-_DEFAULT_CONFIG = next(
-    (p for p in (os.path.join(os.getcwd(), "configs", "default.py"),
-                 os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "default.py")) if os.path.exists(p)),
-    "configs/default.py")
+# `configs/` is installed beside the package (site-packages/configs); in a source checkout or
+# an editable install it is the repository's own folder.
+INSTALLED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "configs")
+
+
+def resolve_config(value: str) -> str | None:
+  """``--config`` value ``path[:arg]`` -> the config file that serves it, ``:arg`` kept, or
+  None. `path` as given (relative to the current directory) wins; else the installed configs
+  answer ``configs/<name>.py``, ``<name>.py`` and ``<name>``."""
+  path, sep, arg = value.partition(":")
+  candidates = [os.path.expanduser(path)]
+  if not os.path.isabs(candidates[0]):
+    rel = os.path.normpath(path)
+    rel = rel[len("configs" + os.sep):] if rel.startswith("configs" + os.sep) else rel
+    candidates.append(os.path.join(INSTALLED_CONFIGS, rel))
+    if not rel.endswith(".py"):
+      candidates.append(os.path.join(INSTALLED_CONFIGS, rel + ".py"))
+  found = next((c for c in candidates if os.path.isfile(c)), None)
+  return None if found is None else found + sep + arg
+
+
+_DEFAULT_CONFIG = resolve_config("configs/default.py") or "configs/default.py"
 
 
 def _config_arg(argv) -> str:
@@ -47,16 +67,45 @@ def _config_arg(argv) -> str:
   return value
 
 
-def _config_root_on_path(argv) -> None:
-  """Configs import their base (`from configs import default`): put the folder that holds
-  `configs/` on sys.path, so the CLI also works outside the repository root."""
-  path = _config_arg(argv).split(":", 1)[0]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
+def _with_config(argv, value: str) -> list[str]:
+  """argv with every ``--config`` value replaced by `value` (ml_collections then loads the
+  resolved file, whatever the current directory)."""
+  out, skip = [argv[0]], False
+  for i, arg in enumerate(argv[1:], 1):
+    if skip:
+      skip = False
+      out.append(value)
+    elif arg == "--":
+      out += argv[i:]
+      break
+    elif re.fullmatch(r"--?config", arg) and i + 1 < len(argv):
+      out.append(arg)
+      skip = True
+    elif m := re.match(r"(--?config=)", arg):
+      out.append(m.group(1) + value)
+    else:
+      out.append(arg)
+  return out
 
 
-_config_root_on_path(sys.argv)
+def _bind_configs_package(config: str) -> None:
+  """Configs import their base by package (`from configs import default`). Binds the package
+  `configs` to the folder of the config being run (when it is a `configs/` folder), then to
+  the installed configs: a config's siblings come from its own checkout or install, and a
+  config kept anywhere else (or in a `configs/` folder of your own) can still import ours.
+  Nothing is executed: the package's ``__init__.py`` is empty. `config`: a resolved
+  ``path[:arg]``."""
+  if "configs" in sys.modules:
+    return
+  folder = os.path.dirname(os.path.abspath(config.split(":", 1)[0]))
+  search = [folder] if os.path.basename(folder) == "configs" else []
+  search += [INSTALLED_CONFIGS] if os.path.isdir(INSTALLED_CONFIGS) else []
+  if search:
+    spec = importlib.machinery.ModuleSpec("configs", None, is_package=True)
+    spec.submodule_search_locations = list(dict.fromkeys(search))
+    sys.modules["configs"] = importlib.util.module_from_spec(spec)
+
+
 FLAGS = flags.FLAGS
 # --config is defined by parse_flags (`_define_config_flag`), after its overrides were checked.
 flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints and results.")
@@ -196,20 +245,27 @@ def _define_config_flag() -> None:
 def parse_flags(argv) -> list[str]:
   """absl's flag parsing (`app.run`'s flags_parser), with every mistake as ``ncjax:`` lines
   and exit 2 instead of a traceback (ml_collections raises AttributeError for an unknown
-  field, one at a time) or absl's 'FATAL Flags parsing error'."""
+  field, one at a time) or absl's 'FATAL Flags parsing error'. ``--help`` prints `usage`
+  and exits 0 (absl's own help exits 1 and knows nothing of configs)."""
+  if wants_help(argv):
+    print(usage(full="--helpfull" in argv))
+    sys.exit(0)
   try:
     expanded = FLAGS.read_flags_from_files(argv, force_gnu=False)  # --flagfile=...
   except flags.Error as e:
     _fail(2, str(e))
   config_value = _config_arg(expanded)
-  if not os.path.isfile(config_value.split(":", 1)[0]):
-    _fail(2, f"--config={config_value}: no such config file")
-  config = _load_config(config_value)
+  resolved = resolve_config(config_value)
+  if resolved is None:
+    _fail(2, f"--config={config_value}: no such config file (configs: "
+          f"{', '.join(name for name, _, _ in list_configs())}; see --help)")
+  _bind_configs_package(resolved)
+  config = _load_config(resolved)
   if config is not None:
     _fail_all(unknown_config_fields(expanded, config))
   try:
     _define_config_flag()
-    rest = FLAGS(argv)
+    rest = FLAGS(_with_config(expanded, resolved))
   except flags.Error as e:  # a bad value (--config.optim.steps=abc), an unknown --flag, ...
     _fail(2, str(e))
   except (AttributeError, KeyError, IndexError) as e:  # an override path ml_collections rejects
@@ -219,6 +275,134 @@ def parse_flags(argv) -> list[str]:
     problems.append(f"unexpected arguments: {' '.join(rest[1:])} (flags are --name=value)")
   _fail_all(problems)
   return rest
+
+
+# --- --help: the configs and the fields most runs change -------------------------------------
+
+# Shown with their comment in configs/default.py (which documents every field).
+MAIN_FIELDS = ("job", "models", "datasets", "downstream_classes", "methods", "train_sizes",
+               "backbone.default.weights", "backbone.default.unit",
+               "backbone.default.image_size", "backbone.default.channels",
+               "backbone.default.normalization", "pretrain.enabled", "optim.epochs",
+               "optim.steps", "optim.batch_size", "optim.aug_level", "dtype",
+               "checkpoint_every")
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull",
+               "-helpfull")
+
+
+def wants_help(argv) -> bool:
+  """Whether argv (before any ``--``) asks for help."""
+  args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  return any(a in _HELP_FLAGS for a in args)
+
+
+def list_configs() -> list[tuple[str, str, str]]:
+  """``(name, purpose, path)`` of every config ``--config=configs/<name>.py`` finds, sorted:
+  the current directory's ``configs/`` first, then the installed ones. `purpose` is the
+  first line of the config's module docstring (read, not executed)."""
+  import ast
+  found = {}
+  for folder in (INSTALLED_CONFIGS, os.path.abspath("configs")):  # the later one wins
+    if os.path.isdir(folder):
+      for f in os.listdir(folder):
+        if f.endswith(".py") and not f.startswith("_"):
+          found[f[:-3]] = os.path.join(folder, f)
+  out = []
+  for name, path in sorted(found.items()):
+    try:
+      with open(path, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except (OSError, SyntaxError, ValueError):
+      doc = ""
+    out.append((name, doc.strip().split("\n", 1)[0], path))
+  return out
+
+
+def field_comments(path: str) -> dict[str, tuple[str, str]]:
+  """``{dotted field: (value, comment)}`` from a config written like configs/default.py: the
+  value and trailing comment of ``c.<field> = ...`` lines and of ``<name>=...,`` lines inside
+  ``c.<section> = ml_collections.ConfigDict(dict(``, with comment lines aligned under it.
+  Values read as they are typed on the command line (a tuple of names as ``a,b``)."""
+  import ast
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return {}
+
+  def shown(text):
+    try:
+      v = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+    if isinstance(v, tuple):
+      return ",".join(map(str, v)) or "()"
+    return repr(v) if v == "" else str(v)
+
+  out, section, last, column = {}, None, None, -1
+  for line in lines:
+    if (m := re.match(r"\s*c\.([\w.]+)\s*=\s*ml_collections\.ConfigDict\(dict\(\s*$", line)):
+      section, last = m.group(1), None
+      continue
+    if section and re.match(r"\s*\)\)", line):
+      section, last = None, None
+      continue
+    if (m := re.match(r"\s*c\.([\w.]+)\s*=\s*([^#]*?)\s*(?:#\s*(.*))?$", line)):
+      last = m.group(1)
+    elif section and (m := re.match(r"\s*(\w+)=([^#]*?),?\s*(?:#\s*(.*))?$", line)):
+      last = f"{section}.{m.group(1)}"
+    else:
+      if last and column > 0 and line.find("#") == column and not line[:column].strip():
+        value, comment = out[last]
+        out[last] = value, f"{comment} {line[column + 1:].strip()}"  # the comment goes on
+      else:
+        last = None
+      continue
+    out[last] = shown(m.group(2).rstrip(",").strip()), m.group(3) or ""
+    column = line.find("#") if m.group(3) else -1
+  return out
+
+
+def usage(full: bool = False) -> str:
+  """The ``--help`` text: how to run, every config with its purpose, the main fields (from
+  configs/default.py's comments), the other flags; `full` adds absl's list of every flag."""
+  configs = list_configs()
+  width = max((len(n) for n, _, _ in configs), default=0) + 2
+  comments = field_comments(os.path.join(INSTALLED_CONFIGS, "default.py"))
+  fwidth = max(len(f) for f in MAIN_FIELDS) + len("--config.") + 2
+  flag_help = [("--workdir=DIR", "checkpoints and results (default: ./workdir); rerunning "
+                "the same command resumes"),
+               ("--fresh", FLAGS["fresh"].help), ("--dry_run", FLAGS["dry_run"].help),
+               ("--coordinator=host:port --num_processes=N --process_id=i",
+                "multi-host runs (jax.distributed; --init_timeout=120 s)"),
+               ("--helpfull", "every flag, absl's included")]
+  lines = [
+      "usage: python -m ncjax.main [--config=configs/<name>.py[:arg]] "
+      "[--config.<field>=<value> ...] [--workdir=DIR] [--fresh] [--dry_run]",
+      "",
+      "Runs the job of a config (the paper's tables and figures, or your own fine-tuning) and",
+      "writes results.{json,csv,md} and plots to --workdir. A user mistake is one 'ncjax:' line",
+      "per problem and exit status 2.",
+      "",
+      f"configs (--config=configs/<name>.py: a file at that path in the current directory, "
+      f"else the installed one in {INSTALLED_CONFIGS}):",
+      *(f"  {name:<{width}}{purpose}" for name, purpose, _ in configs),
+      "",
+      "fine-tune your own model (an image folder <dir>/{train,test}/<class>/*.jpg):",
+      "  python -m ncjax.main --config=configs/custom.py --config.data=folder:<dir> "
+      "--config.weights=<checkpoint> --config.model=<name>",
+      "",
+      "main fields (--config.<field>=<value>; lists as a,b,c; configs/default.py documents "
+      "every field):",
+      *(f"  {'--config.' + f:<{fwidth}}{' -- '.join(filter(None, comments.get(f, ())))}"
+        for f in MAIN_FIELDS),
+      "",
+      "flags:",
+      *(f"  {name}\n      {text}" for name, text in flag_help),
+  ]
+  if full:
+    lines += ["", "all flags:", FLAGS.get_help()]
+  return "\n".join(lines)
 
 
 # --- multi-host start-up: never a silent hang, never a crash -----------------------------------

@@ -598,12 +598,13 @@ def assets(specs: list[Spec]) -> Iterator[tuple[str, str, tuple]]:
 
 def check_assets(specs: list[Spec], progress=print) -> None:
   """Opens every dataset split (lazily: labels only) and weights file the grid needs, and
-  loads each weights file against its architecture's shapes. Raises `ConfigError` listing
-  every missing or unfit asset."""
+  loads each weights file against its architecture's shapes (for the input the backbone will
+  see: its `image_size` / `channels`, else its data's). Raises `ConfigError` listing every
+  missing or unfit asset, each under the field the user set (`_set_by`)."""
   from ncjax import data, weights
   from ncjax import telemetry  # TFDS label passes over large splits take a while
   p = _Problems()
-  todo, failed = list(assets(specs)), set()
+  todo, failed, shapes = list(assets(specs)), set(), {}
   for field, what, key in telemetry.progress(todo, total=len(todo), desc="checking assets"):
     progress(f"checking {what}")
     if key[:2] in failed:
@@ -611,23 +612,55 @@ def check_assets(specs: list[Spec], progress=print) -> None:
     try:
       if key[0] == "data":
         _, source, split, size, data_dir = key
-        data.load(source, split, data_dir=data_dir, decode_size=size)
+        shapes[key] = data.load(source, split, data_dir=data_dir,
+                                decode_size=size).images.shape[1:]
       else:
         _, path, model, spec, bb = key
-        weights.load(path, model, abstract_variables(spec, bb, 2))
+        # This backbone's data splits came first in `assets`: one check per input shape.
+        data_keys = [("data", spec.source(d), "train", bb.image_size or None, spec.data_dir)
+                     for d in (bb.datasets if spec.job != "pretrain" else
+                               (spec.pretrain.dataset,))]
+        for data_shape in dict.fromkeys(shapes[k] for k in data_keys if k in shapes) or (None,):
+          weights.load(path, model, abstract_variables(spec, bb, 2, data_shape))
     except (OSError, ValueError, ImportError, KeyError) as e:
       failed.add(key[:2])
-      p.add(field, what, " ".join(str(e).split()))
+      why, value = " ".join(str(e).split()), key[1] if key[0] == "data" else what
+      set_by = _set_by(specs, value)
+      if set_by:  # a data source is shown with its field; the split goes with the reason
+        p.add(set_by, value, f"{what}: {why}" if key[0] == "data" else why)
+      else:
+        p.add(field, what, why)
   if p.lines:
     raise ConfigError("missing or unusable assets:\n  " + "\n  ".join(p.lines))
 
 
-def abstract_variables(spec: Spec, bb: Backbone, num_classes: int) -> dict:
-  """Shapes and dtypes of `bb`'s variables (no computation)."""
+# Top-level config fields `build` reads. Any other top-level field can only matter by reference
+# (an ml_collections FieldReference, as configs/custom.py's `data`, `weights` and `model`).
+_READ_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec)) | {"models", "backbone",
+                                                                        "variants"}
+
+
+def _set_by(specs: list[Spec], value: str) -> str | None:
+  """The field to name for an asset problem, when not the field that read it: a top-level
+  field `build` never reads whose value is the asset's, so that it feeds that field by
+  reference (``--config.weights`` rather than ``backbone.default.weights``); else None."""
+  for spec in specs:
+    for name, v in spec.resolved.items():
+      if name not in _READ_FIELDS and isinstance(v, str) and v and v == value:
+        return name
+  return None
+
+
+def abstract_variables(spec: Spec, bb: Backbone, num_classes: int,
+                       data_shape: tuple[int, int, int] | None = None) -> dict:
+  """Shapes and dtypes of `bb`'s variables (no computation) for the input the model will
+  see: (image_size, image_size) and `channels` where the backbone sets them, else the data's
+  own `data_shape` (H, W, C) (32 x 32 x 3 when unknown)."""
   import jax
   import jax.numpy as jnp
   model = models.get(bb.model, num_classes, **bb.options)
-  hw = bb.image_size or 32
-  x = jax.ShapeDtypeStruct((1, hw, hw, bb.channels or 3), jnp.float32)
+  h, w, c = data_shape or (32, 32, 3)
+  hw = (bb.image_size, bb.image_size) if bb.image_size else (h, w)
+  x = jax.ShapeDtypeStruct((1, *hw, bb.channels or c), jnp.float32)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype),
                                            train=False))

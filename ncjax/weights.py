@@ -20,18 +20,31 @@
   `skipped` -- also under `strict=True`, where it is *not* an error (the standard
   fine-tuning recipe drops it).
 
+* ncjax's own checkpoints (any model): a run directory ``<workdir>/runs/<run id>`` (its
+  newest checkpoint), its ``checkpoints/`` directory or one step ``checkpoints/<step>/``, as
+  written by `ncjax.train.fit` (pre-training or fine-tuning). Only the parameters and
+  BatchNorm statistics are read (not the optimizer state; nothing in the directory is
+  changed); the backbone is transplanted like `ncjax.assemble.transplant`: the head follows
+  `keep_head` as above, a pre-training projection head is dropped.
+
 Strict mode (default): a missing key, an unexpected key or a shape mismatch raises
 `CheckpointError` (a ValueError) naming the key and both shapes; a file that is not a
-readable checkpoint raises `CheckpointError` naming the file and the expected format.
+readable checkpoint raises `CheckpointError` naming the file and the expected format. When
+the checkpoint holds another architecture, the error first says what it looks like
+(`describe_checkpoint`: "resnet50 (ImageNet stem, width 64)", "vit_b16 (patch 16, hidden
+768, 12 layers)"; for an ncjax run also the model and settings it was made with), then a few
+of the mismatches.
 `strict=False` keeps the fresh values for whatever could not be loaded and returns
 `(variables, skipped)`, `skipped` a list of `'<checkpoint key> (<reason>)'` strings.
 A missing file raises FileNotFoundError saying where such weights come from.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import warnings
 from typing import Any, Dict, List, Tuple
 
@@ -41,8 +54,10 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from ncjax.models.resnet import CONFIGS as RESNET_CONFIGS
+from ncjax.models.vit import CONFIGS as VIT_CONFIGS
 
-__all__ = ['CheckpointError', 'load', 'read_checkpoint', 'resize_pos_embedding',
+__all__ = ['CheckpointError', 'describe_checkpoint', 'describe_variables', 'load',
+           'ncjax_step_dir', 'read_checkpoint', 'read_ncjax', 'resize_pos_embedding',
            'torchvision_key_map', 'vit_key_map']
 
 log = logging.getLogger(__name__)
@@ -58,6 +73,9 @@ _SOURCES = {
             "'/'-joined Flax paths (embedding/kernel, cls, Transformer/posembed_input/"
             'pos_embedding, Transformer/encoderblock_0/..., head/kernel).'),
 }
+_NCJAX_SOURCE = ("ncjax's own checkpoints (any model) are directories: a run directory "
+                 '<workdir>/runs/<run id>, its checkpoints/ or a step directory '
+                 'checkpoints/<step>/.')
 
 
 class CheckpointError(ValueError):
@@ -72,8 +90,9 @@ def _family(name: str) -> str:
     return 'resnet'
   if name.startswith('vit_'):
     return 'vit'
-  raise ValueError(f'no weight importer for model {name!r}; supported: '
-                   f'{", ".join(RESNET_CONFIGS)}, vit_* (vit_b32, vit_b16, vit_s16, vit_ti16)')
+  raise ValueError(f'no weight importer for model {name!r} from a file; supported: '
+                   f'{", ".join(RESNET_CONFIGS)}, vit_* (vit_b32, vit_b16, vit_s16, vit_ti16). '
+                   f'{_NCJAX_SOURCE}')
 
 
 def _read_npz(path: str) -> Dict[str, np.ndarray]:
@@ -112,20 +131,25 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
   return out
 
 
+_READERS = {'.npz': _read_npz, '.safetensors': _read_safetensors,
+            '.pth': _read_torch, '.pt': _read_torch, '.bin': _read_torch}
+
+
 def read_checkpoint(path, family: str) -> Dict[str, np.ndarray]:
   """Reads a flat checkpoint into `{key: numpy array}`, dispatching on the suffix."""
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no checkpoint at {path!r}. {_SOURCES[family]}')
+    raise FileNotFoundError(f'no checkpoint at {path!r}. {_SOURCES[family]} {_NCJAX_SOURCE}')
   suffix = os.path.splitext(path)[1].lower()
-  readers = {'.npz': _read_npz, '.safetensors': _read_safetensors,
-             '.pth': _read_torch, '.pt': _read_torch, '.bin': _read_torch}
   if family == 'vit' and suffix != '.npz':
-    raise CheckpointError(f'{path}: unsupported suffix {suffix!r} for a ViT. {_SOURCES[family]}')
-  if suffix not in readers:
+    guess = _guess_file(path, suffix)
+    raise CheckpointError(f'{path}: unsupported suffix {suffix!r} for a ViT'
+                          + (f' (this looks like {guess})' if guess else '')
+                          + f'. {_SOURCES[family]}')
+  if suffix not in _READERS:
     raise CheckpointError(f'{path}: unsupported suffix {suffix!r}. {_SOURCES[family]}')
   try:
-    flat = readers[suffix](path)
+    flat = _READERS[suffix](path)
   except (CheckpointError, ImportError):
     raise
   except Exception as e:  # pylint: disable=broad-except  # BadZipFile, EOFError, pickle errors, ...
@@ -134,6 +158,309 @@ def read_checkpoint(path, family: str) -> Dict[str, np.ndarray]:
   if not flat:
     raise CheckpointError(f'{path}: the checkpoint is empty. {_SOURCES[family]}')
   return flat
+
+
+def _guess_file(path: str, suffix: str) -> str | None:
+  """What the checkpoint file at `path` looks like, or None when it cannot be read."""
+  try:
+    return describe_checkpoint(_READERS[suffix](path))
+  except Exception:  # pylint: disable=broad-except  # only a hint for another error
+    return None
+
+
+# ----------------------------------------------------------------------------- architectures
+
+# Architectures of the torchvision and vit_jax zoos that ncjax has no model for, by name.
+_OTHER_RESNETS = {((3, 4, 23, 3), 'bottleneck'): 'resnet101',
+                  ((3, 8, 36, 3), 'bottleneck'): 'resnet152'}
+_OTHER_VITS = {(16, 1024, 24, 16, 4096): 'ViT-L/16', (32, 1024, 24, 16, 4096): 'ViT-L/32',
+               (14, 1280, 32, 16, 5120): 'ViT-H/14', (8, 768, 12, 12, 3072): 'ViT-B/8'}
+
+
+def _channels_text(channels) -> list:
+  return [] if channels in (3, None) else [f'{channels} input channel' + 's' * (channels != 1)]
+
+
+def _resnet_text(stages, bottleneck: bool, kernel: int, width: int, channels: int,
+                 variant: str = '') -> str:
+  """'resnet50 (ImageNet stem, width 64)' from a ResNet's blocks per stage, block type, stem
+  kernel size, stem width and input channels."""
+  block = 'bottleneck' if bottleneck else 'basic'
+  stages = tuple(int(n) for n in stages)
+  base = next((n for n, (st, b) in RESNET_CONFIGS.items() if tuple(st) == stages and b == block),
+              _OTHER_RESNETS.get((stages, block)))
+  name = base if base in RESNET_CONFIGS and not variant else None
+  label = (f'{variant}{base}' if base else
+           f'a {variant}ResNet of {"-".join(map(str, stages))} {block} blocks per stage')
+  stem = {7: 'ImageNet stem', 3: 'CIFAR stem'}.get(kernel, f'{kernel}x{kernel} stem')
+  text = f'{label} ({", ".join([stem, f"width {width}"] + _channels_text(channels))})'
+  if name is None:
+    text += f'; ncjax has no such model (it has {", ".join(RESNET_CONFIGS)})'
+  return text
+
+
+def _vit_text(patch, hidden, layers, heads, mlp, channels) -> str:
+  """'vit_b16 (patch 16, hidden 768, 12 layers)' from a ViT's dimensions."""
+  dims = (patch, hidden, layers, heads, mlp)
+  name = next((n for n, c in VIT_CONFIGS.items() if tuple(c) == dims), None)
+  label = name or _OTHER_VITS.get(dims) or 'a ViT'
+  text = (f'{label} (' + ', '.join([f'patch {patch}', f'hidden {hidden}', f'{layers} layers']
+                                   + _channels_text(channels)) + ')')
+  if name is None:
+    text += (f'{" with " + str(heads) + " heads and MLP " + str(mlp) if label == "a ViT" else ""}'
+             f'; ncjax has no such model (it has {", ".join(VIT_CONFIGS)})')
+  return text
+
+
+def describe_checkpoint(flat: Dict[str, Any]) -> str | None:
+  """What architecture a torchvision or vit_jax state dict (`{key: array}`) holds, in words:
+  'resnet50 (ImageNet stem, width 64)', 'vit_b16 (patch 16, hidden 768, 12 layers)', ...;
+  None when it is neither. Read from key names and shapes: ResNets from the blocks per stage,
+  bottleneck vs basic blocks and conv1 (kernel 7: ImageNet stem, 3: CIFAR stem; its width
+  and input channels); ViTs from the patch embedding, the encoder blocks and their widths."""
+  shape = {}
+  for k, v in flat.items():
+    for prefix in ('module.', 'params/'):
+      k = k[len(prefix):] if k.startswith(prefix) else k
+    shape[k] = tuple(getattr(v, 'shape', ()))
+  conv1 = shape.get('conv1.weight', ())
+  if len(conv1) == 4:
+    blocks = {}
+    for k in shape:
+      if m := re.match(r'layer(\d+)\.(\d+)\.', k):
+        blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    stages = tuple(len(blocks[s]) for s in sorted(blocks))
+    bottleneck = any(re.fullmatch(r'layer\d+\.\d+\.conv3\.weight', k) for k in shape)
+    first, second = shape.get('layer1.0.conv1.weight', ()), shape.get('layer1.0.conv2.weight', ())
+    variant = ''
+    if len(second) == 4 and second[1] != second[0]:
+      variant = 'grouped-convolution (ResNeXt) '
+    elif bottleneck and len(first) == 4 and first[0] == 2 * conv1[0]:
+      variant = 'wide '
+    return _resnet_text(stages, bottleneck, conv1[2], conv1[0], conv1[1], variant)
+  embed = shape.get('embedding/kernel', ())
+  if len(embed) == 4:
+    layers = len({m.group(1) for k in shape
+                  if (m := re.match(r'Transformer/encoderblock_(\d+)/', k))})
+    block = 'Transformer/encoderblock_0/'
+    query = shape.get(block + 'MultiHeadDotProductAttention_1/query/kernel', (None, None))
+    mlp = shape.get(block + 'MlpBlock_3/Dense_0/kernel', (None, None))
+    return _vit_text(embed[0], embed[3], layers, query[1], mlp[1], embed[2])
+  return None
+
+
+def describe_variables(name: str | None, variables) -> str:
+  """What architecture ncjax variables (``{'params': ...}``, arrays or shapes) hold, in the
+  words of `describe_checkpoint`; `name` (or 'an ncjax model') when not a ResNet, ViT or MLP."""
+  params = unfreeze(variables.get('params', variables))
+  if set(params) == {'backbone', 'projection'}:  # pre-training with a projection head
+    params = params['backbone']
+  flat = traverse_util.flatten_dict(params)
+  try:
+    if ('stem', 'conv', 'kernel') in flat:
+      kernel = flat[('stem', 'conv', 'kernel')].shape  # (kh, kw, in, width)
+      blocks = sorted({p[0] for p in flat if re.fullmatch(r'block\d+', p[0])},
+                      key=lambda b: int(b[5:]))
+      # A stage starts at block1 and at every block that downsamples.
+      starts = [i for i, b in enumerate(blocks)
+                if i == 0 or (b, 'downsample_conv', 'kernel') in flat] + [len(blocks)]
+      return _resnet_text(np.diff(starts), ('block1', 'conv3', 'kernel') in flat, kernel[0],
+                          kernel[3], kernel[2])
+    if ('embedding', 'kernel') in flat:
+      keys = vit_key_map({('params',) + p: v for p, v in flat.items()})
+      return describe_checkpoint({k: flat[p[1:]] for p, k in keys.items()})
+    if ('layer1', 'dense', 'kernel') in flat:
+      kernel = flat[('layer1', 'dense', 'kernel')].shape
+      depth = len({p[0] for p in flat if re.fullmatch(r'layer\d+', p[0])})
+      return f'mlp ({depth} layers, width {kernel[1]}, {kernel[0]} input features)'
+  except (KeyError, IndexError, ValueError, CheckpointError):
+    pass
+  return name or 'an ncjax model'
+
+
+def _params_first(flat: dict) -> dict:
+  """`flat` with the parameters before the BatchNorm statistics (errors list them first)."""
+  return dict(sorted(flat.items(), key=lambda kv: kv[0][0] != 'params'))
+
+
+def _cannot_load(path, target: str, found: str | None, errors: List[str],
+                 lead: str | None = None) -> str:
+  """The strict-mode error: when the checkpoint's architecture `found` is not the model's
+  `target`, that first (`lead`, default 'this looks like <found>') and a few of the
+  mismatches, which all follow from it; else up to 20 mismatches."""
+  if found and found != target:
+    lead = f'{lead or "this looks like " + found}; {len(errors)} problem(s), e.g. '
+    shown = errors[:3]
+  else:
+    lead, shown = '', errors[:20]
+  more = [f'... and {len(errors) - len(shown)} more'] if len(errors) > len(shown) else []
+  return f'cannot load {os.fspath(path)} into {target}: {lead}' + '; '.join(shown + more)
+
+
+# ----------------------------------------------------------------------------- ncjax runs
+
+
+def _steps(directory: str) -> List[int]:
+  """The complete checkpoint steps in an orbax checkpoints directory, oldest first (orbax
+  names a save in progress ``<step>.orbax-checkpoint-tmp...``, an unreadable one is renamed
+  ``<step>.unreadable``)."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted(int(n) for n in names
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n, 'state')))
+
+
+def _runs_below(path: str, depth: int = 4) -> List[str]:
+  """Run directories (holding checkpoints/<step>/) under `path`, relative to it."""
+  out = []
+  for root, dirs, _ in os.walk(path):
+    if os.path.basename(root) == 'checkpoints' and _steps(root):
+      out.append(os.path.relpath(os.path.dirname(root), path))
+      dirs[:] = []
+    elif os.path.relpath(root, path).count(os.sep) >= depth:
+      dirs[:] = []
+  return sorted(out)
+
+
+def ncjax_step_dir(path) -> str:
+  """The checkpoint step directory an ncjax weights path names: a step directory
+  ``<run>/checkpoints/<step>`` itself, else the newest step of a run's ``checkpoints/``
+  directory or of a run directory. Raises `CheckpointError` saying what the directory holds
+  instead (several runs, no checkpoint yet, something else)."""
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if os.path.isdir(os.path.join(path, 'state')):
+    return path
+  checkpoints = os.path.join(path, 'checkpoints')
+  checkpoints = checkpoints if os.path.isdir(checkpoints) else path
+  steps = _steps(checkpoints)
+  if steps:
+    return os.path.join(checkpoints, str(steps[-1]))
+  runs = _runs_below(path)
+  if runs:
+    listed = ', '.join(runs[:5]) + (f', ... ({len(runs)} runs)' if len(runs) > 5 else '')
+    raise CheckpointError(f'{path} holds ncjax runs, not one run: pass one of them as the '
+                          f'weights, e.g. {os.path.join(path, runs[0])} (runs: {listed})')
+  if checkpoints != path or os.path.basename(path) == 'checkpoints':
+    raise CheckpointError(f'{path}: this ncjax run has no checkpoint yet (a run saves one '
+                          'when it ends, and every checkpoint_every steps)')
+  raise CheckpointError(f'{path} is a directory but not an ncjax checkpoint. {_NCJAX_SOURCE} '
+                        'Other weights are files: torchvision .pth / .safetensors / .npz, '
+                        'vit_jax .npz.')
+
+
+def _run_fingerprint(step_dir: str) -> Tuple[str, dict] | Tuple[None, None]:
+  """(run directory, its fingerprint.json) of a step directory, when it has them."""
+  run_dir = os.path.dirname(os.path.dirname(step_dir))
+  if os.path.basename(os.path.dirname(step_dir)) != 'checkpoints':
+    return None, None  # a step directory copied out of its run
+  try:
+    with open(os.path.join(run_dir, 'fingerprint.json')) as f:
+      return run_dir, dict(json.load(f))
+  except (OSError, ValueError, TypeError):
+    return None, None
+
+
+def read_ncjax(step_dir: str) -> dict:
+  """``{'params', 'batch_stats'}`` (numpy) of an ncjax checkpoint step directory; a
+  pre-training projection head is dropped (``params['backbone']``). The optimizer state is
+  not read, and nothing in the directory is changed (unlike resuming a run)."""
+  import jax
+  import orbax.checkpoint as ocp
+  handler = ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(),
+                                           history=ocp.JsonCheckpointHandler())
+  checkpointer = ocp.Checkpointer(handler)
+  try:
+    tree = checkpointer.metadata(step_dir).item_metadata['state']
+    tree = getattr(tree, 'tree', tree)
+    wanted = {k: tree[k] for k in ('params', 'batch_stats') if k in tree}
+    if 'params' not in wanted:
+      raise KeyError('the checkpoint has no params')
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
+    restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    state = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=restore, partial_restore=True)))['state']
+  except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore, json, ...
+    others = [s for s in _steps(os.path.dirname(step_dir))
+              if str(s) != os.path.basename(step_dir)]
+    raise CheckpointError(
+        f'{step_dir} is not a readable ncjax checkpoint ({type(e).__name__}: '
+        f'{" ".join(str(e).split())[:300]})'
+        + (f'; its run has other steps: {", ".join(map(str, others))}' if others else '')) from e
+  finally:
+    checkpointer.close()
+  params = dict(state['params'])
+  if set(params) == {'backbone', 'projection'}:
+    params = params['backbone']
+  return {'params': params, 'batch_stats': dict(state.get('batch_stats') or {})}
+
+
+def _ncjax_source(step_dir: str, source: dict) -> Tuple[str, str]:
+  """What an ncjax checkpoint holds: ('resnet18 (CIFAR stem, width 16, 1 input channel)',
+  'an ncjax checkpoint of resnet18 (...) (run <id>: model resnet18, options.stem=cifar, ...)'),
+  the settings from the run's fingerprint when there is one."""
+  run_dir, fingerprint = _run_fingerprint(step_dir)
+  model = (fingerprint or {}).get('model')
+  arch = describe_variables(model, source)
+  text = f'an ncjax checkpoint of {arch}'
+  if fingerprint and model:
+    prefix = f'backbone.{model}.'
+    settings = [f'{k[len(prefix):]}={v}' for k, v in sorted(fingerprint.items())
+                if k.startswith(prefix) and k[len(prefix):].split('.')[0] in (
+                    'options', 'channels', 'image_size')]
+    text += (f' (run {os.path.basename(run_dir)}: model {model}'
+             + (f', {", ".join(settings)}' if settings else '') + ')')
+  return arch, text
+
+
+def _load_ncjax(path, name: str, variables, *, keep_head: bool, strict: bool):
+  """`load` for an ncjax run / checkpoints / step directory: the checkpoint's parameters and
+  BatchNorm statistics where `variables` has them, the head by `keep_head`."""
+  step_dir = ncjax_step_dir(path)
+  source = read_ncjax(step_dir)
+  variables = unfreeze(variables)
+  flat_vars = _params_first(traverse_util.flatten_dict(
+      {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}))
+  flat_src = traverse_util.flatten_dict(source)
+  key = '/'.join
+  head_paths = [p for p in flat_vars if p[1] == 'head']
+  use_head = keep_head and all(p in flat_src and tuple(flat_src[p].shape) ==
+                               tuple(flat_vars[p].shape) for p in head_paths)
+  skipped: List[str] = []
+  errors: List[str] = []
+  if keep_head and not use_head:
+    warnings.warn(f'keep_head=True but the head of {step_dir} does not fit the model; keeping '
+                  'the fresh head')
+    skipped += [f'{key(p)} (head shape differs)' for p in head_paths]
+  new_flat = dict(flat_vars)
+  for p, v in flat_vars.items():
+    if p[1] == 'head' and not use_head:
+      continue
+    want = tuple(v.shape)
+    if p not in flat_src:
+      errors.append(f'missing {key(p)} (model expects shape {want})')
+      skipped.append(f'{key(p)} (missing)')
+    elif tuple(flat_src[p].shape) != want:
+      got = tuple(flat_src[p].shape)
+      errors.append(f'shape mismatch for {key(p)}: checkpoint has {got}, the model expects '
+                    f'{want}')
+      skipped.append(f'{key(p)} (shape {got} != {want})')
+    else:
+      new_flat[p] = jnp.asarray(flat_src[p], dtype=v.dtype)
+  for p in sorted(set(flat_src) - set(flat_vars)):
+    if p[1] != 'head':  # the source's classifier is never needed
+      errors.append(f'unexpected {key(p)} (shape {tuple(flat_src[p].shape)}) in the checkpoint')
+      skipped.append(f'{key(p)} (unexpected)')
+  if errors and strict:
+    arch, text = _ncjax_source(step_dir, source)
+    raise CheckpointError(_cannot_load(step_dir, describe_variables(name, variables), arch,
+                                       errors, lead=f'it holds {text}'))
+  out = dict(variables)
+  loaded = traverse_util.unflatten_dict(new_flat)
+  for col in loaded:
+    out[col] = loaded[col]
+  return out if strict else (out, skipped)
 
 
 # ----------------------------------------------------------------------------- key maps
@@ -248,11 +575,16 @@ def resize_pos_embedding(pe: np.ndarray, num_tokens: int) -> np.ndarray:
 
 def load(path, name: str, variables, *, keep_head: bool = False, strict: bool = True):
   """Loads a checkpoint into (a copy of) `variables`; see the module docstring."""
+  where = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(where):
+    return _load_ncjax(path, name, variables, keep_head=keep_head, strict=strict)
+  if not os.path.exists(where) and name not in RESNET_CONFIGS and not name.startswith('vit_'):
+    raise FileNotFoundError(f'no checkpoint at {os.fspath(path)!r}. {_NCJAX_SOURCE}')
   family = _family(name)
   ckpt = read_checkpoint(path, family)
   variables = unfreeze(variables)
-  flat_vars = traverse_util.flatten_dict(
-      {k: v for k, v in variables.items() if k in ('params', 'batch_stats')})
+  flat_vars = _params_first(traverse_util.flatten_dict(
+      {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}))
   skipped: List[str] = []
   errors: List[str] = []
   new_flat = dict(flat_vars)
@@ -336,8 +668,8 @@ def load(path, name: str, variables, *, keep_head: bool = False, strict: bool = 
       errors.append(f'unexpected key {k!r} (shape {tuple(ckpt[k].shape)}) in {os.fspath(path)}')
     skipped.append(f'{k} (unexpected)')
   if errors:
-    shown = errors[:20] + ([f'... and {len(errors) - 20} more'] if len(errors) > 20 else [])
-    raise CheckpointError(f'cannot load {os.fspath(path)} into {name}: ' + '; '.join(shown))
+    raise CheckpointError(_cannot_load(path, describe_variables(name, variables),
+                                       describe_checkpoint(ckpt), errors))
 
   out = dict(variables)
   loaded = traverse_util.unflatten_dict(new_flat)

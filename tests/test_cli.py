@@ -1,8 +1,12 @@
 """The command line (`python -m ncjax.main`): a user mistake is `ncjax:` lines on stderr and
 exit 2, never a traceback; a multi-host start that cannot complete says so and exits, never
-hangs. Real subprocesses, each a second or so (the unreachable coordinator: its timeout)."""
+hangs; --help lists the configs; configs resolve from the current directory, then from the
+installed ones, also after a non-editable install. Real subprocesses, each a second or so
+(the unreachable coordinator: its timeout; the install: about 15 s)."""
+import ast
 import errno
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,13 +18,17 @@ import pytest
 from ncjax import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What --config=configs/<name>.py finds from the repository root.
+CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                      if f.endswith(".py") and not f.startswith("_"))
 
 
-def _cli(*args, timeout=60):
-  """Runs the CLI from the repository root, this checkout's ncjax first on the path."""
-  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+def _cli(*args, timeout=60, cwd=ROOT, path=ROOT):
+  """Runs the CLI from `cwd` (the repository root), `path` (this checkout) first on the
+  Python path."""
+  path = os.pathsep.join(p for p in (path, os.environ.get("PYTHONPATH")) if p)
   env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "ncjax.main", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "ncjax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -66,7 +74,8 @@ def test_unknown_config_fields_are_reported_together_with_suggestions(config, tm
     (["--config.optim.steps=abc"],
      "ncjax: flag --config.optim.steps=abc: invalid literal for int() with base 10: 'abc'"),
     (["--nosuch=1"], "ncjax: Unknown command line flag 'nosuch'"),
-    (["--config=configs/nosuch.py"], "ncjax: --config=configs/nosuch.py: no such config file"),
+    (["--config=configs/nosuch.py"], "ncjax: --config=configs/nosuch.py: no such config file "
+     f"(configs: {', '.join(CONFIG_NAMES)}; see --help)"),
     (["--config=configs/fig2.py:digits", "--config.optim.batch_size=x"],
      "ncjax: flag --config.optim.batch_size=x: invalid literal for int() with base 10: 'x'"),
     (["train", "now"], "ncjax: unexpected arguments: train now (flags are --name=value)"),
@@ -212,3 +221,112 @@ def test_user_errors_are_their_message(capsys):
     main._report(errors.CheckpointError("workdir/w: no readable checkpoint"))
   assert e.value.code == 2
   assert capsys.readouterr().err == "ncjax: workdir/w: no readable checkpoint\n"
+
+
+# --- --help and where configs come from -----------------------------------------------------------
+
+def _purposes(folder) -> dict:
+  """{config name: first line of its module docstring} of a configs folder."""
+  out = {}
+  for f in sorted(os.listdir(folder)):
+    if f.endswith(".py") and not f.startswith("_"):
+      with open(os.path.join(folder, f)) as fh:
+        out[f[:-3]] = ast.get_docstring(ast.parse(fh.read())).splitlines()[0]
+  return out
+
+
+def _help_ok(proc) -> str:
+  assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+  assert proc.stderr == "", proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_help_lists_every_config_with_its_purpose_and_the_main_fields():
+  out = _help_ok(_cli("--help"))
+  assert out.startswith("usage: python -m ncjax.main [--config=configs/<name>.py[:arg]]")
+  configs = _purposes(os.path.join(ROOT, "configs"))
+  assert {"custom", "default", "table3", "fig2"} <= set(configs)
+  for name, purpose in configs.items():
+    assert f"\n  {name} " in out and purpose in out, name
+  for field in ("job", "models", "datasets", "downstream_classes", "methods",
+                "backbone.default.weights", "backbone.default.unit", "optim.epochs", "dtype"):
+    assert f"\n  --config.{field} " in out, field
+  # With its default and its comment in configs/default.py.
+  assert "--config.methods" in out and "linear,layer,scl,full" in out
+  assert "model input channels (0 = the data's; 3 tiles grayscale to RGB)" in out
+  assert ("--config=configs/custom.py --config.data=folder:<dir> --config.weights=<checkpoint> "
+          "--config.model=<name>") in out
+  for flag in ("--workdir=DIR", "--fresh", "--dry_run", "--coordinator=host:port"):
+    assert f"\n  {flag}" in out
+  assert _help_ok(_cli("-h")) == out
+  full = _help_ok(_cli("--helpfull", "--config.nosuch=1"))
+  assert full.startswith(out) and "--init_timeout" in full[len(out):]
+
+
+def test_configs_resolve_from_the_current_directory_then_the_installed_ones(tmp_path):
+  """Outside the repository: configs/<name>.py, <name>.py and <name> find the installed
+  configs (which import their base); a file of the current directory wins, and a config of
+  your own in a configs/ folder of your own still imports ours."""
+  def field_error(*args):  # the config loaded: its fields were checked
+    (line,) = _errors(_cli(*args, "--config.nosuch=1", cwd=tmp_path))
+    assert line == "ncjax: --config.nosuch: no such config field"
+
+  field_error("--config=configs/fig2.py:digits")
+  field_error("--config=table5.py")  # table5 -> table3 -> default
+  field_error("--config=custom")
+  field_error()  # the default config
+  os.makedirs(tmp_path / "configs")
+  (tmp_path / "configs" / "mine.py").write_text(
+      '"""My own: the default on more epochs."""\nfrom configs import default\n\n\n'
+      "def get_config():\n  c = default.get_config()\n  c.optim.epochs = 50\n  return c\n")
+  (tmp_path / "configs" / "table3.py").write_text(
+      '"""My table 3."""\nfrom configs import default\nget_config = default.get_config\n')
+  field_error("--config=configs/mine.py")
+  out = _help_ok(_cli("--help", cwd=tmp_path))
+  assert "\n  mine            My own: the default on more epochs.\n" in out
+  assert "\n  table3          My table 3.\n" in out and "\n  table5 " in out
+  proc = _cli("--config=configs/mine.py", "--config.optim.epochs=x", cwd=tmp_path)
+  assert _errors(proc) == ["ncjax: flag --config.optim.epochs=x: invalid literal for int() "
+                           "with base 10: 'x'"]
+
+
+def test_non_editable_install_runs_from_any_directory(tmp_path):
+  """`pip install .` (not editable: into a --target directory, dependencies from this
+  environment), then the CLI from an unrelated directory: --help, a config's import chain,
+  and a real (small) run of an installed config. About 15 s."""
+  src = tmp_path / "src"
+  tracked = subprocess.run(["git", "-C", ROOT, "ls-files", "ncjax", "configs"],
+                           capture_output=True, text=True, check=True).stdout.split()
+  if not tracked:
+    pytest.skip("not a git checkout")
+  for rel in tracked + ["pyproject.toml", "README.md", "configs/custom.py"]:
+    if os.path.exists(os.path.join(ROOT, rel)):
+      os.makedirs(os.path.dirname(src / rel), exist_ok=True)
+      shutil.copy(os.path.join(ROOT, rel), src / rel)
+  site = tmp_path / "site"
+  pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--no-index", "--target", str(site), str(src)],
+                       capture_output=True, text=True, timeout=300)
+  if pip.returncode != 0 and "setuptools" in pip.stderr:
+    pytest.skip(f"cannot build here: {pip.stderr[-500:]}")
+  assert pip.returncode == 0, pip.stderr[-3000:]
+  shutil.rmtree(src)  # nothing of the source tree is left to fall back on
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu")
+  where = subprocess.run([sys.executable, "-c", "import ncjax.main as m; print(m.__file__); "
+                          "print(m.INSTALLED_CONFIGS)"], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+  assert where == [str(site / "ncjax" / "main.py"), str(site / "configs")]
+  run = lambda *a: _cli(*a, cwd=elsewhere, path=str(site), timeout=300)
+  out = _help_ok(run("--help"))
+  assert f"installed one in {site / 'configs'}" in out
+  assert set(_purposes(site / "configs")) == set(_purposes(os.path.join(ROOT, "configs")))
+  for name, purpose in _purposes(site / "configs").items():
+    assert f"\n  {name} " in out and purpose in out
+  assert _errors(run("--config=configs/table5.py", "--config.nosuch=1")) == [
+      "ncjax: --config.nosuch: no such config field"]
+  proc = run("--config=configs/fig2.py:digits", f"--workdir={tmp_path / 'w'}",
+             "--config.pretrain.optim.epochs=2", "--config.plots=False")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "w" / "results.json").exists() and not (elsewhere / "configs").exists()

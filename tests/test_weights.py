@@ -1,7 +1,9 @@
 """Tests for ncjax.weights: torchvision ResNet and vit_jax ViT import, against independent
-references (a torch ResNet written for the tests; a numpy ViT), and the error paths."""
+references (a torch ResNet written for the tests; a numpy ViT), the error paths, what a
+checkpoint of the wrong architecture looks like, and ncjax's own runs as weights."""
 import functools
 import math
+import os
 import sys
 
 import jax
@@ -437,3 +439,275 @@ def test_resize_pos_embedding_matches_scipy_zoom():
   for g in (12, 4, 7):
     np.testing.assert_allclose(weights.resize_pos_embedding(pe, 1 + g * g), _zoom_reference(pe, g),
                                rtol=1e-5, atol=1e-6)
+
+
+# ============================================================================ what a checkpoint is
+
+
+def torchvision_state_dict(name, *, shapes_only=False, seed=0, num_classes=1000, **options):
+  """A state dict in torchvision's layout (torch key names and layouts, numpy) for ncjax's
+  `name` built with `options` (e.g. ``width=8``, ``stem='cifar'``), made without torch by
+  mapping ncjax's shapes back through `weights.torchvision_key_map`. `shapes_only`: arrays
+  that take no memory (enough for `describe_checkpoint`). Also returns the ncjax variables
+  whose values it holds (None with `shapes_only`)."""
+  from flax import traverse_util
+  shapes = models.param_shapes(name, num_classes, 32, **options)
+  flat = traverse_util.flatten_dict(dict(shapes))
+  values = None if shapes_only else traverse_util.flatten_dict(dict(_random_like(shapes, seed)))
+  sd = {}
+  for path, (key, fn) in weights.torchvision_key_map(name, flat).items():
+    if shapes_only:
+      s = flat[path].shape
+      s = (s[3], s[2], s[0], s[1]) if fn is weights._oihw_to_hwio else s[::-1] if (
+          fn is weights._transpose2) else s
+      sd[key] = np.broadcast_to(np.float32(0), s)
+      continue
+    a = np.asarray(values[path], np.float32)
+    if key.endswith('running_var'):
+      a = np.abs(a) + 0.5
+      values[path] = jnp.asarray(a)
+    sd[key] = (np.transpose(a, (3, 2, 0, 1)) if fn is weights._oihw_to_hwio else
+               a.T if fn is weights._transpose2 else a)
+  return sd, None if shapes_only else traverse_util.unflatten_dict(values)
+
+
+def _vit_shapes(patch, hidden, layers, heads, mlp):
+  """A vit_jax layout of these dimensions whose arrays take no memory."""
+  z = lambda *s: np.broadcast_to(np.float32(0), s)
+  hd = hidden // heads
+  ck = {'embedding/kernel': z(patch, patch, 3, hidden), 'embedding/bias': z(hidden),
+        'cls': z(1, 1, hidden), 'Transformer/posembed_input/pos_embedding': z(1, 50, hidden)}
+  for i in range(layers):
+    b = f'Transformer/encoderblock_{i}/'
+    ck[b + 'MultiHeadDotProductAttention_1/query/kernel'] = z(hidden, heads, hd)
+    ck[b + 'MlpBlock_3/Dense_0/kernel'] = z(hidden, mlp)
+  return ck
+
+
+def _grown(sd, stage, blocks):
+  """`sd` with stage `stage` grown to `blocks` blocks (copies of its second block)."""
+  out = dict(sd)
+  for k, v in sd.items():
+    if k.startswith(f'layer{stage}.1.'):
+      for i in range(2, blocks):
+        out[k.replace(f'layer{stage}.1.', f'layer{stage}.{i}.')] = v
+  return out
+
+
+def test_describe_checkpoint_names_the_architecture():
+  """What a checkpoint looks like, read from its keys and shapes alone (no values)."""
+  d = lambda name, **o: weights.describe_checkpoint(
+      torchvision_state_dict(name, shapes_only=True, **o)[0])
+  assert d('resnet18') == 'resnet18 (ImageNet stem, width 64)'
+  assert d('resnet34') == 'resnet34 (ImageNet stem, width 64)'
+  assert d('resnet50') == 'resnet50 (ImageNet stem, width 64)'
+  assert d('resnet50', width=8) == 'resnet50 (ImageNet stem, width 8)'
+  assert d('resnet18', stem='cifar', width=16) == 'resnet18 (CIFAR stem, width 16)'
+  r50 = torchvision_state_dict('resnet50', shapes_only=True)[0]
+  assert weights.describe_checkpoint({f'module.{k}': v for k, v in r50.items()}) == (
+      'resnet50 (ImageNet stem, width 64)')  # DataParallel's prefix
+  one_channel = dict(r50, **{'conv1.weight': np.broadcast_to(np.float32(0), (64, 1, 7, 7))})
+  assert weights.describe_checkpoint(one_channel) == (
+      'resnet50 (ImageNet stem, width 64, 1 input channel)')
+  r101 = weights.describe_checkpoint(_grown(r50, 3, 23))
+  assert r101.startswith('resnet101 (ImageNet stem, width 64); ncjax has no such model')
+  wide = dict(r50)
+  for k in [k for k in r50 if k.startswith('layer1.0.conv1.')]:
+    wide[k] = np.broadcast_to(np.float32(0), (128, 64, 1, 1))
+  assert weights.describe_checkpoint(wide).startswith('wide resnet50 (ImageNet stem, width 64)')
+  for name, dims in (('vit_b32', (32, 768, 12, 12, 3072)), ('vit_b16', (16, 768, 12, 12, 3072)),
+                     ('vit_s16', (16, 384, 12, 6, 1536)), ('vit_ti16', (16, 192, 12, 3, 768))):
+    assert weights.describe_checkpoint(_vit_shapes(*dims)) == (
+        f'{name} (patch {dims[0]}, hidden {dims[1]}, 12 layers)')
+  large = {f'params/{k}': v for k, v in _vit_shapes(16, 1024, 24, 16, 4096).items()}
+  assert weights.describe_checkpoint(large).startswith(
+      'ViT-L/16 (patch 16, hidden 1024, 24 layers); ncjax has no such model')
+  assert weights.describe_checkpoint({'w': np.zeros(3)}) is None
+
+
+def test_describe_variables_of_ncjax_models():
+  assert weights.describe_variables('resnet18', models.param_shapes(
+      'resnet18', 10, 32, 1, stem='cifar', width=16)) == (
+      'resnet18 (CIFAR stem, width 16, 1 input channel)')
+  assert weights.describe_variables('resnet50', models.param_shapes('resnet50', 10, 32)) == (
+      'resnet50 (ImageNet stem, width 64)')
+  assert weights.describe_variables('vit_b32', models.param_shapes('vit_b32', 10, 64)) == (
+      'vit_b32 (patch 32, hidden 768, 12 layers)')
+  assert weights.describe_variables('mlp', models.param_shapes(
+      'mlp', 10, 8, 1, depth=3, width=32)) == 'mlp (3 layers, width 32, 64 input features)'
+  assert weights.describe_variables('convnet4', models.param_shapes(
+      'convnet4', 10, 32)) == 'convnet4'
+
+
+def test_wrong_architecture_is_named_as_what_it_looks_like(tmp_path, vit_ckpt):
+  """A checkpoint of another architecture: what it looks like first, then a few mismatches
+  (not hundreds of shape lines)."""
+  sd, _ = torchvision_state_dict('resnet50', width=8)
+  p = tmp_path / 'resnet50-w8.npz'
+  np.savez(p, **sd)
+  fresh18 = models.param_shapes('resnet18', 10, 32, width=8)
+  with pytest.raises(CheckpointError) as e:
+    weights.load(p, 'resnet18', fresh18)
+  msg = str(e.value)
+  assert msg.startswith(f'cannot load {p} into resnet18 (ImageNet stem, width 8): this looks '
+                        'like resnet50 (ImageNet stem, width 8); ')
+  assert msg.count('shape mismatch') + msg.count('missing key') + msg.count('unexpected') == 3
+  assert 'more' in msg and len(msg) < 1000
+  with pytest.raises(CheckpointError, match=r'into vit_ti16 \(patch 16, hidden 192, 12 layers\)'
+                     r': this looks like resnet50 \(ImageNet stem, width 8\)'):
+    weights.load(p, 'vit_ti16', models.param_shapes('vit_ti16', 10, 32))
+  _, vit_path = vit_ckpt
+  with pytest.raises(CheckpointError, match=r'into vit_s16 .*: this looks like vit_ti16 '
+                     r'\(patch 16, hidden 192, 12 layers\)'):
+    weights.load(vit_path, 'vit_s16', models.param_shapes('vit_s16', 10, 32))
+  with pytest.raises(CheckpointError, match=r'this looks like vit_ti16'):
+    weights.load(vit_path, 'resnet18', fresh18)
+  # The grayscale / RGB stem mismatch names the input channels.
+  with pytest.raises(CheckpointError, match=r'into resnet18 \(ImageNet stem, width 8, 1 input '
+                     r'channel\): this looks like resnet18 \(ImageNet stem, width 8\)'):
+    weights.load(_save_npz(tmp_path, torchvision_state_dict('resnet18', width=8)[0]),
+                 'resnet18', models.param_shapes('resnet18', 10, 32, 1, width=8))
+
+
+def _save_npz(tmp_path, sd, name='ckpt.npz'):
+  np.savez(tmp_path / name, **sd)
+  return tmp_path / name
+
+
+def test_torchvision_layout_round_trip(tmp_path):
+  """The state dicts the tests fabricate without torch load back to their own values."""
+  sd, variables = torchvision_state_dict('resnet18', width=8, stem='cifar', num_classes=10)
+  v = weights.load(_save_npz(tmp_path, sd), 'resnet18', models.param_shapes(
+      'resnet18', 10, 32, width=8, stem='cifar'), keep_head=True)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, v, variables)
+
+
+def test_vit_pth_says_what_it_looks_like(tmp_path):
+  torch = pytest.importorskip('torch')
+  sd, _ = torchvision_state_dict('resnet18', width=8)
+  torch.save({k: torch.from_numpy(np.array(a)) for k, a in sd.items()},
+             tmp_path / 'r18.pth')
+  with pytest.raises(CheckpointError, match=r"unsupported suffix '\.pth' for a ViT \(this "
+                     r'looks like resnet18 \(ImageNet stem, width 8\)\)'):
+    weights.load(tmp_path / 'r18.pth', 'vit_ti16', {'params': {}})
+
+
+# ============================================================================ ncjax runs as weights
+
+
+def _ncjax_run(workdir, run_id, variables, steps=(2, 4), fingerprint=None, projection=False,
+               method='layer', unit='block5'):
+  """A run directory as `ncjax.train.fit` leaves it: checkpoints/<step>/ of a `TrainState`
+  (a masked optimizer's state included) and its history, and fingerprint.json. The
+  parameters of step s are `variables`' plus s. Returns (run dir, {step: TrainState})."""
+  from ncjax import methods, records, train
+  run_dir = records.run_dir(str(workdir), run_id)
+  mngr = train._checkpoint_manager(records.checkpoint_dir(str(workdir), run_id))
+  states = {}
+  for s in steps:
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a) + s, variables['params'])
+    if projection:
+      params = {'backbone': params, 'projection': {'dense': {'kernel': jnp.ones((4, 3))}}}
+    mask = (jax.tree_util.tree_map(lambda _: True, params) if projection
+            else methods.trainable_mask(params, method, unit))
+    tx = train.make_optimizer(train.OptimConfig(), 10, mask)
+    state = train.init_state(params, variables.get('batch_stats', {}), tx).replace(
+        step=jnp.asarray(s, jnp.int32))
+    train._save_checkpoint(mngr, s, state, [{'step': s, 'loss': 1.0, 'accuracy': 0.5}])
+    states[s] = state
+  mngr.close()
+  records.write_fingerprint(str(workdir), run_id, fingerprint or {})
+  return run_dir, states
+
+
+def _tree_equal(a, b):
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x),
+                                                                    np.asarray(y)), a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _r18w8(num_classes, width=8):
+  return _random_like(models.param_shapes('resnet18', num_classes, 32, stem='cifar',
+                                          width=width), seed=num_classes)
+
+
+def test_ncjax_run_as_weights(tmp_path):
+  """A run directory (its newest step), its checkpoints/ or one step: the backbone is
+  transplanted, the 5-class head replaced by the fresh 3-class one; the state read is the one
+  `train.restore_latest` resumes from; nothing in the run directory changes."""
+  from flax import traverse_util
+  from ncjax import train
+  src = _r18w8(5)
+  fp = {'model': 'resnet18', 'backbone.resnet18.options.stem': 'cifar',
+        'backbone.resnet18.options.width': 8, 'backbone.resnet18.channels': 0}
+  run_dir, states = _ncjax_run(tmp_path / 'w', 'resnet18-x-layer-block5', src, fingerprint=fp)
+  before = {p: os.path.getmtime(p) for p in map(str, (tmp_path / 'w').rglob('*'))}
+  fresh = _r18w8(3)
+  ckdir = os.path.join(run_dir, 'checkpoints')
+  for path, step in ((run_dir, 4), (ckdir, 4), (os.path.join(ckdir, '2'), 2)):
+    v = weights.load(path, 'resnet18', fresh)
+    want = states[step]
+    assert set(v) == {'params', 'batch_stats'}
+    _tree_equal(v['params']['head'], fresh['params']['head'])
+    _tree_equal({k: x for k, x in v['params'].items() if k != 'head'},
+                {k: x for k, x in want.params.items() if k != 'head'})
+    _tree_equal(v['batch_stats'], want.batch_stats)
+  restored, _ = train.restore_latest(ckdir, states[4])
+  _tree_equal(weights.read_ncjax(weights.ncjax_step_dir(run_dir))['params'], restored.params)
+  # keep_head with a head of the same shape
+  v = weights.load(run_dir, 'resnet18', src, keep_head=True)
+  _tree_equal(v['params']['head'], states[4].params['head'])
+  v, skipped = weights.load(run_dir, 'resnet18', fresh, strict=False)
+  assert skipped == []
+  assert before == {p: os.path.getmtime(p) for p in map(str, (tmp_path / 'w').rglob('*'))}
+  # Pre-training with a projection head: the backbone is used, the projection dropped.
+  run_dir, states = _ncjax_run(tmp_path / 'w', 'pretrain-resnet18-src', src, steps=(3,),
+                               projection=True)
+  v = weights.load(run_dir, 'resnet18', fresh)
+  flat = traverse_util.flatten_dict(v['params'])
+  assert not any('projection' in p for p in flat)
+  _tree_equal(v['params']['block8'], states[3].params['backbone']['block8'])
+
+
+def test_ncjax_run_of_another_architecture_is_named(tmp_path):
+  src = _r18w8(5)
+  fp = {'model': 'resnet18', 'backbone.resnet18.options.stem': 'cifar',
+        'backbone.resnet18.options.width': 8, 'backbone.resnet18.channels': 0,
+        'backbone.resnet18.image_size': 0, 'optim.lr': 0.1}
+  run_dir, _ = _ncjax_run(tmp_path / 'w', 'r18', src, steps=(1,), fingerprint=fp)
+  with pytest.raises(CheckpointError) as e:
+    weights.load(run_dir, 'resnet18', _r18w8(3, width=16))
+  msg = str(e.value)
+  assert msg.startswith(
+      f'cannot load {run_dir}/checkpoints/1 into resnet18 (CIFAR stem, width 16): it holds an '
+      'ncjax checkpoint of resnet18 (CIFAR stem, width 8) (run r18: model resnet18, channels=0, '
+      'image_size=0, options.stem=cifar, options.width=8); ')
+  assert 'shape mismatch for params/' in msg and 'optim.lr' not in msg
+  with pytest.raises(CheckpointError, match=r'into vit_ti16 .*: it holds an ncjax checkpoint '
+                     r'of resnet18 \(CIFAR stem, width 8\)'):
+    weights.load(run_dir, 'vit_ti16', models.param_shapes('vit_ti16', 3, 32))
+  _, skipped = weights.load(run_dir, 'resnet18', _r18w8(3, width=16), strict=False)
+  assert 'params/stem/conv/kernel (shape (3, 3, 3, 8) != (3, 3, 3, 16))' in skipped
+
+
+def test_ncjax_paths_that_are_not_one_run(tmp_path):
+  src = _r18w8(5)
+  _ncjax_run(tmp_path / 'w', 'a', src, steps=(1,))
+  _ncjax_run(tmp_path / 'w', 'tag/b', src, steps=(1,))
+  fresh = _r18w8(3)
+  for where in ('w', 'w/runs'):
+    with pytest.raises(CheckpointError, match=r'holds ncjax runs, not one run: pass one of them '
+                       r'as the weights, e\.g\. .*/a \(runs: .*a, .*tag/b\)'):
+      weights.load(tmp_path / where, 'resnet18', fresh)
+  (tmp_path / 'w/runs/c/checkpoints').mkdir(parents=True)
+  with pytest.raises(CheckpointError, match='has no checkpoint yet'):
+    weights.load(tmp_path / 'w/runs/c', 'resnet18', fresh)
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(CheckpointError, match='is a directory but not an ncjax checkpoint'):
+    weights.load(tmp_path / 'empty', 'resnet18', fresh)
+  step = tmp_path / 'w/runs/a/checkpoints/1'
+  for f in (step / 'state').rglob('*'):
+    if f.is_file() and 'manifest' in f.name:
+      f.write_bytes(b'garbage')
+  with pytest.raises(CheckpointError, match=r'checkpoints/1 is not a readable ncjax checkpoint'):
+    weights.load(tmp_path / 'w/runs/a', 'resnet18', fresh)
