@@ -1,6 +1,7 @@
 """Tests for ncjax.models: structure, parameter accounting, features, SCL, BatchNorm."""
 import functools
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,10 +134,146 @@ def test_features_all_units_under_jit(small_resnet):
     assert feats[u].shape == (2, w)
   assert feats['penultimate'].shape == (2, 512)
   np.testing.assert_allclose(feats['penultimate'], feats['block8'], rtol=1e-6)
-  # The apply contract of docs/design.md.
+  # The apply contract of docs/design.md: a plain apply sows the penultimate feature only
+  # (what `pretrain.projected_forward` reads); unit outputs need capture_intermediates.
   _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['intermediates']))(v, x)
-  assert isinstance(state['intermediates']['block3'], tuple)
-  np.testing.assert_allclose(state['intermediates']['block3'][0], feats['block3'], rtol=1e-6)
+  assert set(state['intermediates']) == {'penultimate'}
+  np.testing.assert_allclose(state['intermediates']['penultimate'][0], feats['penultimate'],
+                             rtol=1e-6)
+  _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
+                                              mutable=['intermediates']))(v, x)
+  np.testing.assert_allclose(np.mean(state['intermediates']['block3']['__call__'][0], (1, 2)),
+                             feats['block3'], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- unit outputs
+
+def _family_cases():
+  """(id, model, input (N, H, W, C), raw output shape of each unit) for every model family,
+  small enough to compile in seconds."""
+  from ncjax.models import ViT
+  vit = dict(num_classes=3, patch_size=8, hidden_size=16, num_layers=11, num_heads=2, mlp_dim=32)
+  rn = [(4, 8, 8, 4)] * 2 + [(4, 4, 4, 8)] * 2 + [(4, 2, 2, 16)] * 2 + [(4, 1, 1, 32)] * 2
+  return [
+      ('resnet18', models.get('resnet18', 3, stem='cifar', width=4), (4, 8, 8, 3), rn),
+      ('resnet50', models.get('resnet50', 3, width=2), (4, 32, 32, 3),
+       [(4, 8, 8, 8)] * 3 + [(4, 4, 4, 16)] * 4 + [(4, 2, 2, 32)] * 6 + [(4, 1, 1, 64)] * 3),
+      ('vit_cls', ViT(pool='cls', **vit), (4, 16, 24, 3), [(4, 7, 16)] * 11),
+      ('vit_mean', ViT(pool='mean', representation_size=24, **vit), (4, 16, 24, 3),
+       [(4, 7, 16)] * 11),
+      ('mlp', models.get('mlp', 3, depth=3, width=8, batch_norm=True), (4, 5, 5, 1),
+       [(4, 8)] * 3),
+      ('convnet4', models.get('convnet4', 3, width=4, flatten=True), (4, 16, 16, 3),
+       [(4, 8, 8, 4), (4, 4, 4, 4), (4, 2, 2, 4), (4, 1, 1, 4)]),
+      ('resnet12', models.get('resnet12', 3, widths=(2, 3, 4, 5)), (4, 16, 16, 3),
+       [(4, 8, 8, 2), (4, 4, 4, 3), (4, 2, 2, 4), (4, 1, 1, 5)]),
+  ]
+
+
+FAMILIES = _family_cases()
+
+
+def _setup(model, shape, seed=0):
+  x = jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+  return random_variables(jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), x), seed), x
+
+
+def _old_way(model, v, x):
+  """Reference for `features`: what the models sowed before capture_intermediates (each
+  unit's output pooled inside the forward pass: conv maps by the mean over H, W, ViT tokens by
+  the class token or the token mean per `pool`, MLP outputs as they are), written here from
+  that rule and the unit outputs seen by a method interceptor, not from `ncjax.models`."""
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and context.module.path in {(u,) for u in model.units}:
+      seen[context.module.path[0]] = y
+    return y
+  with flax.linen.intercept_methods(record):
+    _, st = model.apply(v, x, train=False, mutable=['intermediates'])
+  pool = getattr(model, 'pool', None)
+  out = {}
+  for u in model.units:
+    y = seen[u].astype(jnp.float32)
+    if y.ndim == 4:
+      out[u] = jnp.mean(y, axis=(1, 2))
+    elif y.ndim == 3:
+      out[u] = y[:, 0] if pool == 'cls' else jnp.mean(y, axis=1)
+    else:
+      out[u] = y
+  out['penultimate'] = st['intermediates']['penultimate'][0]
+  return out, seen
+
+
+@pytest.mark.parametrize('case', FAMILIES, ids=[c[0] for c in FAMILIES])
+def test_capture_intermediates_gives_unit_outputs(case):
+  """Issue 9 §2: `capture_intermediates=True` puts each unit's own output (not a pooled vector
+  mixed into the unit's scope) under `intermediates/<unit>/__call__`."""
+  _, model, shape, unit_shapes = case
+  v, x = _setup(model, shape)
+  _, st = model.apply(v, x, train=False, capture_intermediates=True, mutable=['intermediates'])
+  inter = st['intermediates']
+  _, seen = _old_way(model, v, x)
+  assert len(model.units) == len(unit_shapes)
+  for u, s in zip(model.units, unit_shapes):
+    out = inter[u]['__call__']
+    assert isinstance(out, tuple) and len(out) == 1, u
+    assert out[0].shape == s, u
+    np.testing.assert_array_equal(out[0], seen[u])
+  # The unit filter keeps only the units' outputs (and the sown penultimate feature).
+  _, st = model.apply(v, x, train=False, capture_intermediates=models.unit_filter(model),
+                      mutable=['intermediates'])
+  assert list(st['intermediates']) == list(model.units) + ['penultimate']
+  for u in model.units:
+    assert list(st['intermediates'][u]) == ['__call__'], u
+    np.testing.assert_array_equal(st['intermediates'][u]['__call__'][0], seen[u])
+
+
+@pytest.mark.parametrize('case', FAMILIES, ids=[c[0] for c in FAMILIES])
+def test_features_equal_pooled_unit_outputs(case):
+  """`features` (eager and jitted) equals the old in-model pooling of each unit's output, in
+  unit order ('layer10' after 'layer9'), and `pool_units` does the same in train mode."""
+  _, model, shape, _ = case
+  v, x = _setup(model, shape)
+  ref, seen = _old_way(model, v, x)
+  order = list(model.units) + ['penultimate']
+  eager = models.features(model, v, x)
+  assert list(eager) == order
+  jitted = jax.jit(functools.partial(models.features, model))(v, x)
+  for name in order:
+    assert eager[name].dtype == jnp.float32 and eager[name].ndim == 2, name
+    np.testing.assert_allclose(eager[name], ref[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    # jit fuses the convolutions differently from eager op-by-op execution: float32 rounding.
+    np.testing.assert_allclose(jitted[name], ref[name], rtol=2e-5, atol=1e-6, err_msg=name)
+  if hasattr(model, 'pool'):
+    assert eager['layer1'].shape == (shape[0], 16)
+  else:
+    assert [eager[u].shape[1] for u in model.units] == [seen[u].shape[-1] for u in model.units]
+  # Train mode: batch statistics, updated running statistics; pooled the same way.
+  mutable = ['intermediates'] + (['batch_stats'] if 'batch_stats' in v else [])
+  _, st = model.apply(v, x, train=True, capture_intermediates=models.unit_filter(model),
+                      mutable=mutable)
+  tr = models.pool_units(model, st['intermediates'])
+  assert list(tr) == order
+  for u in model.units:
+    np.testing.assert_array_equal(tr[u], model.unit_feature(st['intermediates'][u]['__call__'][0]))
+
+
+def test_pool_units_needs_captured_outputs(small_resnet):
+  model, v, x = small_resnet
+  _, st = model.apply(v, x, train=False, mutable=['intermediates'])
+  with pytest.raises(KeyError, match='unit_filter'):
+    models.pool_units(model, st['intermediates'])
+
+
+def test_vit_rejects_unknown_pool():
+  from ncjax.models import ViT
+  m = ViT(num_classes=2, patch_size=8, hidden_size=8, num_layers=1, num_heads=1, mlp_dim=8,
+          pool='max')
+  with pytest.raises(ValueError, match="pool must be 'cls' or 'mean'"):
+    jax.eval_shape(lambda x: m.init(jax.random.key(0), x), jnp.zeros((1, 8, 8, 3)))
 
 
 def _pad(u, d):

@@ -3,20 +3,23 @@
 `get(name, num_classes, **options)` builds a model; every model is called as
 `model.apply(variables, x, train=...)` on float32 NHWC input and returns logits.
 Fine-tuning units are top-level submodules named as `units(name)` lists; the
-classifier is the top-level `head`. Each unit sows its pooled output as
-`intermediates/<unit>` and the classifier input as `intermediates/penultimate`.
+classifier is the top-level `head`. The classifier input (N, D) is sown as
+`intermediates/penultimate`. Flax's `capture_intermediates` gives each unit's raw output
+as `intermediates/<unit>/__call__`: (N, H, W, C) maps for conv blocks, (N, T, D) tokens for
+ViT layers, (N, width) for MLP layers; `unit_filter(model)` captures the units only.
+`features` pools those outputs (outside the model) into one vector per example and unit.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from ncjax.models.common import BatchNorm, add_skip, sow_unit
+from ncjax.models.common import BatchNorm
 from ncjax.models.heads import ProjectionHead
 from ncjax.models.resnet import ResNet
 from ncjax.models.resnet import CONFIGS as _RESNET_CONFIGS
@@ -24,9 +27,9 @@ from ncjax.models.small import MLP, ConvNet4, ResNet12
 from ncjax.models.vit import ViT
 from ncjax.models.vit import CONFIGS as _VIT_CONFIGS
 
-__all__ = ['get', 'units', 'features', 'count_params', 'finetune_percent', 'names',
-           'param_shapes', 'ResNet', 'ViT', 'MLP', 'ConvNet4', 'ResNet12', 'BatchNorm',
-           'ProjectionHead']
+__all__ = ['get', 'units', 'features', 'unit_filter', 'pool_units', 'count_params',
+           'finetune_percent', 'names', 'param_shapes', 'ResNet', 'ViT', 'MLP', 'ConvNet4',
+           'ResNet12', 'BatchNorm', 'ProjectionHead']
 
 # name -> (class, fixed config, allowed user options)
 _COMMON = ('scl_unit', 'dtype')
@@ -83,18 +86,53 @@ def units(name_or_model, **options) -> Tuple[str, ...]:
   return tuple(get(name_or_model, 1, **options).units)
 
 
+def unit_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
+  """`capture_intermediates` filter that captures the `__call__` output of `model`'s units only.
+
+  `model.apply(v, x, ..., capture_intermediates=unit_filter(model), mutable=['intermediates'])`
+  returns `intermediates/<unit>/__call__ = (output,)` for every unit (and the sown
+  `intermediates/penultimate`), and nothing for the other submodules, so no other activation
+  is kept as an output.
+  """
+  paths = frozenset((u,) for u in model.units)
+  # `mdl.path` is the submodule's name path from `model`: units are exactly the top-level ones.
+  return lambda mdl, method_name: method_name == '__call__' and mdl.path in paths
+
+
+def pool_units(model: nn.Module, intermediates: Mapping[str, Any]) -> Dict[str, jax.Array]:
+  """`{unit: (N, C_unit) float32, ..., 'penultimate': (N, D)}` in unit order, from the
+  'intermediates' collection of an apply with `capture_intermediates=unit_filter(model)` (or
+  True): each unit's raw output pooled by `model.unit_feature` (conv maps: mean over H, W; ViT
+  tokens: the class token or the token mean, per `pool`; MLP: as is). Works in train or eval
+  mode, inside or outside `jit`.
+  """
+  out = {}
+  for u in model.units:
+    entry = intermediates.get(u)
+    if not isinstance(entry, Mapping) or '__call__' not in entry:
+      raise KeyError(f'intermediates have no {u}/__call__: apply the model with '
+                     f'capture_intermediates=ncjax.models.unit_filter(model)')
+    out[u] = model.unit_feature(entry['__call__'][0])
+  pen = intermediates['penultimate']
+  out['penultimate'] = pen[0] if isinstance(pen, tuple) else pen
+  return out
+
+
 def features(model: nn.Module, variables, x) -> Dict[str, jax.Array]:
   """Pooled output of every unit and the penultimate feature, eval mode.
 
-  Returns a flat dict `{unit: (N, C_unit), ..., 'penultimate': (N, D)}` in unit order. Pure;
-  can be wrapped in `jax.jit` (e.g. `jax.jit(functools.partial(features, model))`), but a
-  jitted function returns its dicts with sorted keys ('layer10' before 'layer2'): iterate
-  over `units(model)` when order matters.
+  x (N, H, W, C) -> a flat dict `{unit: (N, C_unit) float32, ..., 'penultimate': (N, D)}` in
+  unit order (see `pool_units`). Pure; can be wrapped in `jax.jit` (e.g.
+  `jax.jit(functools.partial(features, model))`), but a jitted function returns its dicts
+  with sorted keys ('layer10' before 'layer2'): iterate over `units(model)` when order
+  matters. Under `jit` the pooling joins the forward pass in one program: XLA compiles it to
+  the same optimized HLO as pooling inside the model did (`benchmarks/features.py`), so no
+  unit map is kept beyond its pooling and nothing costs extra.
   """
   v = {k: val for k, val in variables.items() if k != 'intermediates'}
-  _, state = model.apply(v, x, train=False, mutable=['intermediates'])
-  inter = state['intermediates']
-  return {k: (val[0] if isinstance(val, tuple) else val) for k, val in inter.items()}
+  _, state = model.apply(v, x, train=False, capture_intermediates=unit_filter(model),
+                         mutable=['intermediates'])
+  return pool_units(model, state['intermediates'])
 
 
 def count_params(params) -> int:

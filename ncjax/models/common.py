@@ -3,7 +3,7 @@
 * `BatchNorm`: BatchNorm with PyTorch semantics (normalise with the biased batch
   variance, update the running variance with the *unbiased* one), so the running
   statistics after a train-mode step equal torch's `nn.BatchNorm2d` exactly.
-* `sow_unit`: store a unit's pooled feature under the unit's own top-level name.
+* `spatial_mean`: the pooling of a unit's conv map into one feature vector per example.
 * `add_skip`: the parameter-free SCL skip (zero-pad on the channel axis, then add).
 """
 from __future__ import annotations
@@ -15,8 +15,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 Dtype = Any
-
-INTERMEDIATES = 'intermediates'
 
 
 def as_dtype(dtype) -> Any:
@@ -72,26 +70,6 @@ class BatchNorm(nn.Module):
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     y = (x.astype(jnp.float32) - mean) * mul + bias
     return y.astype(self.dtype)
-
-
-def sow_unit(module: nn.Module, name: str, value) -> bool:
-  """`module.sow('intermediates', name, value)` for a name that is also a submodule.
-
-  Flax's `sow` refuses a name already used by a child module, but the design contract
-  stores each unit's feature as `intermediates/<unit>` where `<unit>` is also that
-  unit's top-level submodule. The unit submodules never write to 'intermediates'
-  themselves, so the entry is free; we put it directly with sow's tuple-append
-  semantics. (Do not combine with `capture_intermediates=True`, which would also
-  write `intermediates/<unit>/__call__`.)
-  """
-  scope = module.scope
-  if scope is None or not scope.is_mutable_collection(INTERMEDIATES):
-    return False
-  xs = ()
-  if scope.has_variable(INTERMEDIATES, name):
-    xs = scope.get_variable(INTERMEDIATES, name)
-  scope.put_variable(INTERMEDIATES, name, tuple(xs) + (value,))
-  return True
 
 
 def spatial_mean(x):

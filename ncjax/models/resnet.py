@@ -2,6 +2,8 @@
 
 Layout (top-level submodules): `stem` (conv + bn [+ max-pool]), `block1`..`blockB`
 (one per BasicBlock/Bottleneck, 1-indexed in forward order), `head` (Dense).
+A unit's output is its block's (N, H, W, C) map; its feature (`unit_feature`) is the mean
+over H, W, and the classifier input is the same pooling of the last block.
 Explicit symmetric paddings reproduce PyTorch's outputs exactly at every input size:
 7x7/2 conv pad 3, 3x3/2 max-pool pad 1 (padded with -inf), 3x3 convs pad 1,
 1x1 convs pad 0. Bottleneck is v1.5 (stride on the 3x3 conv).
@@ -13,8 +15,7 @@ from typing import Any, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ncjax.models.common import (BatchNorm, add_skip, as_dtype, check_unit,
-                                 sow_unit, spatial_mean)
+from ncjax.models.common import BatchNorm, add_skip, as_dtype, check_unit, spatial_mean
 
 Dtype = Any
 
@@ -114,6 +115,8 @@ class ResNet(nn.Module):
   """torchvision-style ResNet.
 
   `block{i}` is stage s, index j in torchvision's `layer{s+1}.{j}` (forward order).
+  Input (N, H, W, 3) -> logits (N, num_classes) float32; sows the classifier input (N, D)
+  as `intermediates/penultimate`.
   """
   num_classes: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -127,6 +130,10 @@ class ResNet(nn.Module):
   def units(self) -> Tuple[str, ...]:
     return resnet_units(self.stage_sizes)
 
+  def unit_feature(self, y):
+    """A unit's output (N, H, W, C) -> its feature (N, C) float32: the spatial mean."""
+    return spatial_mean(y)
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     units = self.units
@@ -135,19 +142,18 @@ class ResNet(nn.Module):
     block_cls = BLOCKS[self.block]
     x = Stem(kind=self.stem, width=self.width, dtype=dtype, name='stem')(
         x.astype(dtype), train)
-    pooled = {}
+    out = {}  # unit -> its raw output; only the SCL unit's is read
     i = 0
     for s, n in enumerate(self.stage_sizes):
       for j in range(n):
         stride = 2 if (s > 0 and j == 0) else 1
         name = units[i]
         x = block_cls(self.width * 2**s, stride, dtype, name=name)(x, train)
-        pooled[name] = spatial_mean(x)
-        sow_unit(self, name, pooled[name])
+        out[name] = x
         i += 1
     feat = spatial_mean(x)
     if self.scl_unit is not None:
-      feat = add_skip(feat, pooled[self.scl_unit])
+      feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
     self.sow('intermediates', 'penultimate', feat)
     logits = nn.Dense(self.num_classes, dtype=dtype, name='head')(feat)
     return logits.astype(jnp.float32)

@@ -1,4 +1,9 @@
-"""Small models: the paper's MLP (Fig. 2), ConvNet4 and ResNet12 (few-shot, Table 2)."""
+"""Small models: the paper's MLP (Fig. 2), ConvNet4 and ResNet12 (few-shot, Table 2).
+
+Units are top-level submodules. A unit's output: MLP `layer{i}` (N, width) after the ReLU;
+ConvNet4 / ResNet12 `block{i}` the (N, H, W, C) map after the block's max-pool. Its feature
+(`unit_feature`, (N, C) float32) is the output itself (MLP) or its spatial mean (conv nets).
+"""
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple
@@ -6,8 +11,7 @@ from typing import Any, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ncjax.models.common import (BatchNorm, add_skip, as_dtype, check_unit,
-                                 sow_unit, spatial_mean)
+from ncjax.models.common import BatchNorm, add_skip, as_dtype, check_unit, spatial_mean
 
 Dtype = Any
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -43,19 +47,22 @@ class MLP(nn.Module):
   def units(self) -> Tuple[str, ...]:
     return tuple(f'layer{i + 1}' for i in range(self.depth))
 
+  def unit_feature(self, y):
+    """A unit's output (N, width) -> its feature (N, width) float32 (no pooling needed)."""
+    return y.astype(jnp.float32)
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     check_unit(self.scl_unit, self.units)
     dtype = as_dtype(self.dtype)
     x = jnp.reshape(x, (x.shape[0], -1)).astype(dtype)
-    pooled = {}
+    out = {}  # unit -> its raw output; only the SCL unit's is read
     for name in self.units:
       x = DenseUnit(self.width, self.batch_norm, dtype, name=name)(x, train)
-      pooled[name] = x.astype(jnp.float32)
-      sow_unit(self, name, pooled[name])
+      out[name] = x
     feat = x.astype(jnp.float32)
     if self.scl_unit is not None:
-      feat = add_skip(feat, pooled[self.scl_unit])
+      feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
     self.sow('intermediates', 'penultimate', feat)
     return nn.Dense(self.num_classes, dtype=dtype, name='head')(feat).astype(jnp.float32)
 
@@ -88,22 +95,25 @@ class ConvNet4(nn.Module):
   def units(self) -> Tuple[str, ...]:
     return tuple(f'block{i + 1}' for i in range(4))
 
+  def unit_feature(self, y):
+    """A unit's output (N, H, W, C) -> its feature (N, C) float32: the spatial mean."""
+    return spatial_mean(y)
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     check_unit(self.scl_unit, self.units)
     dtype = as_dtype(self.dtype)
     x = x.astype(dtype)
-    pooled = {}
+    out = {}  # unit -> its raw output; only the SCL unit's is read
     for name in self.units:
       x = ConvUnit(self.width, dtype, name=name)(x, train)
-      pooled[name] = spatial_mean(x)
-      sow_unit(self, name, pooled[name])
+      out[name] = x
     if self.flatten:
       feat = jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32)
     else:
       feat = spatial_mean(x)
     if self.scl_unit is not None:
-      feat = add_skip(feat, pooled[self.scl_unit])
+      feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
     self.sow('intermediates', 'penultimate', feat)
     return nn.Dense(self.num_classes, dtype=dtype, name='head')(feat).astype(jnp.float32)
 
@@ -141,18 +151,21 @@ class ResNet12(nn.Module):
   def units(self) -> Tuple[str, ...]:
     return tuple(f'block{i + 1}' for i in range(len(self.widths)))
 
+  def unit_feature(self, y):
+    """A unit's output (N, H, W, C) -> its feature (N, C) float32: the spatial mean."""
+    return spatial_mean(y)
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     check_unit(self.scl_unit, self.units)
     dtype = as_dtype(self.dtype)
     x = x.astype(dtype)
-    pooled = {}
+    out = {}  # unit -> its raw output; only the SCL unit's is read
     for name, w in zip(self.units, self.widths):
       x = ResNet12Block(w, dtype, name=name)(x, train)
-      pooled[name] = spatial_mean(x)
-      sow_unit(self, name, pooled[name])
+      out[name] = x
     feat = spatial_mean(x)
     if self.scl_unit is not None:
-      feat = add_skip(feat, pooled[self.scl_unit])
+      feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
     self.sow('intermediates', 'penultimate', feat)
     return nn.Dense(self.num_classes, dtype=dtype, name='head')(feat).astype(jnp.float32)

@@ -10,6 +10,8 @@ Top-level submodules/params: `embedding` (patch conv, kernel (P, P, 3, D)), `cls
 Pre-LN blocks, LayerNorm eps 1e-6, GELU with the tanh approximation (flax's
 `nn.gelu` default, which is what vit_jax's MlpBlock calls), no dropout. The classifier
 input is the class token after `encoder_norm` (vit_jax's 'token' classifier).
+A unit's output is its encoder block's (N, 1 + g*g, D) tokens; its feature (`unit_feature`)
+is the class token or the token mean, per `pool`.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any, Optional, Tuple
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ncjax.models.common import add_skip, as_dtype, check_unit, sow_unit
+from ncjax.models.common import add_skip, as_dtype, check_unit
 
 Dtype = Any
 
@@ -66,6 +68,8 @@ class EncoderBlock(nn.Module):
 
 
 class ViT(nn.Module):
+  """Input (N, H, W, 3), H and W multiples of `patch_size` -> logits (N, num_classes) float32;
+  sows the classifier input (N, D) as `intermediates/penultimate`."""
   num_classes: int
   patch_size: int = 32
   hidden_size: int = 768
@@ -73,7 +77,7 @@ class ViT(nn.Module):
   num_heads: int = 12
   mlp_dim: int = 3072
   representation_size: Optional[int] = None
-  # Per-layer pooled feature (what each `layer{i}` sows): 'cls' = the class token,
+  # Per-layer feature (`unit_feature` of each `layer{i}`): 'cls' = the class token,
   # 'mean' = the mean over all 1 + g*g tokens (class token included; the paper's
   # layer-wise ViT features are 145 x 768 per layer at 384x384).
   pool: str = 'cls'
@@ -84,11 +88,12 @@ class ViT(nn.Module):
   def units(self) -> Tuple[str, ...]:
     return tuple(f'layer{i + 1}' for i in range(self.num_layers))
 
-  def _pool(self, x):
+  def unit_feature(self, y):
+    """A unit's output (N, T, D) tokens -> its feature (N, D) float32 (see `pool`)."""
     if self.pool == 'cls':
-      return x[:, 0].astype(jnp.float32)
+      return y[:, 0].astype(jnp.float32)
     if self.pool == 'mean':
-      return jnp.mean(x.astype(jnp.float32), axis=1)
+      return jnp.mean(y.astype(jnp.float32), axis=1)
     raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
 
   @nn.compact
@@ -96,6 +101,10 @@ class ViT(nn.Module):
     del train  # no dropout, no batch statistics
     units = self.units
     check_unit(self.scl_unit, units)
+    # `pool` is only read by `unit_feature` (outside the model unless SCL): check it here so a
+    # bad value fails at the first call, as before.
+    if self.pool not in ('cls', 'mean'):
+      raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
     dtype = as_dtype(self.dtype)
     n, h, w, _ = x.shape
     p = self.patch_size
@@ -110,18 +119,17 @@ class ViT(nn.Module):
     pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
                      (1, x.shape[1], self.hidden_size))
     x = x + pos.astype(x.dtype)
-    pooled = {}
+    out = {}  # unit -> its raw output; only the SCL unit's is read
     for name in units:
       x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=dtype, name=name)(x)
-      pooled[name] = self._pool(x)
-      sow_unit(self, name, pooled[name])
+      out[name] = x
     x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name='encoder_norm')(x)
     feat = x[:, 0]
     if self.representation_size is not None:
       feat = jnp.tanh(nn.Dense(self.representation_size, dtype=dtype, name='pre_logits')(feat))
     feat = feat.astype(jnp.float32)
     if self.scl_unit is not None:
-      feat = add_skip(feat, pooled[self.scl_unit])
+      feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
     self.sow('intermediates', 'penultimate', feat)
     logits = nn.Dense(self.num_classes, dtype=dtype, kernel_init=nn.initializers.zeros,
                       name='head')(feat)
