@@ -73,9 +73,15 @@ def _jitted(name, num_classes=1000):
 
   @jax.jit
   def run(v, x):
-    logits, ev = model.apply(v, x, train=False, mutable=['intermediates'])
-    logits_tr, tr = model.apply(v, x, train=True, mutable=['intermediates', 'batch_stats'])
-    return logits, ev['intermediates'], logits_tr, tr
+    # Each unit's raw output (capture_intermediates), pooled as `models.features` pools it.
+    capture = models.unit_filter(model)
+    logits, ev = model.apply(v, x, train=False, capture_intermediates=capture,
+                             mutable=['intermediates'])
+    logits_tr, tr = model.apply(v, x, train=True, capture_intermediates=capture,
+                                mutable=['intermediates', 'batch_stats'])
+    return (logits, models.pool_units(model, ev['intermediates']), logits_tr,
+            {'features': models.pool_units(model, tr['intermediates']),
+             'batch_stats': tr['batch_stats']})
   return run
 
 
@@ -98,13 +104,13 @@ def _check_resnet(name, variables, x, tol=1e-4):
   t_logits, t_feats, t_pen = _torch_run(tm, x, train=False)
   assert _rel(logits, t_logits) < tol
   for u, f in zip(units, t_feats):
-    assert _rel(inter[u][0], f) < tol, u
-  assert _rel(inter['penultimate'][0], t_pen) < tol
+    assert _rel(inter[u], f) < tol, u
+  assert _rel(inter['penultimate'], t_pen) < tol
   # train mode: batch statistics, and the updated running statistics
   t_logits, t_feats, _ = _torch_run(tm, x, train=True)
   assert _rel(logits_tr, t_logits) < tol
   for u, f in zip(units, t_feats):
-    assert _rel(tr['intermediates'][u][0], f) < tol, u
+    assert _rel(tr['features'][u], f) < tol, u
   sd = tm.state_dict()
   from flax import traverse_util
   flat = traverse_util.flatten_dict({'batch_stats': tr['batch_stats']})
@@ -380,13 +386,12 @@ def test_vit_matches_numpy_reference(vit_ckpt, size):
 
   @jax.jit
   def run(v, x):
-    return model.apply(v, x, train=False, mutable=['intermediates'])
-  out, st = run(v, jnp.asarray(x))
-  inter = st['intermediates']
+    return model.apply(v, x, train=False), models.features(model, v, x)
+  out, inter = run(v, jnp.asarray(x))
   assert _rel(out, logits) < 1e-4
-  assert _rel(inter['penultimate'][0], pen) < 1e-4
+  assert _rel(inter['penultimate'], pen) < 1e-4
   for i, c in enumerate(cls_tokens):
-    assert _rel(inter[f'layer{i + 1}'][0], c) < 1e-4, i
+    assert _rel(inter[f'layer{i + 1}'], c) < 1e-4, i
 
 
 def test_vit_pre_logits_and_errors(tmp_path, vit_ckpt):
