@@ -23,13 +23,13 @@ from ncjax.models.common import BatchNorm
 from ncjax.models.heads import ProjectionHead
 from ncjax.models.resnet import ResNet
 from ncjax.models.resnet import CONFIGS as _RESNET_CONFIGS
-from ncjax.models.small import MLP, ConvNet4, ResNet12
+from ncjax.models.small import MLP, ConvNet4, ResNet12, SEResNet12
 from ncjax.models.vit import ViT
 from ncjax.models.vit import CONFIGS as _VIT_CONFIGS
 
 __all__ = ['get', 'units', 'features', 'unit_filter', 'pool_units', 'count_params',
            'finetune_percent', 'names', 'param_shapes', 'ResNet', 'ViT', 'MLP', 'ConvNet4',
-           'ResNet12', 'BatchNorm', 'ProjectionHead']
+           'ResNet12', 'SEResNet12', 'BatchNorm', 'ProjectionHead']
 
 # name -> (class, fixed config, allowed user options)
 _COMMON = ('scl_unit', 'dtype')
@@ -43,6 +43,7 @@ for _n, (_p, _d, _l, _h, _m) in _VIT_CONFIGS.items():
 _REGISTRY['mlp'] = (MLP, {}, _COMMON + ('depth', 'width', 'batch_norm'))
 _REGISTRY['convnet4'] = (ConvNet4, {}, _COMMON + ('width', 'flatten'))
 _REGISTRY['resnet12'] = (ResNet12, {}, _COMMON + ('widths',))
+_REGISTRY['seresnet12'] = (SEResNet12, {}, _COMMON + ('widths', 'se_reduction'))
 
 
 def names() -> Tuple[str, ...]:
@@ -62,6 +63,7 @@ def get(name: str, num_classes: int, **options) -> nn.Module:
   default float32; params stay float32). ResNet: `stem` ('imagenet' | 'cifar'), `width`.
   ViT: `pool` ('cls' | 'mean'), `representation_size` (adds `pre_logits`). MLP: `depth`
   (9), `width` (784), `batch_norm` (False). ConvNet4: `width`, `flatten`. ResNet12: `widths`.
+  SEResNet12: `widths`, `se_reduction` (16; RFS uses 4).
   Options set to None are ignored (model default).
   """
   cls, config, allowed = _entry(name)

@@ -1,8 +1,10 @@
-"""Small models: the paper's MLP (Fig. 2), ConvNet4 and ResNet12 (few-shot, Table 2).
+"""Small models: the paper's MLP (Fig. 2), ConvNet4, ResNet12 and SEResNet12 (few-shot,
+Table 2).
 
 Units are top-level submodules. A unit's output: MLP `layer{i}` (N, width) after the ReLU;
-ConvNet4 / ResNet12 `block{i}` the (N, H, W, C) map after the block's max-pool. Its feature
-(`unit_feature`, (N, C) float32) is the output itself (MLP) or its spatial mean (conv nets).
+ConvNet4 / ResNet12 / SEResNet12 `block{i}` the (N, H, W, C) map after the block's max-pool.
+Its feature (`unit_feature`, (N, C) float32) is the output itself (MLP) or its spatial mean
+(conv nets).
 """
 from __future__ import annotations
 
@@ -118,9 +120,32 @@ class ConvNet4(nn.Module):
     return nn.Dense(self.num_classes, dtype=dtype, name='head')(feat).astype(jnp.float32)
 
 
+class SqueezeExcite(nn.Module):
+  """Squeeze-and-excitation (Hu et al., SENet): x (N, H, W, C) -> x * gate (N, 1, 1, C).
+
+  gate = sigmoid(fc2(relu(fc1(mean_HW(x))))), fc1: C -> max(1, C // reduction), fc2: -> C,
+  both with bias (as torch's `nn.Linear` in SENet and RFS). The squeeze is computed in
+  float32 (`spatial_mean`), the dense layers in `dtype`.
+  """
+  reduction: int = 16
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    # max(1, .): a narrow test model (C < reduction) would otherwise get a 0-wide layer.
+    hidden = max(1, c // self.reduction)
+    s = nn.relu(nn.Dense(hidden, dtype=self.dtype, name='fc1')(spatial_mean(x)))
+    gate = nn.sigmoid(nn.Dense(c, dtype=self.dtype, name='fc2')(s))
+    return x * gate[:, None, None, :].astype(x.dtype)
+
+
 class ResNet12Block(nn.Module):
+  """One ResNet-12 block; `se_reduction` not None adds `SqueezeExcite` (submodule `se`) to
+  the residual branch after bn3, before the addition (SENet's SE-ResNet module, RFS)."""
   features: int
   dtype: Dtype = jnp.float32
+  se_reduction: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -132,6 +157,8 @@ class ResNet12Block(nn.Module):
     y = lrelu(BatchNorm(dtype=self.dtype, name='bn1')(conv(self.features, 3, 'conv1')(x), train))
     y = lrelu(BatchNorm(dtype=self.dtype, name='bn2')(conv(self.features, 3, 'conv2')(y), train))
     y = BatchNorm(dtype=self.dtype, name='bn3')(conv(self.features, 3, 'conv3')(y), train)
+    if self.se_reduction is not None:
+      y = SqueezeExcite(self.se_reduction, self.dtype, name='se')(y)
     s = BatchNorm(dtype=self.dtype, name='downsample_bn')(
         conv(self.features, 1, 'downsample_conv')(x), train)
     y = lrelu(y + s)
@@ -155,6 +182,9 @@ class ResNet12(nn.Module):
     """A unit's output (N, H, W, C) -> its feature (N, C) float32: the spatial mean."""
     return spatial_mean(y)
 
+  def _se_reduction(self) -> Optional[int]:
+    return None  # plain blocks; SEResNet12 overrides
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     check_unit(self.scl_unit, self.units)
@@ -162,10 +192,24 @@ class ResNet12(nn.Module):
     x = x.astype(dtype)
     out = {}  # unit -> its raw output; only the SCL unit's is read
     for name, w in zip(self.units, self.widths):
-      x = ResNet12Block(w, dtype, name=name)(x, train)
+      x = ResNet12Block(w, dtype, self._se_reduction(), name=name)(x, train)
       out[name] = x
     feat = spatial_mean(x)
     if self.scl_unit is not None:
       feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
     self.sow('intermediates', 'penultimate', feat)
     return nn.Dense(self.num_classes, dtype=dtype, name='head')(feat).astype(jnp.float32)
+
+
+class SEResNet12(ResNet12):
+  """ResNet12 with squeeze-and-excitation in every block (the paper's SEResNet12, Table 2;
+  SENet, Hu et al.): each block's residual branch is rescaled per channel by
+  `SqueezeExcite(se_reduction)` before the shortcut is added. Same units (`block1`..`block4`),
+  unit outputs, features and SCL behaviour as ResNet12; each block has an extra `se`
+  submodule (`fc1`, `fc2`). `se_reduction` r defaults to SENet's 16; RFS's `seresnet12`
+  (WangYueFt/rfs models/resnet.py) builds its SE layers with r = 4: pass `se_reduction=4` to
+  match it."""
+  se_reduction: int = 16
+
+  def _se_reduction(self) -> Optional[int]:
+    return self.se_reduction
