@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.job = "transfer"        # transfer | pretrain | layer_probe | metrics
+  c.job = "transfer"        # transfer | pretrain | layer_probe | fewshot | metrics
   c.seed = 0
 
   # --- the grid: models x datasets x train_sizes x methods x units ---------------------------
@@ -59,6 +59,14 @@ def get_config():
   # Table 1's dict(tag="mse", overrides={"pretrain.loss": "mse"}). Each value must have its
   # field's type. Records carry the tag as `pretrain`; runs go to runs/<tag>/.
   c.variants = ()
+
+  # --- few-shot evaluation (job 'fewshot', Table 2; RFS) ---------------------------------------
+  # The pre-trained backbone, frozen, embeds the downstream classes' training images; each
+  # episode fits a logistic regression on the L2-normalised support embeddings.
+  c.fewshot = ml_collections.ConfigDict(dict(
+      ways=5, shots=(1, 5), queries=15, episodes=600,
+      solver="jax",          # jax (batched Newton, same optimum) | sklearn (RFS's loop)
+  ))
 
   # --- optimisation (paper, Appendix B: SGD 0.9, wd 1e-4, cosine 0.1 -> 1e-4, 200 epochs) -----
   c.optim = ml_collections.ConfigDict(dict(

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 from ncjax import methods, models
 from ncjax.errors import ConfigError
 
-JOBS = ("transfer", "pretrain", "layer_probe", "metrics")
+JOBS = ("transfer", "pretrain", "layer_probe", "fewshot", "metrics")
+SOLVERS = ("jax", "sklearn")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LOSSES = ("ce", "mse", "supcon")
 NORMALIZATIONS = ("dataset", "imagenet", "inception")  # or a dataset name `data.stats_for` knows
@@ -86,10 +87,20 @@ class Pretrain:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fewshot:
+  """N-way K-shot episodes with Q queries per class (`ncjax.fewshot.evaluate`)."""
+  ways: int
+  shots: tuple[int, ...]
+  queries: int
+  episodes: int
+  solver: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
   """One unit of work with its own checkpoints and record.
 
-  kind: 'pretrain' | 'finetune' | 'probe'. `id` is unique in the workdir and path-safe
+  kind: 'pretrain' | 'finetune' | 'probe' | 'fewshot' (`size` = shots). `id` is unique in the workdir and path-safe
   (``[<tag>/]<model>-<dataset>-<method>[-<unit>][-n<size>]``)."""
   kind: str
   id: str
@@ -125,6 +136,7 @@ class Spec:
   collapse: bool
   checkpoint_every: int
   plots: bool
+  fewshot: Fewshot
   resolved: dict               # the resolved config as plain data (config.json)
 
   def source(self, dataset: str) -> str:
@@ -141,6 +153,12 @@ class Spec:
       if self.job == "pretrain" or self.uses_pretraining(bb):
         out.append(Run("pretrain", f"{prefix}pretrain-{bb.model}-{self.pretrain.dataset}", bb,
                        self.pretrain.dataset, fingerprint=self._fingerprint(bb, "pretrain")))
+      if self.job == "fewshot":
+        for ds in bb.datasets:
+          for shots in self.fewshot.shots:
+            out.append(Run("fewshot", f"{prefix}{bb.model}-{ds}-{self.fewshot.ways}way{shots}shot",
+                           bb, ds, shots, fingerprint=self._fingerprint(bb, "fewshot", dataset=ds,
+                                                                        shots=shots)))
       if self.job == "layer_probe":
         for ds in bb.datasets:
           out.append(Run("probe", f"{prefix}{bb.model}-{ds}-probes", bb, ds,
@@ -172,6 +190,10 @@ class Spec:
                      "downstream_classes": self.downstream_classes, "test_split": self.test_split,
                      "collapse": self.collapse,
                      **{f"optim.{k}": v for k, v in dataclasses.asdict(self.optim).items()}})
+    if kind == "fewshot":
+      fields.update({f"fewshot.{k}": v for k, v in dataclasses.asdict(self.fewshot).items()
+                     if k != "shots"}, shots=cell["shots"])
+      fields = {k: v for k, v in fields.items() if not k.startswith("optim.")}
     if kind == "finetune":
       fields.update(train_size=cell["size"], method=cell["method"], unit=cell["unit"])
       if cell["method"] == "linear":
@@ -484,7 +506,7 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
   if job == "transfer" and not method_names:
     p.add("methods", c.methods, "must name at least one method")
   for bb in backbones:
-    if job == "transfer" and not bb.datasets:
+    if job in ("transfer", "fewshot") and not bb.datasets:
       p.add("datasets", c.datasets, f"no downstream dataset for {bb.model}")
     if job == "transfer" and any(methods.needs_unit(m) for m in method_names) and not bb.units:
       p.add(f"backbone.{bb.model}.unit", "", "Layer FT / SCL FT need a unit")
@@ -552,8 +574,24 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
       dtype=dtype, data_budget_mb=budget, compile_cache_dir=cache_dir,
       collapse=_bool(p, "collapse", c.collapse),
       checkpoint_every=_int(p, "checkpoint_every", c.checkpoint_every, 0),
-      plots=_bool(p, "plots", c.plots), resolved=_resolved(c))
+      plots=_bool(p, "plots", c.plots), fewshot=_fewshot(p, c.fewshot), resolved=_resolved(c))
   return None if p.lines else spec
+
+
+def _fewshot(p: _Problems, f) -> Fewshot:
+  shots = f.shots
+  try:
+    shots = tuple(int(s) for s in (names(shots) if isinstance(shots, str) or any(
+        isinstance(s, str) for s in shots) else shots))
+    if not shots or any(s < 1 for s in shots) or len(set(shots)) != len(shots):
+      raise ValueError
+  except (ValueError, TypeError):
+    p.add("fewshot.shots", f.shots, "must be distinct positive integers")
+    shots = (1,)
+  return Fewshot(ways=_int(p, "fewshot.ways", f.ways, 2),
+                 shots=shots, queries=_int(p, "fewshot.queries", f.queries, 1),
+                 episodes=_int(p, "fewshot.episodes", f.episodes, 1),
+                 solver=_str(p, "fewshot.solver", f.solver, SOLVERS))
 
 
 def not_creatable(path: str) -> str | None:

@@ -88,6 +88,12 @@ def run(spec: Spec, workdir: str, mesh, on_record, on_log=None, primary: bool = 
       rec = done
     elif r.kind == "probe":
       rec = probes.probe(spec, r, pretrained.get(r.backbone.model), mesh)
+    elif r.kind == "fewshot":
+      key = ("fewshot", r.backbone.model, r.dataset)
+      if key not in splits:  # one embedding pass serves every shots setting
+        splits.clear()
+        splits[key] = embed(spec, r, pretrained.get(r.backbone.model), mesh)
+      rec = fewshot_record(spec, r, *splits[key])
     else:
       key = (r.backbone.model, r.dataset, r.size)
       if key not in splits:  # each method of a cell reads the same (decoded) split
@@ -95,12 +101,42 @@ def run(spec: Spec, workdir: str, mesh, on_record, on_log=None, primary: bool = 
         splits[key] = assemble.downstream(spec, r.backbone, r.dataset, r.size)
       rec, _ = finetune(spec, r, *splits[key], pretrained.get(r.backbone.model), workdir, mesh,
                         log(r.id))
-      src = source.get(r.backbone.model)
-      if src is not None:  # Table 1 / Fig. 4: source collapse vs transfer
-        rec.source_nc1, rec.source_accuracy = src.nc1, src.accuracy
+
+    src = source.get(r.backbone.model)
+    if done is None and src is not None and r.kind != "pretrain":
+      rec.source_nc1, rec.source_accuracy = src.nc1, src.accuracy  # Table 1 / Fig. 4
     if done is None and primary:
       records.save_record(workdir, rec)
     if done is None and log(r.id) is not None:  # the evaluation, beside the training curve
       log(r.id)({"step": rec.steps, "test_accuracy": rec.accuracy, "nc1": rec.nc1,
                  "cdnv": rec.cdnv, "numerical_rank": rec.numerical_rank})
     on_record(rec)
+
+
+def embed(spec: Spec, run: Run, pretrained: dict | None, mesh):
+  """Penultimate embeddings (N, D) float32 of the frozen backbone (eval mode) on the
+  downstream classes' training images (the meta-test classes), their labels and the split."""
+  ds = assemble.materialize(spec, assemble.load_split(spec, run.dataset, "train", run.backbone,
+                                                      spec.downstream_classes))
+  model = assemble.build_model(spec, run.backbone, ds.num_classes)
+  variables, origin = assemble.initial_variables(spec, run.backbone, model, ds, pretrained)
+  prepare = assemble.prepare_for(run.backbone, ds, 1)
+  emb = measure.extract(model, variables, prepare, ds.images, assemble.eval_batch(spec, mesh),
+                        mesh, names=("penultimate",), desc=run.id)["penultimate"]
+  return emb, ds, origin
+
+
+def fewshot_record(spec: Spec, run: Run, emb, ds: data.ArrayDataset, origin: str
+                   ) -> records.Record:
+  """Table 2: RFS episodes on the frozen embeddings; accuracy +- ci95 and their NC1."""
+  from ncjax import fewshot
+  t0, f = time.time(), spec.fewshot
+  out = fewshot.evaluate(emb, ds.labels, ways=f.ways, shots=run.size, queries=f.queries,
+                         episodes=f.episodes, seed=spec.seed, solver=f.solver, nc1=True)
+  logging.info("%s: %.2f +- %.2f%%", run.id, out["accuracy"], out["ci95"])
+  return records.Record(
+      model=run.backbone.model, dataset=run.dataset, method="fewshot", unit="",
+      stage="fewshot", accuracy=float(out["accuracy"]), ci95=float(out["ci95"]),
+      nc1=float(out["nc1"]), ways=f.ways, shots=run.size, queries=f.queries,
+      episodes=int(out["episodes"]), num_train=len(ds), num_classes=ds.num_classes,
+      weights=origin, seed=spec.seed, run=run.id, pretrain=spec.tag, wall_s=time.time() - t0)

@@ -457,3 +457,22 @@ def test_fewshot_load_mini_imagenet_missing(tmp_path):
     fewshot.load_mini_imagenet(tmp_path, splits=('train',))
   got = fewshot.load_mini_imagenet(tmp_path, splits=('train',), check_files=False)
   assert got['train'].paths == [str(tmp_path / 'images' / 'missing.jpg')]
+
+
+def test_fewshot_job_end_to_end(tmp_path):
+  """job 'fewshot' through the pipeline: pre-train on digits 0-4, freeze, 5-way 1- and 5-shot
+  episodes on digits 5-9; one record per shots with accuracy +- ci95, the meta-test NC1 (the
+  same for both shots: one embedding pass) and the meta-train NC1; a rerun reuses them."""
+  from ncjax import jobs
+  from tiny_config import tiny_mlp_config
+  c = tiny_mlp_config("fewshot")
+  c.pretrain.optim.steps = 40
+  c.fewshot.episodes = 50
+  recs = jobs.run(c, str(tmp_path))
+  assert [(r["stage"], r["shots"], r["ways"], r["episodes"]) for r in recs] == \
+      [("fewshot", 1, 5, 50), ("fewshot", 5, 5, 50)]
+  one, five = recs
+  assert 20.0 < one["accuracy"] < five["accuracy"] <= 100.0  # above chance; more shots help
+  assert 0 < one["ci95"] < 10 and one["nc1"] == five["nc1"] > 0
+  assert one["source_nc1"] > 0 and one["num_classes"] == 5 and one["weights"] == "pretrain"
+  assert jobs.run(c, str(tmp_path)) == recs  # finished runs are reused, not redone
