@@ -50,6 +50,10 @@ What the report shows (``split_kinds``)
   downstream datasets, ``reference_nc1_vs_accuracy.png`` (Fig. 5: NC1 on CIFAR-10).
 * **probe** records (Fig. 9): ``probe_table`` (rows = layers: probe accuracy, NC1) and
   ``nc1_vs_accuracy.png`` (left: accuracy and NC1 against layer; right: accuracy against NC1).
+* **fewshot** records (Table 2; ``stage == "fewshot"``, one per (model, dataset, shots)
+  with ``ways``, ``shots``, ``ci95`` and ``source_nc1`` = NC1 on the meta-train classes):
+  ``fewshot_table`` (a column per model; accuracy ± ci95 per (dataset, ways, shots), NC1 on
+  the meta-test / meta-train classes per dataset) and ``nc1_vs_fewshot_accuracy.png``.
 
 A plot is only written when the records support it (e.g. no NC1 plot when NC1 was not
 measured, no source plot without a variant sweep).
@@ -95,12 +99,14 @@ __all__ = [
     "correlation_table",
     "layerwise_nc1_table",
     "probe_table",
+    "fewshot_table",
     "print_table",
     "plot_layerwise_nc1",
     "plot_nc1_vs_accuracy",
     "plot_source_nc1_vs_accuracy",
     "plot_reference_nc1_vs_accuracy",
     "plot_accuracy_vs_size",
+    "plot_nc1_vs_fewshot_accuracy",
     "pearson_r",
     "report_markdown",
     "write_all",
@@ -126,8 +132,8 @@ OPTIONAL_FIELDS = ("stage", "layerwise_accuracy", "pretrain", "loss", "seed", "w
 _STRING_FIELDS = ("model", "dataset", "method", "unit", "pretrain", "stage", "loss", "run",
                   "weights")
 _FLOAT_FIELDS = ("accuracy", "nc1", "cdnv", "numerical_rank", "percent_params", "wall_s",
-                 "source_nc1", "source_accuracy")
-_INT_FIELDS = ("num_train", "seed")
+                 "source_nc1", "source_accuracy", "ci95")
+_INT_FIELDS = ("num_train", "seed", "ways", "shots", "queries", "episodes")
 _DICT_FIELDS = ("layerwise_nc1", "layerwise_accuracy")
 
 METHOD_ORDER = METHODS
@@ -148,6 +154,7 @@ MODEL_NAMES = {
     "vit_ti16": "ViT-Ti/16",
     "mlp": "MLP",
     "convnet4": "ConvNet4",
+    "seresnet12": "SEResNet12",
 }
 DATASET_NAMES = {
     "cifar10": "Cifar-10",
@@ -160,6 +167,12 @@ DATASET_NAMES = {
     "mnist": "MNIST",
     "fashion_mnist": "Fashion-MNIST",
     "digits": "Digits",
+    "cifar_fs": "CIFAR-FS",
+    "cifarfs": "CIFAR-FS",
+    "mini_imagenet": "miniImageNet",
+    "miniimagenet": "miniImageNet",
+    "tiered_imagenet": "tieredImageNet",
+    "tieredimagenet": "tieredImageNet",
 }
 LOSS_NAMES = {"ce": "CE", "mse": "MSE", "supcon": "SupCon"}
 
@@ -216,6 +229,11 @@ def validate(records: Any) -> list[dict]:
     for f in _DICT_FIELDS:
       if f in r and r[f] is not None and not isinstance(r[f], Mapping):
         raise ValueError(f"record {i}: field '{f}' must be a dict unit -> float")
+    if stage(r) == "fewshot":
+      for f in ("ways", "shots"):
+        v = r.get(f)
+        if not _is_number(v) or not float(v).is_integer() or v < 1:
+          raise ValueError(f"record {i}: few-shot field '{f}' must be a positive int, got {v!r}")
   return out
 
 
@@ -429,11 +447,14 @@ def _ordered_rows(rows: Iterable[tuple], rank: Mapping[str, int]) -> list[tuple]
 
 def stage(r: Mapping) -> str:
   """The record's stage: its ``stage`` field; a record without one (hand-made) is a probe
-  when it carries ``layerwise_accuracy``, else a transfer record."""
+  when it carries ``layerwise_accuracy``, a few-shot record when its method is
+  ``fewshot``, else a transfer record."""
   s = r.get("stage")
   if isinstance(s, str) and s:
     return s
-  return "probe" if r.get("layerwise_accuracy") else "transfer"
+  if r.get("layerwise_accuracy"):
+    return "probe"
+  return "fewshot" if r.get("method") == "fewshot" else "transfer"
 
 
 def _tag(r: Mapping) -> str:
@@ -457,20 +478,22 @@ _KIND_TITLES = {
     "transfer": "Transfer results (Table 3)",
     "variants": "Pre-training variants: source NC1 and transfer accuracy (Table 1, Figs. 3-5)",
     "probe": "Layer-wise linear probes (Fig. 9)",
+    "fewshot": "Few-shot accuracy and NC1 on the meta-test classes (Table 2)",
 }
 
 
 def split_kinds(records: Sequence[Mapping]) -> dict[str, list[dict]]:
   """The records by what they study, in report order: ``pretrain`` (stage pretrain),
-  ``transfer`` or ``variants`` (the transfer records; `is_variant_sweep` decides), ``probe``.
-  Kinds without records are left out."""
+  ``transfer`` or ``variants`` (the transfer records; `is_variant_sweep` decides), ``probe``,
+  ``fewshot``. Kinds without records are left out."""
   records = validate(records)
   by_stage: dict[str, list] = {}
   for r in records:
     s = stage(r)
-    by_stage.setdefault(s if s in ("pretrain", "probe") else "transfer", []).append(r)
+    by_stage.setdefault(s if s in ("pretrain", "probe", "fewshot") else "transfer",
+                        []).append(r)
   out = {}
-  for s in ("pretrain", "transfer", "probe"):
+  for s in ("pretrain", "transfer", "probe", "fewshot"):
     rs = by_stage.get(s)
     if rs:
       out["variants" if s == "transfer" and is_variant_sweep(rs) else s] = rs
@@ -569,7 +592,7 @@ def dataset_name(dataset: str) -> str:
 def markdown_table(records: Sequence[Mapping], sections: Sequence[str] | None = None) -> str:
   """The job's main table as GitHub Markdown (what ``ncjax.jobs`` prints), by kind
   (`split_kinds`): pre-training -> `layerwise_nc1_table`; layer probes -> `probe_table`;
-  transfer -> `transfer_table`; a variant sweep -> `transfer_table` with one column per
+  transfer -> `transfer_table`; few-shot -> `fewshot_table`; a variant sweep -> `transfer_table` with one column per
   variant (Table 1's layout) when it has one downstream dataset, else `variant_table`.
   Records of several kinds give one table each under a "## <what it reproduces>" heading.
   With ``sections``, always the Table 3 layout of `transfer_table`. "" for no records."""
@@ -589,6 +612,8 @@ def _main_table(kind: str, rs: list[dict]) -> str:
     return layerwise_nc1_table(rs)
   if kind == "probe":
     return probe_table(rs)
+  if kind == "fewshot":
+    return fewshot_table(rs)
   if kind == "variants" and len({r["dataset"] for r in rs}) > 1:
     return variant_table(rs)
   return transfer_table(rs)
@@ -963,6 +988,80 @@ def probe_table(records: Sequence[Mapping]) -> str:
                + _md_table(["Layer", "Probe test accuracy (%)", f"NC1 ({d} training data)"], rows)
                + f"\nPearson r of probe accuracy with log10 NC1 over {n} layers: {fmt_r(r_)}.\n")
   return "\n".join(out)
+
+
+FEWSHOT_ACCURACY = "Few-shot accuracy (%, mean ± 95% CI over episodes)"
+FEWSHOT_NC1 = "NC1 (meta-test): penultimate NC1 on the meta-test classes"
+FEWSHOT_SOURCE_NC1 = "NC1 (meta-train): penultimate NC1 on the meta-train classes"
+
+
+def _fewshot_columns(records: Sequence[Mapping]) -> tuple[list[tuple], Callable, Callable]:
+  """Few-shot columns (model, pretrain tag or None) in first-seen order, the tag only when a
+  model has several; returns (keys, key of a record, label of a key: "ResNet12 [tag]")."""
+  tags: dict[str, list] = OrderedDict()
+  for r in records:
+    ts = tags.setdefault(r["model"], [])
+    if _tag(r) not in ts:
+      ts.append(_tag(r))
+
+  def key(r):
+    return (r["model"], _tag(r) if len(tags[r["model"]]) > 1 else None)
+
+  def label(k):
+    return model_name(k[0]) + (f" [{k[1] or MISSING}]" if k[1] is not None else "")
+  return _first_seen(key(r) for r in records), key, label
+
+
+def _setting(r: Mapping) -> tuple[int, int]:
+  return int(r["ways"]), int(r["shots"])
+
+
+def fmt_accuracy_ci(acc: Any, ci: Any) -> str:
+  """"61.59 ± 0.85" (2 decimals); the accuracy alone without a ci; "–" without accuracy."""
+  if _num(acc) is None:
+    return MISSING
+  return fmt_accuracy(acc) + ("" if _num(ci) is None else f" ± {_num(ci):.2f}")
+
+
+def fewshot_table(records: Sequence[Mapping]) -> str:
+  """Table 2 layout. Columns: the models in first-seen order ("ConvNet4", "ResNet12",
+  "SEResNet12"; "ResNet12 [tag]" when a model comes in several ``pretrain`` variants).
+  Sections: few-shot accuracy, a row per (dataset, "<ways>-way <shots>-shot") in dataset
+  first-seen order and ascending (ways, shots), cells "accuracy ± ci95" (percent, 2
+  decimals); NC1 of the frozen penultimate embeddings on the meta-test classes, a row per
+  dataset (3 significant digits; it does not depend on the shots, so records of one model
+  and dataset share it); when some record has a finite ``source_nc1``, the NC1 on the
+  meta-train classes, a row per dataset that has one. Records sharing a cell are averaged
+  (accuracy and ci95 alike); missing cells are "–"."""
+  records = validate(records)
+  if not records:
+    return ""
+  keys, key, label = _fewshot_columns(records)
+  datasets = _first_seen(r["dataset"] for r in records)
+
+  def mean(field, dataset, k, setting=None):
+    return _mean(r.get(field) for r in records if r["dataset"] == dataset and key(r) == k
+                 and (setting is None or _setting(r) == setting))
+
+  n = len(keys)
+  lines = [_md_row(["Dataset"] + [label(k) for k in keys]), "|:--" + "|--:" * n + "|",
+           _md_row([f"**{FEWSHOT_ACCURACY}**"] + [""] * n)]
+  for d in datasets:
+    for ways, shots in sorted({_setting(r) for r in records if r["dataset"] == d}):
+      cells = [fmt_accuracy_ci(mean("accuracy", d, k, (ways, shots)),
+                               mean("ci95", d, k, (ways, shots))) for k in keys]
+      lines.append(_md_row([f"{dataset_name(d)} {ways}-way {shots}-shot"] + cells))
+  lines.append(_md_row([f"**{FEWSHOT_NC1}**"] + [""] * n))
+  for d in datasets:
+    lines.append(_md_row([dataset_name(d)] + [fmt_sig(mean("nc1", d, k)) for k in keys]))
+  src = [d for d in datasets
+         if any(_num(r.get("source_nc1")) is not None for r in records if r["dataset"] == d)]
+  if src:
+    lines.append(_md_row([f"**{FEWSHOT_SOURCE_NC1}**"] + [""] * n))
+    for d in src:
+      lines.append(_md_row([dataset_name(d)]
+                           + [fmt_sig(mean("source_nc1", d, k)) for k in keys]))
+  return "\n".join(lines) + "\n"
 
 
 def print_table(records: Sequence[Mapping], file=None) -> str:
@@ -1554,6 +1653,62 @@ def plot_accuracy_vs_size(records: Sequence[Mapping], path: str) -> str | None:
                "Transfer accuracy vs downstream training-set size (Fig. 11)")
 
 
+_SHOT_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def plot_nc1_vs_fewshot_accuracy(records: Sequence[Mapping], path: str) -> str | None:
+  """Table 2's negative correlation: few-shot accuracy (y) against the penultimate NC1 on
+  the meta-test classes (x, log), one panel per dataset, one point per (model, shots)
+  labelled by the model, one marker and colour per (ways, shots) setting with Pearson's r
+  of accuracy with log10 NC1 over the models in the legend (3 models or more). Returns None
+  unless some dataset has two points with NC1 and accuracy."""
+  rs = split_kinds(records).get("fewshot", [])
+  if not rs:
+    return None
+  keys, key, label = _fewshot_columns(rs)
+  panels = []
+  for d in _first_seen(r["dataset"] for r in rs):
+    settings = sorted({_setting(r) for r in rs if r["dataset"] == d})
+    series = []
+    for s in settings:
+      pts = []
+      for k in keys:
+        g = [r for r in rs if r["dataset"] == d and key(r) == k and _setting(r) == s]
+        x, y = _positive(_mean(r["nc1"] for r in g)), _mean(r["accuracy"] for r in g)
+        if g and x is not None and y is not None:
+          pts.append((label(k), x, y))
+      if pts:
+        series.append((s, pts))
+    if sum(len(p) for _, p in series) < 2:
+      continue
+
+    def panel(ax, d=d, series=series):
+      xs = []
+      for i, ((ways, shots), pts) in enumerate(series):
+        r_, n = _log_r([(x, y) for _, x, y in pts])
+        note = f" (r = {r_:+.2f})" if n >= 3 and not math.isnan(r_) else ""
+        ax.scatter([p[1] for p in pts], [p[2] for p in pts], color=f"C{i % 10}",
+                   marker=_SHOT_MARKERS[i % len(_SHOT_MARKERS)], s=30, zorder=3,
+                   label=f"{ways}-way {shots}-shot{note}")
+        _annotate(ax, [p[1] for p in pts], [p[2] for p in pts], [p[0] for p in pts],
+                  color=f"C{i % 10}")
+        xs += [p[1] for p in pts]
+      _log_axis(ax, "x", xs, room=0.25)
+      ax.margins(y=0.12)
+      ax.set_xlabel(f"penultimate NC1 on the meta-test classes ({dataset_name(d)})",
+                    fontsize=_LABEL_SIZE)
+      ax.set_ylabel("few-shot query accuracy (%)", fontsize=_LABEL_SIZE)
+      ax.set_title(f"{dataset_name(d)}: few-shot accuracy vs NC1 (points: models)",
+                   fontsize=9)
+      ax.legend(fontsize=7)
+    panels.append(panel)
+  if not panels:
+    return None
+  return _draw(path, [(row, False) for row in _pack(panels)],
+               "Few-shot accuracy vs NC1 of the frozen embeddings on the meta-test classes "
+               "(Table 2)")
+
+
 # ----------------------------------------------------------------------------- all
 
 # What write_all may write, in order; a rerun removes the ones the records no longer support.
@@ -1563,6 +1718,7 @@ PLOTS = (
     ("reference_nc1_vs_accuracy.png", plot_reference_nc1_vs_accuracy),
     ("source_nc1_vs_accuracy.png", plot_source_nc1_vs_accuracy),
     ("accuracy_vs_size.png", plot_accuracy_vs_size),
+    ("nc1_vs_fewshot_accuracy.png", plot_nc1_vs_fewshot_accuracy),
 )
 
 

@@ -798,6 +798,131 @@ def test_inputs_not_mutated():
     assert recs == snapshot
 
 
+# ----------------------------------------------------------------------------- few-shot
+
+# Table 2's numbers (1-shot, 5-shot accuracy; NC1 on the meta-test classes), with made-up
+# ci95 and meta-train NC1.
+_TABLE2 = {
+  # (model, dataset): (acc 1-shot, acc 5-shot, nc1)
+  ("convnet4", "cifar_fs"): (61.59, 77.45, 38.12),
+  ("resnet12", "cifar_fs"): (68.61, 82.81, 29.13),
+  ("seresnet12", "cifar_fs"): (69.99, 83.34, 28.40),
+  ("convnet4", "miniimagenet"): (52.04, 69.07, 51.82),
+  ("resnet12", "miniimagenet"): (59.52, 75.92, 28.24),
+  ("seresnet12", "miniimagenet"): (60.21, 77.17, 25.58),
+}
+
+
+def fewshot_records(source_nc1=True):
+  recs = []
+  for (model, dataset), (a1, a5, nc1) in _TABLE2.items():
+    for shots, acc, ci in ((5, a5, 0.6), (1, a1, 0.855)):  # 5-shot first: rows are sorted
+      recs.append({
+        "model": model, "dataset": dataset, "method": "fewshot", "unit": "",
+        "stage": "fewshot", "ways": 5, "shots": shots, "queries": 15, "episodes": 600,
+        "accuracy": acc, "ci95": ci, "nc1": nc1,
+        "source_nc1": (nc1 / 10 if source_nc1 and dataset == "cifar_fs" else float("nan")),
+        "num_train": 5 * (shots + 15), "layerwise_nc1": {}, "percent_params": float("nan"),
+        "cdnv": 0.5, "numerical_rank": float("nan"), "pretrain": "", "weights": "pretrain",
+        "seed": 0, "run": f"{model}-{dataset}-{shots}"})
+  return recs
+
+
+FEWSHOT_TABLE = """\
+| Dataset | ConvNet4 | ResNet12 | SEResNet12 |
+|:--|--:|--:|--:|
+| **Few-shot accuracy (%, mean ± 95% CI over episodes)** |  |  |  |
+| CIFAR-FS 5-way 1-shot | 61.59 ± 0.85 | 68.61 ± 0.85 | 69.99 ± 0.85 |
+| CIFAR-FS 5-way 5-shot | 77.45 ± 0.60 | 82.81 ± 0.60 | 83.34 ± 0.60 |
+| miniImageNet 5-way 1-shot | 52.04 ± 0.85 | 59.52 ± 0.85 | 60.21 ± 0.85 |
+| miniImageNet 5-way 5-shot | 69.07 ± 0.60 | 75.92 ± 0.60 | 77.17 ± 0.60 |
+| **NC1 (meta-test): penultimate NC1 on the meta-test classes** |  |  |  |
+| CIFAR-FS | 38.1 | 29.1 | 28.4 |
+| miniImageNet | 51.8 | 28.2 | 25.6 |
+"""
+FEWSHOT_SOURCE_ROWS = """\
+| **NC1 (meta-train): penultimate NC1 on the meta-train classes** |  |  |  |
+| CIFAR-FS | 3.81 | 2.91 | 2.84 |
+"""
+
+
+def test_fewshot_records_give_table2():
+  recs = fewshot_records()
+  assert set(report.split_kinds(recs)) == {"fewshot"}
+  assert report.markdown_table(recs) == FEWSHOT_TABLE + FEWSHOT_SOURCE_ROWS
+  assert report.fewshot_table(recs) == FEWSHOT_TABLE + FEWSHOT_SOURCE_ROWS
+  # No finite meta-train NC1 anywhere: no meta-train section.
+  assert report.markdown_table(fewshot_records(source_nc1=False)) == FEWSHOT_TABLE
+  # The NC1 rows appear once per dataset, whatever the number of shots.
+  md = report.markdown_table(recs)
+  labels = [line.split(" | ")[0][2:] for line in md.splitlines()]
+  assert labels.count("CIFAR-FS") == 2 and labels.count("miniImageNet") == 1
+
+
+def test_fewshot_table_missing_cells_ci_and_variant_columns():
+  recs = [r for r in fewshot_records(source_nc1=False)
+          if not (r["model"] == "resnet12" and r["dataset"] == "miniimagenet"
+                  and r["shots"] == 5)]
+  recs[0]["ci95"] = None  # convnet4 / cifar_fs 5-shot: accuracy alone
+  recs.append(dict(recs[0], model="convnet4", pretrain="aug", accuracy=70.0, ci95=1.0))
+  md = report.fewshot_table(recs)
+  lines = md.splitlines()
+  assert lines[0] == ("| Dataset | ConvNet4 [\u2013] | ResNet12 | SEResNet12 | ConvNet4 [aug] |")
+  assert "| CIFAR-FS 5-way 5-shot | 77.45 | 82.81 ± 0.60 | 83.34 ± 0.60 | 70.00 ± 1.00 |" in lines
+  assert ("| miniImageNet 5-way 5-shot | 69.07 ± 0.60 | \u2013 | 77.17 ± 0.60 | \u2013 |"
+          in lines)
+  # The NC1 of ResNet12 on miniImageNet still comes from its 1-shot record.
+  assert "| miniImageNet | 51.8 | 28.2 | 25.6 | \u2013 |" in lines
+
+
+def test_fewshot_records_need_ways_and_shots():
+  rec = fewshot_records()[0]
+  del rec["shots"]
+  with pytest.raises(ValueError, match="record 0: few-shot field 'shots'"):
+    report.validate([rec])
+
+
+def test_fewshot_write_all_plot_and_no_transfer_plots(monkeypatch, tmp_path):
+  (tmp_path / "nc1_vs_accuracy.png").write_bytes(b"stale")  # from an earlier report
+  paths = report.write_all(fewshot_records(), str(tmp_path))
+  names = sorted(os.path.basename(p) for p in paths)
+  assert names == ["nc1_vs_fewshot_accuracy.png", "results.csv", "results.json", "results.md"]
+  assert sorted(os.listdir(tmp_path)) == names
+  assert_png(str(tmp_path / "nc1_vs_fewshot_accuracy.png"))
+  md = (tmp_path / "results.md").read_text()
+  assert md.startswith("## Few-shot accuracy and NC1 on the meta-test classes (Table 2)\n")
+  assert FEWSHOT_TABLE in md
+  back = report.read_csv(str(tmp_path / "results.csv"))
+  assert [(r["ways"], r["shots"], r["ci95"]) for r in back][:2] == [(5, 5, 0.6), (5, 1, 0.855)]
+  assert report.fewshot_table(back) == report.fewshot_table(fewshot_records())
+
+  figs = drawn_figures(monkeypatch)
+  report.plot_nc1_vs_fewshot_accuracy(fewshot_records(), str(tmp_path / "f.png"))
+  (fig,) = figs
+  axes = visible_axes(fig)
+  assert len(axes) == 2  # CIFAR-FS, miniImageNet
+  for ax, d in zip(axes, ("CIFAR-FS", "miniImageNet")):
+    assert ax.get_xscale() == "log"
+    assert ax.get_xlabel() == f"penultimate NC1 on the meta-test classes ({d})"
+    assert sorted(t.get_text() for t in ax.texts) == sorted(
+      ["ConvNet4", "ResNet12", "SEResNet12"] * 2)  # a point per (model, shots)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [l.split(" (")[0] for l in legend] == ["5-way 1-shot", "5-way 5-shot"]
+    assert all("r = -" in l for l in legend)  # Table 2: more collapse, more accuracy
+    markers = {c.get_paths()[0].vertices.shape for c in ax.collections}
+    assert len(ax.collections) == 2 and len(markers) == 2  # one marker per shots
+
+
+def test_fewshot_next_to_transfer_records_keeps_both():
+  recs = make_records() + fewshot_records()
+  kinds = report.split_kinds(recs)
+  assert list(kinds) == ["transfer", "fewshot"]
+  md = report.markdown_table(recs)
+  assert "## Transfer results (Table 3)" in md and FEWSHOT_TABLE in md
+  # Transfer plots only see the transfer records.
+  assert report.plot_nc1_vs_fewshot_accuracy(make_records(), "unused.png") is None
+
+
 # ----------------------------------------------------------------------------- configs
 
 
