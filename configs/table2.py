@@ -42,8 +42,9 @@ def get_config(arg="cifar_fs"):
     c.datasets, c.downstream_classes = ("digits",), "5-9"
     c.pretrain.optim.update(dict(epochs=0, steps=150, aug_level=2))
     return c
-  c.pretrain.dataset = "cifar100"
-  c.datasets = ("cifar100",)
+  c.dataset_sources.cifar_fs = "cifar100"  # CIFAR-FS: CIFAR-100's images, its class split
+  c.pretrain.dataset = "cifar_fs"
+  c.datasets = ("cifar_fs",)
   with c.ignore_type():  # class ids as typed data, where default.py has a range string
     c.pretrain.classes = _cifar_fs("train")
     c.downstream_classes = _cifar_fs("test")

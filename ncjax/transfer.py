@@ -108,8 +108,9 @@ def run(spec: Spec, workdir: str, mesh, on_record, on_log=None, primary: bool = 
     if done is None and primary:
       records.save_record(workdir, rec)
     if done is None and log(r.id) is not None:  # the evaluation, beside the training curve
-      log(r.id)({"step": rec.steps, "test_accuracy": rec.accuracy, "nc1": rec.nc1,
-                 "cdnv": rec.cdnv, "numerical_rank": rec.numerical_rank})
+      scalars = {"test_accuracy": rec.accuracy, "nc1": rec.nc1, "cdnv": rec.cdnv,
+                 "numerical_rank": rec.numerical_rank}
+      log(r.id)({"step": rec.steps, **{k: v for k, v in scalars.items() if v == v}})  # not NaN
     on_record(rec)
 
 
