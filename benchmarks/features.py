@@ -37,23 +37,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, '..')
 
 
-def _random_variables(shapes, seed=0):
-  """Random variables of the given abstract shapes (numpy: no `model.init` compile)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  rng = np.random.default_rng(seed)
-
-  def make(path, s):
-    name = jax.tree_util.keystr(path)
-    if 'var' in name:
-      return jnp.ones(s.shape, s.dtype)
-    if len(s.shape) >= 2:
-      return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-    return jnp.asarray(0.01 * rng.normal(size=s.shape) + ('scale' in name), s.dtype)
-  return jax.tree_util.tree_map_with_path(make, shapes)
-
-
 def hlo_digest(text: str) -> str:
   """md5 of an HLO module's text with metadata, source tables and names normalised away."""
   text = re.sub(r', metadata=\{[^}]*\}', '', text)
@@ -76,6 +59,8 @@ def measure(name: str, batch: int, size: int, reps: int) -> dict:
   import numpy as np
   from ncjax import models
   model = models.get(name, 1000)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from models import _random_variables  # benchmarks/models.py: numpy-drawn, no init compile
   v = _random_variables(models.param_shapes(name, 1000, size))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)), jnp.float32)
   fns = {'features': functools.partial(models.features, model),

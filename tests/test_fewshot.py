@@ -10,19 +10,7 @@ from ncjax import fewshot, metrics, models
 from ncjax.models.small import SqueezeExcite
 
 
-def random_variables(shapes, seed=0):
-  """Random variables of the given abstract shapes, drawn with numpy (no init compile); BN
-  running variances in [0.5, 1.5], scales near 1."""
-  rng = np.random.default_rng(seed)
-
-  def make(path, s):
-    name = jax.tree_util.keystr(path)
-    if 'var' in name:
-      return jnp.asarray(0.5 + rng.random(s.shape), s.dtype)
-    if len(s.shape) >= 2:
-      return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-    return jnp.asarray(0.1 * rng.normal(size=s.shape) + ('scale' in name), s.dtype)
-  return jax.tree_util.tree_map_with_path(make, shapes)
+from test_models import random_variables  # noqa: E402  (numpy-drawn, no init compile)
 
 
 def _setup(model, shape, seed=0):
