@@ -50,12 +50,12 @@ def supcon_objective(temperature: float):
   return loss
 
 
-def pretrain(spec: Spec, run: Run, workdir: str | None, mesh, on_log=None
-             ) -> tuple[dict, records.Record]:
+def pretrain(spec: Spec, run: Run, workdir: str | None, mesh, on_log=None,
+             done: records.Record | None = None) -> tuple[dict, records.Record]:
   """Trains `run.backbone` on the source data; returns the backbone's variables and a record
   of its source test accuracy (NaN for SupCon, which has no classifier) and its collapse on
-  the source training data. A finished run (its record in the workdir) is restored from its
-  last checkpoint and not measured again."""
+  the source training data. A finished run (`done`: its record from the workdir) is restored
+  from its last checkpoint and not measured again."""
   t0 = time.time()
   pc, bb, seed = spec.pretrain, run.backbone, spec.seed
   supcon = pc.loss == "supcon"
@@ -93,8 +93,7 @@ def pretrain(spec: Spec, run: Run, workdir: str | None, mesh, on_log=None
   projected = "backbone" in state.params
   backbone = {"params": state.params["backbone"] if projected else state.params,
               "batch_stats": state.batch_stats}
-  done = workdir and records.load_record(workdir, run.id)
-  if done:
+  if done is not None:
     return backbone, done
   src_test = assemble.materialize(spec, assemble.load_split(spec, pc.dataset, "test", bb,
                                                             pc.classes))

@@ -143,7 +143,7 @@ class Spec:
     return self.dataset_sources.get(dataset) or dataset
 
   def uses_pretraining(self, bb: Backbone) -> bool:
-    return self.pretrain.enabled and bb.weights in ("", "pretrain")
+    return _starts_from_pretraining(self.pretrain.enabled, bb)
 
   def runs(self) -> list[Run]:
     """Every run of the job, in execution order."""
@@ -188,17 +188,22 @@ class Spec:
       fields.update({"dataset": cell["dataset"],
                      f"dataset_sources.{cell['dataset']}": self.source(cell["dataset"]),
                      "downstream_classes": self.downstream_classes, "test_split": self.test_split,
-                     "collapse": self.collapse,
-                     **{f"optim.{k}": v for k, v in dataclasses.asdict(self.optim).items()}})
+                     "collapse": self.collapse})
+    if kind in ("finetune", "probe"):  # few-shot trains nothing after pre-training
+      fields.update({f"optim.{k}": v for k, v in dataclasses.asdict(self.optim).items()})
     if kind == "fewshot":
       fields.update({f"fewshot.{k}": v for k, v in dataclasses.asdict(self.fewshot).items()
                      if k != "shots"}, shots=cell["shots"])
-      fields = {k: v for k, v in fields.items() if not k.startswith("optim.")}
     if kind == "finetune":
       fields.update(train_size=cell["size"], method=cell["method"], unit=cell["unit"])
       if cell["method"] == "linear":
         fields["cache_linear_features"] = self.cache_linear_features
     return tuple(sorted((k, _plain(v)) for k, v in fields.items()))
+
+
+def _starts_from_pretraining(enabled: bool, bb: Backbone) -> bool:
+  """Whether `bb` starts from the source pre-training (enabled, and no weights file)."""
+  return enabled and bb.weights in ("", "pretrain")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -515,19 +520,12 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
   except (ValueError, TypeError) as e:
     p.add("downstream_classes", c.downstream_classes, str(e))
     classes = None
-  sizes = ()
-  try:
-    sizes = tuple(int(s) for s in (names(c.train_sizes) if not isinstance(c.train_sizes, (
-        tuple, list)) or any(isinstance(s, str) for s in c.train_sizes) else c.train_sizes))
-    if any(s < 1 for s in sizes):
-      raise ValueError
-  except (ValueError, TypeError):
-    p.add("train_sizes", c.train_sizes, "must be positive integers")
+  sizes = _positive_ints(p, "train_sizes", c.train_sizes, "must be positive integers")
   pc = c.pretrain
   po = c.optim.copy_and_resolve_references()
   po.update(dict(pc.optim))
-  pretraining = job == "pretrain" or (pc.enabled and any(b.weights in ("", "pretrain")
-                                                         for b in backbones))
+  pretraining = job == "pretrain" or any(_starts_from_pretraining(pc.enabled, b)
+                                         for b in backbones)
   optim = _optim(p, "optim", c.optim)
   pre_p = p if pretraining else _Problems()  # pre-training fields matter only when used
   try:
@@ -564,7 +562,7 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
   spec = Spec(
       job=job, tag=tag, seed=seed, backbones=backbones, datasets=datasets,
       downstream_classes=classes,
-      methods=method_names, train_sizes=sizes,
+      methods=method_names, train_sizes=sizes or (),
       test_split=_str(p, "test_split", c.test_split),
       data_dir=_str(p, "data_dir", c.data_dir) or None,
       dataset_sources={k: str(v) for k, v in dict(sources).items()},
@@ -578,16 +576,25 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
   return None if p.lines else spec
 
 
-def _fewshot(p: _Problems, f) -> Fewshot:
-  shots = f.shots
+def _positive_ints(p: _Problems, field: str, value, why: str, *, distinct: bool = False,
+                   nonempty: bool = False) -> tuple[int, ...] | None:
+  """A tuple of positive ints from a tuple field, where the command line's comma list
+  (``--config.train_sizes=10,40``) arrives as strings; None after reporting `why`."""
   try:
-    shots = tuple(int(s) for s in (names(shots) if isinstance(shots, str) or any(
-        isinstance(s, str) for s in shots) else shots))
-    if not shots or any(s < 1 for s in shots) or len(set(shots)) != len(shots):
+    out = tuple(int(v) for v in (names(value) if isinstance(value, str) or any(
+        isinstance(v, str) for v in value) else value))
+    if (any(v < 1 for v in out) or (nonempty and not out)
+        or (distinct and len(set(out)) != len(out))):
       raise ValueError
+    return out
   except (ValueError, TypeError):
-    p.add("fewshot.shots", f.shots, "must be distinct positive integers")
-    shots = (1,)
+    p.add(field, value, why)
+    return None
+
+
+def _fewshot(p: _Problems, f) -> Fewshot:
+  shots = _positive_ints(p, "fewshot.shots", f.shots, "must be distinct positive integers",
+                         distinct=True, nonempty=True) or (1,)
   return Fewshot(ways=_int(p, "fewshot.ways", f.ways, 2),
                  shots=shots, queries=_int(p, "fewshot.queries", f.queries, 1),
                  episodes=_int(p, "fewshot.episodes", f.episodes, 1),

@@ -82,7 +82,7 @@ def run(spec: Spec, workdir: str, mesh, on_record, on_log=None, primary: bool = 
     if primary and records.read_fingerprint(workdir, r.id) is None:
       records.write_fingerprint(workdir, r.id, dict(r.fingerprint))
     if r.kind == "pretrain":
-      pretrained[r.backbone.model], rec = pretrain(spec, r, workdir, mesh, log(r.id))
+      pretrained[r.backbone.model], rec = pretrain(spec, r, workdir, mesh, log(r.id), done)
       source[r.backbone.model] = rec
     elif done is not None:
       rec = done
