@@ -31,7 +31,8 @@ def get_config():
   c.backbone = ml_collections.ConfigDict()
   c.backbone.default = ml_collections.ConfigDict(dict(
       weights="",            # path to a checkpoint | 'pretrain' | '' (pretrain if enabled, else scratch)
-      unit=("block5",),      # the unit(s) Layer FT / SCL FT tune; several = a sweep (Tables 5-7)
+      unit=("block5",),      # the unit(s) Layer FT / SCL FT tune; several = a sweep (Tables 5-7);
+                             # "auto" = the unit chosen by NC (see unit_budget below)
       image_size=0,          # model input resolution (0 = the data's own)
       channels=0,            # model input channels (0 = the data's; 3 tiles grayscale to RGB)
       normalization="dataset",  # 'dataset' (train-split stats) | 'imagenet' | 'inception' | 'cifar10' ...
@@ -67,6 +68,13 @@ def get_config():
       ways=5, shots=(1, 5), queries=15, episodes=600,
       solver="jax",          # jax (batched Newton, same optimum) | sklearn (RFS's loop)
   ))
+
+  # --- unit = "auto": choose the unit to fine-tune by NC (ncjax.autounit, paper §3.3) --------
+  # Each unit holding at most `unit_budget` of the backbone's parameters is fine-tuned for
+  # `unit_probe_fraction` of the schedule; the one whose penultimate NC1 on the training data
+  # is lowest is then fine-tuned fully.
+  c.unit_budget = 1.0           # (0, 1]: a fraction of the backbone's parameters
+  c.unit_probe_fraction = 0.1   # (0, 1]: a fraction of the cell's optimizer steps
 
   # --- optimisation (paper, Appendix B: SGD 0.9, wd 1e-4, cosine 0.1 -> 1e-4, 200 epochs) -----
   c.optim = ml_collections.ConfigDict(dict(

@@ -144,6 +144,8 @@ def _load_config(value: str):
   try:
     loader.exec_module(module)
     config = module.get_config(*arg)
+  except ValueError as e:  # the config refuses its argument (``--config=<file>:<arg>``)
+    _fail(2, f"--config={value}: {e}")
   except Exception:  # noqa: BLE001 - a bug in the config file, not a flag mistake
     return None
   return config if isinstance(config, ml_collections.ConfigDict) else None

@@ -47,7 +47,7 @@ class Record:
   weights: str = ""          # where the initial weights came from: a path | pretrain | scratch
   seed: int = 0
   final_train_loss: float = NAN  # mean loss of the last log window
-  stage: str = "transfer"    # transfer | pretrain | probe | fewshot
+  stage: str = "transfer"    # transfer | pretrain | probe | fewshot | unit_probe
   run: str = ""              # the run id (`ncjax.spec.Run.id`)
   pretrain: str = ""         # variant tag of the pre-training source
   loss: str = ""             # pre-training loss (pre-training records)
@@ -59,6 +59,10 @@ class Record:
   queries: int = 0
   episodes: int = 0
   ci95: float = NAN          # few-shot: 95% confidence half-width of `accuracy`, percent
+  unit_choice: dict = dataclasses.field(default_factory=dict)  # unit=auto: unit -> its probe
+  probe_cost_fraction: float = NAN  # unit=auto: probes' compute / the whole unit sweep's
+  cost_fraction: float = NAN  # unit=auto: (probes + the chosen unit's run) / the unit sweep
+  regret: float = NAN        # unit=auto: best swept unit's accuracy - the chosen's, points
   source_nc1: float = NAN    # NC1 of the source training data (transfer records after pretrain)
   source_accuracy: float = NAN
   wall_s: float = NAN        # seconds this run took (the only field a rerun may change)

@@ -94,6 +94,7 @@ __all__ = [
     "markdown_table",
     "transfer_table",
     "best_unit_table",
+    "auto_unit_table",
     "unit_sweep_table",
     "variant_table",
     "correlation_table",
@@ -132,7 +133,8 @@ OPTIONAL_FIELDS = ("stage", "layerwise_accuracy", "pretrain", "loss", "seed", "w
 _STRING_FIELDS = ("model", "dataset", "method", "unit", "pretrain", "stage", "loss", "run",
                   "weights")
 _FLOAT_FIELDS = ("accuracy", "nc1", "cdnv", "numerical_rank", "percent_params", "wall_s",
-                 "source_nc1", "source_accuracy", "ci95")
+                 "source_nc1", "source_accuracy", "ci95", "regret", "cost_fraction",
+                 "probe_cost_fraction")
 _INT_FIELDS = ("num_train", "seed", "ways", "shots", "queries", "episodes")
 _DICT_FIELDS = ("layerwise_nc1", "layerwise_accuracy")
 
@@ -425,12 +427,18 @@ def _split_methods(records: Sequence[Mapping], colkey: Callable[[Mapping], tuple
   """Methods that have several units inside one column (a unit sweep)."""
   units: dict[tuple, set] = {}
   for r in records:
-    units.setdefault((colkey(r), r["method"]), set()).add(r["unit"])
+    units.setdefault((colkey(r), r["method"]), set()).add(_unit(r))
   return {m for (_, m), us in units.items() if len(us) > 1}
 
 
 def _row_key(r: Mapping, split: set) -> tuple:
-  return (r["method"], r["unit"] if r["method"] in split else None)
+  return (r["method"], _unit(r) if r["method"] in split else None)
+
+
+def _unit(r: Mapping) -> str:
+  """The unit a row shows: 'auto' for a unit chosen by NC (`ncjax.autounit`; its record's
+  ``unit`` is the chosen one, shown in `auto_unit_table`)."""
+  return "auto" if r.get("unit_choice") else r["unit"]
 
 
 def _row_label(row: tuple) -> str:
@@ -688,7 +696,7 @@ def _best_units(records: Sequence[Mapping], colkey) -> dict[tuple, tuple[str, li
   methods that tune a unit. Ties go to the unit nearest the input (fewer parameters)."""
   groups: dict[tuple, dict] = {}
   for r in records:
-    if r["unit"]:
+    if r["unit"] and not r.get("unit_choice"):  # the best of the sweep, not of a choice
       groups.setdefault((colkey(r), r["method"]), {}).setdefault(r["unit"], []).append(r)
   best = {}
   for key, by_unit in groups.items():
@@ -740,6 +748,45 @@ def best_unit_table(records: Sequence[Mapping]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _percent_of(fraction: Any) -> float | None:
+  v = _num(fraction)
+  return None if v is None else 100.0 * v
+
+
+def auto_unit_table(records: Sequence[Mapping]) -> str:
+  """The units chosen by NC (`ncjax.autounit`): one row per choice with the chosen unit, its
+  accuracy, the best unit of the job's sweep over the same candidates (when it ran), the
+  regret (points), and the compute of the probes and of the whole choice as fractions of the
+  sweep's; then each choice's probe NC1 per candidate (the chosen one in bold). "" when no
+  record was chosen by NC."""
+  records = validate(records)
+  auto = [r for r in records if r.get("unit_choice")]
+  if not auto:
+    return ""
+  cols = _Columns(records)
+  best = _best_units(records, cols.key)
+  lines = [_md_row(["Model / dataset", "Method", "Chosen unit", "Accuracy", "Best swept unit",
+                    "Its accuracy", "Regret (points)", "Probe cost", "Choice cost"]),
+           "|:--|:--|:--|--:|:--|--:|--:|--:|--:|"]
+  probes = []
+  for r in auto:
+    label, method = cols.label(cols.key(r)), method_name(r["method"])
+    b_unit, b_rs = best.get((cols.key(r), r["method"]), (None, []))
+    covered = _num(r.get("regret")) is not None
+    lines.append(_md_row([
+        label, method, r["unit"], fmt_accuracy(r["accuracy"]),
+        b_unit if covered else MISSING,
+        fmt_accuracy(_mean(x["accuracy"] for x in b_rs)) if covered else MISSING,
+        f"{r['regret']:.2f}" if covered else MISSING,
+        fmt_percent(_percent_of(r.get("probe_cost_fraction"))),
+        fmt_percent(_percent_of(r.get("cost_fraction")))]))
+    nc1 = ", ".join((f"**{u} {fmt_nc1(c.get('nc1'))}**" if u == r["unit"] else
+                     f"{u} {fmt_nc1(c.get('nc1'))}") for u, c in r["unit_choice"].items())
+    probes.append(f"- {label}, {method}: {nc1}")
+  return "\n".join(lines) + "\n\nProbe NC1 (penultimate, downstream training data):\n\n" + \
+      "\n".join(probes) + "\n"
+
+
 def unit_sweep_table(records: Sequence[Mapping], min_units: int = 1) -> str:
   """Tables 5-7 transposed, one Markdown table per (model, dataset): rows = units (natural
   order: block1, block3, ..., block10), columns = accuracy (percent), penultimate NC1 and
@@ -759,12 +806,12 @@ def unit_sweep_table(records: Sequence[Mapping], min_units: int = 1) -> str:
     if not sweep:
       continue
     methods = sorted({r["method"] for r in sweep}, key=rank.__getitem__)
-    units = sorted({r["unit"] for r in sweep}, key=_natural_key)
+    units = sorted({_unit(r) for r in sweep}, key=_natural_key)
     if len(units) < min_units:
       continue
     groups: dict[tuple, list] = {}
     for r in sweep:
-      groups.setdefault((r["unit"], r["method"]), []).append(r)
+      groups.setdefault((_unit(r), r["method"]), []).append(r)
     header = ["Unit"]
     for title in ("acc", "NC1", "% params"):
       header += [f"{method_name(m)} {title}" for m in methods]
@@ -1736,6 +1783,12 @@ def report_markdown(records: Sequence[Mapping]) -> str:
         out.append("## Best unit per method (Table 4)\n\nLayer FT / SCL FT: the unit of "
                    "each sweep with the highest transfer accuracy (ties: the unit nearer the "
                    "input).\n\n" + best)
+      auto = auto_unit_table(rs)
+      if auto:
+        out.append("## Units chosen by NC\n\nLayer FT / SCL FT with `unit=auto`: a short "
+                   "probe per candidate unit, then the unit with the lowest penultimate NC1 "
+                   "on the training data is fine-tuned fully. Costs are fractions of the "
+                   "compute (XLA flops) of fine-tuning every candidate fully.\n\n" + auto)
     if kind == "variants":
       out.append("## Does NC1 predict transfer accuracy?\n\nPearson's r of the transfer "
                  "accuracy with log10 NC1 over the pre-training variants (r > 0: more NC1, "

@@ -28,6 +28,7 @@ SOLVERS = ("jax", "sklearn")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LOSSES = ("ce", "mse", "supcon")
 NORMALIZATIONS = ("dataset", "imagenet", "inception")  # or a dataset name `data.stats_for` knows
+AUTO_UNIT = "auto"  # a unit entry: choose the unit by NC (`ncjax.autounit`)
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
 
@@ -58,7 +59,8 @@ class Backbone:
   """One model of the grid, with its ``config.backbone`` settings resolved."""
   model: str
   weights: str                 # a checkpoint path | 'pretrain' | '' (pretrain if enabled)
-  units: tuple[str, ...]       # the unit(s) Layer FT / SCL FT tune (several: a sweep)
+  units: tuple[str, ...]       # the unit(s) Layer FT / SCL FT tune (several: a sweep;
+                               # AUTO_UNIT: the one chosen by NC, after the listed ones)
   image_size: int              # model input side (0: the data's own)
   channels: int                # model input channels (0: the data's own)
   normalization: str
@@ -137,6 +139,8 @@ class Spec:
   checkpoint_every: int
   plots: bool
   fewshot: Fewshot
+  unit_budget: float           # AUTO_UNIT: largest unit, a fraction of the backbone's parameters
+  unit_probe_fraction: float   # AUTO_UNIT: each probe's steps, a fraction of the cell's steps
   resolved: dict               # the resolved config as plain data (config.json)
 
   def source(self, dataset: str) -> str:
@@ -168,7 +172,9 @@ class Spec:
       for ds in bb.datasets:
         for size in self.train_sizes or (0,):
           for method in self.methods:
-            for unit in bb.units if methods.needs_unit(method) else (None,):
+            # The NC choice runs after the sweep, so it can reuse the chosen unit's run.
+            units = sorted(bb.units, key=lambda u: u == AUTO_UNIT)
+            for unit in units if methods.needs_unit(method) else (None,):
               name = "-".join(p for p in (bb.model, ds, method, unit,
                                           f"n{size}" if size else "") if p)
               out.append(Run("finetune", prefix + name, bb, ds, size, method, unit,
@@ -196,6 +202,8 @@ class Spec:
                      if k != "shots"}, shots=cell["shots"])
     if kind == "finetune":
       fields.update(train_size=cell["size"], method=cell["method"], unit=cell["unit"])
+      if cell["unit"] == AUTO_UNIT:
+        fields.update(unit_budget=self.unit_budget, unit_probe_fraction=self.unit_probe_fraction)
       if cell["method"] == "linear":
         fields["cache_linear_features"] = self.cache_linear_features
     return tuple(sorted((k, _plain(v)) for k, v in fields.items()))
@@ -303,10 +311,11 @@ def _int(p: _Problems, field: str, value, lo: int, hi: int | None = None) -> int
 
 def _float(p: _Problems, field: str, value, *, positive=False, lo=None, hi=None) -> float:
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-  if ok and positive and not value > 0:
-    p.add(field, value, "must be > 0")
-  elif ok and ((lo is not None and value < lo) or (hi is not None and value > hi)):
-    p.add(field, value, f"must be >= {lo:g}" if hi is None else f"must be in [{lo:g}, {hi:g}]")
+  if ok and ((positive and not value > 0) or (lo is not None and value < lo)
+             or (hi is not None and value > hi)):
+    low = "(0" if positive else f"[{lo:g}" if lo is not None else "(-inf"
+    p.add(field, value, f"must be > 0" if positive and hi is None else
+          f"must be >= {lo:g}" if hi is None else f"must be in {low}, {hi:g}]")
   elif not ok:
     p.add(field, value, "must be a number")
     return 0.0
@@ -394,7 +403,8 @@ def _backbone(p: _Problems, config, model: str, default_datasets) -> Backbone:
     models.get(model, 2, **options)
   except (TypeError, ValueError) as e:
     p.add(name("options"), options, str(e))
-  units = _names(p, name("unit"), get("unit", ()), model_units or None, f"unit of {model}")
+  units = _names(p, name("unit"), get("unit", ()),
+                 model_units + (AUTO_UNIT,) if model_units else None, f"unit of {model}")
   datasets = (_names(p, name("datasets"), get("datasets", ()), what="dataset")
               or default_datasets)
   norm = _str(p, name("normalization"), get("normalization", "dataset"))
@@ -572,7 +582,11 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
       dtype=dtype, data_budget_mb=budget, compile_cache_dir=cache_dir,
       collapse=_bool(p, "collapse", c.collapse),
       checkpoint_every=_int(p, "checkpoint_every", c.checkpoint_every, 0),
-      plots=_bool(p, "plots", c.plots), fewshot=_fewshot(p, c.fewshot), resolved=_resolved(c))
+      plots=_bool(p, "plots", c.plots), fewshot=_fewshot(p, c.fewshot),
+      unit_budget=_float(p, "unit_budget", c.unit_budget, positive=True, hi=1.0),
+      unit_probe_fraction=_float(p, "unit_probe_fraction", c.unit_probe_fraction, positive=True,
+                                 hi=1.0),
+      resolved=_resolved(c))
   return None if p.lines else spec
 
 

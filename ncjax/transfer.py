@@ -10,15 +10,16 @@ import time
 
 from absl import logging
 
-from ncjax import assemble, data, measure, methods, records, train
+from ncjax import assemble, autounit, data, measure, methods, records, train
 from ncjax.pretrain import pretrain
-from ncjax.spec import Run, Spec
+from ncjax.spec import AUTO_UNIT, Run, Spec
 
 
-def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset, test_ds: data.ArrayDataset,
-             pretrained: dict | None, workdir: str | None, mesh, on_log=None
-             ) -> tuple[records.Record, dict]:
-  """Fine-tunes one cell; returns its record and final variables."""
+def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
+             test_ds: data.ArrayDataset | None, pretrained: dict | None, workdir: str | None,
+             mesh, on_log=None) -> tuple[records.Record, dict]:
+  """Fine-tunes one cell; returns its record and final variables (no test accuracy without
+  `test_ds`)."""
   t0 = time.time()
   bb, optim, seed = run.backbone, spec.optim, spec.seed
   model = assemble.build_model(spec, bb, train_ds.num_classes, run.method, run.unit)
@@ -49,12 +50,13 @@ def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset, test_ds: data.Ar
     state, history = train.train(forward, params, batch_stats, mask, optim.optimizer(),
                                  train_ds.images, train_ds.labels, prepare=prepare, **common)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  acc = train.accuracy(forward, state.params, state.batch_stats, prepare, test_ds.images,
-                       test_ds.labels, eval_batch, mesh)
+  acc = records.NAN if test_ds is None else train.accuracy(
+      forward, state.params, state.batch_stats, prepare, test_ds.images, test_ds.labels,
+      eval_batch, mesh)
   record = records.Record(
       model=bb.model, dataset=run.dataset, method=run.method, unit=run.unit or "",
       accuracy=acc, percent_params=methods.percent_trainable(params, mask),
-      num_train=len(train_ds), num_test=len(test_ds), num_classes=train_ds.num_classes,
+      num_train=len(train_ds), num_test=0 if test_ds is None else len(test_ds), num_classes=train_ds.num_classes,
       steps=steps, batch_size=batch, weights=origin, seed=seed, run=run.id, pretrain=spec.tag,
       final_train_loss=records.final_loss(history))
   if spec.collapse:
@@ -99,8 +101,12 @@ def run(spec: Spec, workdir: str, mesh, on_record, on_log=None, primary: bool = 
       if key not in splits:  # each method of a cell reads the same (decoded) split
         splits.clear()
         splits[key] = assemble.downstream(spec, r.backbone, r.dataset, r.size)
-      rec, _ = finetune(spec, r, *splits[key], pretrained.get(r.backbone.model), workdir, mesh,
-                        log(r.id))
+      if r.unit == AUTO_UNIT:
+        rec = autounit.choose_and_finetune(spec, r, *splits[key], pretrained.get(r.backbone.model),
+                                           workdir, mesh, finetune, log(r.id), primary)
+      else:
+        rec, _ = finetune(spec, r, *splits[key], pretrained.get(r.backbone.model), workdir,
+                          mesh, log(r.id))
 
     src = source.get(r.backbone.model)
     if done is None and src is not None and r.kind != "pretrain":

@@ -1,0 +1,159 @@
+"""`unit = auto`: choose the unit Layer FT / SCL FT tunes by neural collapse (paper §3.3).
+
+The paper finds that the best unit to fine-tune is the one that collapses the penultimate
+features most on the downstream training data. `choose_and_finetune` turns that into a
+decision for one cell (model, dataset, train size, method):
+
+1. candidates: every unit of the model whose parameters are at most ``spec.unit_budget`` of
+   the backbone's (the classifier excluded);
+2. a short probe per candidate: the cell's own recipe for ``ceil(unit_probe_fraction x
+   steps)`` steps (its cosine schedule compressed to that length), then the penultimate NC1
+   on the training split — no test data is looked at;
+3. the candidate with the lowest probe NC1 is fine-tuned with the full schedule.
+
+Compute is counted in XLA's flop estimate of the compiled programs (`step_flops`), not in wall
+time, so the fractions do not depend on the machine's load: a probe costs its train steps plus
+one forward pass over the training split (the NC1); the exhaustive sweep costs every
+candidate's full schedule of train steps. The record keeps the choice (`unit`), every
+candidate's probe (`unit_choice`), ``probe_cost_fraction`` (probes / sweep),
+``cost_fraction`` ((probes + the chosen full run) / sweep) and, when the same job also runs
+the sweep over every candidate, ``regret`` (best sweep accuracy - the chosen unit's, points).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+from absl import logging
+
+from ncjax import assemble, data, methods, models, records
+from ncjax.errors import ConfigError
+from ncjax.spec import AUTO_UNIT, Run, Spec
+
+
+def unit_fractions(model, params) -> dict[str, float]:
+  """Each unit of `model` (a Flax module) -> its parameters over the backbone's (every
+  top-level module but the head), in unit order. `params` may be abstract
+  (`jax.ShapeDtypeStruct` leaves)."""
+  import jax
+  import numpy as np
+  size = lambda tree: int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+  total = sum(size(v) for k, v in params.items() if k != methods.HEAD)
+  return {u: size(params[u]) / total for u in models.units(model)}
+
+
+def candidates(spec: Spec, run: Run, model, params) -> dict[str, float]:
+  """The units of `model` within ``spec.unit_budget`` -> their parameter fraction. Raises
+  ConfigError when no unit fits (the message names the smallest)."""
+  fractions = unit_fractions(model, params)
+  out = {u: f for u, f in fractions.items() if f <= spec.unit_budget}
+  if not out:
+    smallest = min(fractions, key=fractions.get)
+    raise ConfigError(f"--config.unit_budget={spec.unit_budget:g}: no unit of "
+                      f"{run.backbone.model} fits (the smallest, {smallest}, holds "
+                      f"{fractions[smallest]:.3g} of the parameters)")
+  return out
+
+
+def step_flops(spec: Spec, run: Run, unit: str, train_ds: data.ArrayDataset, batch: int
+               ) -> tuple[float, float]:
+  """XLA's flop estimates for `run`'s method on `unit`: one train step of `batch` examples,
+  and one inference forward pass per example (the NC1 measurement). Nothing is compiled or
+  run: the programs are only lowered, on abstract inputs."""
+  import jax
+  import jax.numpy as jnp
+  from ncjax import train
+  bb = run.backbone
+  model = assemble.build_model(spec, bb, train_ds.num_classes, run.method, unit)
+  shape = assemble.input_shape(bb, train_ds)
+  variables = jax.eval_shape(lambda: assemble.init_variables(model, shape, spec.seed))
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  mask = methods.trainable_mask(params, run.method, unit)
+  prepare = assemble.prepare_for(bb, train_ds, spec.optim.aug_level)
+  forward = train.model_forward(model)
+  tx = train.make_optimizer(spec.optim.optimizer(), 1, mask)
+  step = train.make_train_step(forward, tx, mask, prepare)
+  state = jax.eval_shape(lambda p, s: train.init_state(p, s, tx), params, stats)
+  raw = jax.ShapeDtypeStruct((batch,) + tuple(train_ds.images.shape[1:]), jnp.uint8)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  flops = lambda lowered: float(lowered.cost_analysis()["flops"])
+  train_flops = flops(jax.jit(step).lower(state, raw, labels, key))
+  infer = lambda p, s, x: forward(p, s, prepare(None, x, False), False)[0]
+  infer_flops = flops(jax.jit(infer).lower(params, stats, raw)) / batch
+  return train_flops, infer_flops
+
+
+def _sweep_runs(spec: Spec, run: Run) -> dict[str, Run]:
+  """The job's explicit-unit runs of `run`'s cell: unit -> run."""
+  return {r.unit: r for r in spec.runs()
+          if r.kind == "finetune" and r.unit != AUTO_UNIT and
+          (r.backbone.model, r.dataset, r.size, r.method) ==
+          (run.backbone.model, run.dataset, run.size, run.method)}
+
+
+def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
+                        test_ds: data.ArrayDataset, pretrained: dict | None,
+                        workdir: str | None, mesh, finetune, on_log=None,
+                        primary: bool = True) -> records.Record:
+  """Probes every candidate unit, fine-tunes the one with the lowest probe NC1 and returns
+  its record with the choice (module docstring). `finetune` is `ncjax.transfer.finetune`.
+
+  Probes keep their checkpoints and records under ``runs/<run id>/probe-<unit>/``, so a
+  killed job resumes them; when the job's sweep already fine-tuned the chosen unit (same
+  cell, same recipe), its record is reused instead of training the same run again."""
+  import jax
+  t0 = time.time()
+  bb = run.backbone
+  model = assemble.build_model(spec, bb, train_ds.num_classes)
+  shape = assemble.input_shape(bb, train_ds)
+  params = jax.eval_shape(lambda: assemble.init_variables(model, shape, spec.seed))["params"]
+  fractions = candidates(spec, run, model, params)
+  batch = assemble.effective_batch(spec.optim.batch_size, len(train_ds), mesh)
+  full_steps = assemble.total_steps(spec.optim, len(train_ds), batch)
+  probe_steps = max(1, math.ceil(spec.unit_probe_fraction * full_steps))
+  probe_spec = dataclasses.replace(
+      spec, collapse=True, optim=dataclasses.replace(spec.optim, steps=probe_steps))
+  n_measured = len(train_ds)
+
+  choice, full_flops, probe_flops = {}, {}, 0.0
+  for unit, fraction in fractions.items():
+    train_f, infer_f = step_flops(spec, run, unit, train_ds, batch)
+    probe_id = f"{run.id}/probe-{unit}"
+    rec = workdir and records.load_record(workdir, probe_id)
+    if not rec:
+      rec, _ = finetune(probe_spec, dataclasses.replace(run, id=probe_id, unit=unit), train_ds,
+                        None, pretrained, workdir, mesh, on_log)
+      rec.stage = "unit_probe"
+      if workdir and primary:
+        records.save_record(workdir, rec)
+    cost = probe_steps * train_f + n_measured * infer_f
+    choice[unit] = {"nc1": rec.nc1, "params_fraction": fraction, "steps": probe_steps,
+                    "flops": cost, "wall_s": rec.wall_s}
+    full_flops[unit] = full_steps * train_f
+    probe_flops += cost
+  finite = {u: c["nc1"] for u, c in choice.items() if c["nc1"] == c["nc1"]}
+  if not finite:
+    raise FloatingPointError(f"{run.id}: every probe's NC1 is NaN; no unit can be chosen")
+  chosen = min(finite, key=finite.get)
+  logging.info("%s: probe NC1 %s -> %s", run.id,
+               ", ".join(f"{u} {c:.4g}" for u, c in finite.items()), chosen)
+
+  sweep = _sweep_runs(spec, run)
+  done = workdir and chosen in sweep and records.load_record(workdir, sweep[chosen].id)
+  if done:
+    rec = dataclasses.replace(done, run=run.id)
+  else:
+    rec, _ = finetune(spec, dataclasses.replace(run, unit=chosen), train_ds, test_ds, pretrained,
+                      workdir, mesh, on_log)
+  sweep_flops = sum(full_flops.values())
+  rec.unit_choice = choice
+  rec.probe_cost_fraction = probe_flops / sweep_flops
+  rec.cost_fraction = (probe_flops + full_flops[chosen]) / sweep_flops
+  swept = {u: workdir and records.load_record(workdir, r.id) for u, r in sweep.items()}
+  if all(swept.get(u) for u in fractions):  # the job's sweep covers every candidate
+    rec.regret = max(swept[u].accuracy for u in fractions) - rec.accuracy
+  # A reused run's time counts: wall_s is what the choice costs without the sweep.
+  rec.wall_s = time.time() - t0 + (done.wall_s if done else 0.0)
+  return rec

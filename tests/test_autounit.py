@@ -1,0 +1,113 @@
+"""`unit=auto` (ncjax.autounit): candidates by parameter budget, flop counts, validation, and
+the choice end to end against the sweep it replaces."""
+import dataclasses
+import math
+
+import jax
+import pytest
+
+from ncjax import autounit, jobs, models, spec as spec_lib
+from ncjax.errors import ConfigError
+from tiny_config import tiny_mlp_config
+
+# MLP(depth 3, width 32) on digits' 8x8 = 64 inputs: Dense layers of (in x out) + out.
+HAND = {"layer1": 64 * 32 + 32, "layer2": 32 * 32 + 32, "layer3": 32 * 32 + 32}
+
+
+def _mlp_params(num_classes=5):
+  model = models.get("mlp", num_classes, depth=3, width=32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.numpy.zeros((1, 8, 8, 1)))
+  return model, params["params"]
+
+
+def _config(units, **top):
+  c = tiny_mlp_config("transfer")
+  c.methods = ("layer",)
+  c.backbone.default.unit = units
+  for k, v in top.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_unit_fractions_match_a_hand_count():
+  model, params = _mlp_params()
+  total = sum(HAND.values())  # the head (32 x 5 + 5) is not part of the backbone
+  got = autounit.unit_fractions(model, params)
+  assert list(got) == ["layer1", "layer2", "layer3"]
+  for u, n in HAND.items():
+    assert got[u] == pytest.approx(n / total, rel=1e-12)
+
+
+def test_the_budget_keeps_the_units_that_fit_and_none_fitting_is_an_error():
+  model, params = _mlp_params()
+  total = sum(HAND.values())
+  spec = spec_lib.build(_config(("auto",), unit_budget=0.3))[0]
+  run = next(r for r in spec.runs() if r.kind == "finetune")
+  assert set(autounit.candidates(spec, run, model, params)) == {"layer2", "layer3"}  # 0.252
+  tight = dataclasses.replace(spec, unit_budget=0.2)
+  with pytest.raises(ConfigError, match=r"--config.unit_budget=0.2: no unit of mlp fits "
+                     r"\(the smallest, layer2, holds 0.252"):
+    autounit.candidates(tight, run, model, params)
+  assert HAND["layer2"] / total == pytest.approx(0.2519, abs=1e-4)
+
+
+def test_step_flops_count_the_dense_layers():
+  """XLA's estimate of one inference example is the dense layers' 2*in*out multiply-adds
+  plus a few elementwise ops (bias, ReLU, normalisation); a train step of B examples costs
+  more than B inferences (the backward) and less for a later unit (a shorter backward)."""
+  spec = spec_lib.build(_config(("layer1", "layer3")))[0]
+  run = next(r for r in spec.runs() if r.kind == "finetune")
+  from ncjax import assemble
+  train_ds, _ = assemble.downstream(spec, run.backbone, "digits")
+  matmuls = 2 * (64 * 32 + 32 * 32 + 32 * 32 + 32 * 5)
+  step1, infer = autounit.step_flops(spec, run, "layer1", train_ds, 16)
+  step3, infer3 = autounit.step_flops(spec, run, "layer3", train_ds, 16)
+  assert infer == infer3
+  assert matmuls <= infer < 1.1 * matmuls
+  assert 16 * infer < step3 < step1 < 3.5 * 16 * infer
+
+
+def test_auto_is_validated_ordered_last_and_fingerprinted():
+  with pytest.raises(ConfigError) as e:
+    spec_lib.build(_config(("auto", "layer9"), unit_budget=0.0, unit_probe_fraction=1.5))
+  text = str(e.value)
+  assert "--config.unit_budget=0.0: must be in (0, 1]" in text
+  assert "--config.unit_probe_fraction=1.5: must be in (0, 1]" in text
+  assert "unknown unit of mlp 'layer9'" in text and "auto" in text
+  spec = spec_lib.build(_config(("auto", "layer1", "layer3"), unit_budget=0.5))[0]
+  runs = [r for r in spec.runs() if r.kind == "finetune"]
+  assert [r.unit for r in runs] == ["layer1", "layer3", "auto"]
+  auto, plain = dict(runs[-1].fingerprint), dict(runs[0].fingerprint)
+  assert auto["unit_budget"] == 0.5 and auto["unit_probe_fraction"] == 0.1
+  assert "unit_budget" not in plain  # a swept run does not depend on the choice's settings
+
+
+def test_the_choice_end_to_end_against_its_sweep(tmp_path):
+  """The sweep over every unit, then `auto`: the lowest probe NC1 is chosen, its sweep run
+  is reused, the regret is the best sweep accuracy minus the chosen one, and the costs are
+  fractions of the sweep. The same choice without the sweep fine-tunes the chosen unit
+  itself and gets the sweep's accuracy to the bit (same recipe, same seed)."""
+  c = _config(("layer1", "layer2", "layer3", "auto"), unit_probe_fraction=0.25)
+  c.optim.steps = 12
+  c.pretrain.optim.steps = 20
+  recs = jobs.run(c, str(tmp_path / "sweep"))
+  sweep = {r["unit"]: r for r in recs if not r["unit_choice"]}
+  (auto,) = [r for r in recs if r["unit_choice"]]
+  probes = auto["unit_choice"]
+  assert set(probes) == set(sweep) == {"layer1", "layer2", "layer3"}
+  assert auto["unit"] == min(probes, key=lambda u: probes[u]["nc1"])
+  assert all(p["steps"] == 3 for p in probes.values())  # ceil(0.25 * 12)
+  assert auto["accuracy"] == sweep[auto["unit"]]["accuracy"]
+  assert auto["regret"] == max(r["accuracy"] for r in sweep.values()) - auto["accuracy"]
+  assert 0 < auto["probe_cost_fraction"] < auto["cost_fraction"] < 1
+  assert (tmp_path / "sweep/runs/mlp-digits-layer-auto/probe-layer2/record.json").exists()
+  assert jobs.run(c, str(tmp_path / "sweep")) == recs  # finished runs and probes are reused
+
+  c.backbone.default.unit = ("auto",)
+  (alone,) = jobs.run(c, str(tmp_path / "alone"))
+  timeless = lambda choice: {u: {k: v for k, v in p.items() if k != "wall_s"}
+                             for u, p in choice.items()}
+  assert alone["unit"] == auto["unit"]
+  assert timeless(alone["unit_choice"]) == timeless(probes)
+  assert alone["accuracy"] == auto["accuracy"] and math.isnan(alone["regret"])
+  assert alone["cost_fraction"] == auto["cost_fraction"]
