@@ -354,6 +354,9 @@ def ncti_terms(features, labels, *, pca_dim: int = 64, shrinkage="auto") -> NCTI
      paper's form is used); ``seli = ||X_lda||_*``, the nuclear norm of the centred features
      projected on the ``min(K-1, p)`` leading Fisher discriminant directions (generalised
      eigenvectors of ``(S_b, S)``, ``v^T S v = 1``, ``S_b = sum_c pi_c (mu_c - mu)(mu_c - mu)^T``).
+     ``vc`` is not monotone in separability: posteriors that carry no class information
+     (all rows ~ priors) are rank one as well, so it is informative only among candidates
+     that already separate the classes; ``seli`` and ``ncc`` grow with separability.
      The authors' code takes ``S_b`` from sklearn's eigen solver, i.e. shrunk total minus
      shrunk within covariance, which adds ``g (tr S_b / p) I``; identical when ``g`` is small
      (features whose top PCA variances sum to more than ~25).
