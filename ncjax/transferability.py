@@ -158,7 +158,9 @@ def logme(features, labels, *, tol: float = 1e-10, max_iter: int = 1000) -> floa
   the iteration runs to a relative change of alpha and beta below ``tol`` (theirs stops at
   1e-3 on alpha/beta or after 11 steps, and adds 1e-5 to two denominators); ``log|A|``
   counts the D - rank(F) eigenvalues equal to alpha when N < D (their fixed-point code drops
-  them, which adds ``(D - N)/(2N) log alpha`` to each class's score).
+  them, which adds ``(D - N)/(2N) log alpha`` to each class's score).  With N < D the
+  evidence can have a second, interpolating maximum (large beta); the iteration from
+  alpha = beta = 1 returns the stationary point it reaches, as the paper's algorithm does.
 
   Args:
     features: (N, D) float array, any units; N < D and N >= D both work.
