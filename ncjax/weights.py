@@ -9,6 +9,11 @@
   `fc` -> `head` only with `keep_head=True` and a matching shape (else the fresh head of
   `variables` is kept, with a warning when `keep_head=True`). A `module.` prefix
   (DataParallel) is stripped; `{'state_dict': ...}` / `{'model': ...}` wrappers are opened.
+* DenseNets (`densenet121/161/169/201`) and `mobilenet_v2`: a torchvision state dict, read
+  and converted like the ResNets' (depthwise kernels (C, 1, 3, 3) -> (3, 3, 1, C));
+  `classifier` / `classifier.1` -> `head`. The keys of torchvision's own DenseNet files
+  (`...denselayer1.norm.1.weight`, from LuaTorch) are renamed as torchvision's loader renames
+  them (`...denselayer1.norm1.weight`).
 * ViTs (`vit_*`): a vit_jax `.npz` (flat, '/'-joined Flax paths). `Transformer/
   encoderblock_{i-1}` -> `layer{i}`, `Transformer/posembed_input/pos_embedding` ->
   `pos_embedding`, `Transformer/encoder_norm` -> `encoder_norm`. The position embedding is
@@ -53,6 +58,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import unfreeze
 
+from ncjax.models.densenet import CONFIGS as DENSENET_CONFIGS
 from ncjax.models.resnet import CONFIGS as RESNET_CONFIGS
 from ncjax.models.vit import CONFIGS as VIT_CONFIGS
 
@@ -68,6 +74,18 @@ _SOURCES = {
                'resnet50-11ad3fa6.pth / resnet50-0676ba61.pth); expected a .pth, .safetensors or '
                '.npz file holding a flat state dict (conv1.weight, bn1.*, layer1.0.conv1.weight, '
                '..., fc.weight).'),
+    'densenet': ('torchvision DenseNet state dicts come from the torchvision model zoo, e.g. '
+                 'https://download.pytorch.org/models/densenet121-a639ec97.pth '
+                 '(densenet161-8d451a50.pth, densenet169-b2777c0a.pth, densenet201-c1103571.pth);'
+                 ' expected a .pth, .safetensors or .npz file holding a flat state dict '
+                 '(features.conv0.weight, features.denseblock1.denselayer1.norm1.*, ..., '
+                 'features.norm5.*, classifier.weight).'),
+    'mobilenet_v2': ('torchvision MobileNetV2 state dicts come from the torchvision model zoo, '
+                     'e.g. https://download.pytorch.org/models/mobilenet_v2-b0353104.pth '
+                     '(IMAGENET1K_V1) or mobilenet_v2-7ebf99e0.pth (IMAGENET1K_V2); expected a '
+                     '.pth, .safetensors or .npz file holding a flat state dict '
+                     '(features.0.0.weight, features.1.conv.0.0.weight, ..., '
+                     'features.18.1.*, classifier.1.weight).'),
     'vit': ('vit_jax checkpoints come from google-research/vision_transformer, e.g. '
             'gs://vit_models/imagenet21k/ViT-B_32.npz; expected a flat .npz whose keys are '
             "'/'-joined Flax paths (embedding/kernel, cls, Transformer/posembed_input/"
@@ -85,14 +103,26 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- reading
 
 
-def _family(name: str) -> str:
+# Families whose files are torchvision state dicts.
+_TORCHVISION = ('resnet', 'densenet', 'mobilenet_v2')
+
+
+def _family(name: str, strict: bool = True) -> str | None:
+  """'resnet', 'densenet', 'mobilenet_v2' or 'vit': which importer reads `name`'s files;
+  None (`strict=False`) or a ValueError when none does."""
   if name in RESNET_CONFIGS:
     return 'resnet'
+  if name in DENSENET_CONFIGS:
+    return 'densenet'
+  if name == 'mobilenet_v2':
+    return 'mobilenet_v2'
   if name.startswith('vit_'):
     return 'vit'
+  if not strict:
+    return None
   raise ValueError(f'no weight importer for model {name!r} from a file; supported: '
-                   f'{", ".join(RESNET_CONFIGS)}, vit_* (vit_b32, vit_b16, vit_s16, vit_ti16). '
-                   f'{_NCJAX_SOURCE}')
+                   f'{", ".join(RESNET_CONFIGS)}, {", ".join(DENSENET_CONFIGS)}, mobilenet_v2, '
+                   f'vit_* (vit_b32, vit_b16, vit_s16, vit_ti16). {_NCJAX_SOURCE}')
 
 
 def _read_npz(path: str) -> Dict[str, np.ndarray]:
@@ -170,6 +200,11 @@ def _guess_file(path: str, suffix: str) -> str | None:
 
 # ----------------------------------------------------------------------------- architectures
 
+# torchvision's own DenseNet files keep LuaTorch's names, `denselayer1.norm.1.weight`;
+# torchvision's `densenet._load_state_dict` renames them to `denselayer1.norm1.weight`.
+_DENSENET_LEGACY_KEY = re.compile(r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
+                                  r'((?:[12])\.(?:weight|bias|running_mean|running_var))$')
+
 # Architectures of the torchvision and vit_jax zoos that ncjax has no model for, by name.
 _OTHER_RESNETS = {((3, 4, 23, 3), 'bottleneck'): 'resnet101',
                   ((3, 8, 36, 3), 'bottleneck'): 'resnet152'}
@@ -212,17 +247,57 @@ def _vit_text(patch, hidden, layers, heads, mlp, channels) -> str:
   return text
 
 
+def _densenet_text(shape: Dict[str, tuple]) -> str:
+  """'densenet121 (growth rate 32, 64 initial features)' from a torchvision DenseNet's
+  {key: shape} (keys renamed as torchvision renames its own files')."""
+  layers = {}
+  for k in shape:
+    if m := re.match(r'features\.denseblock(\d+)\.denselayer(\d+)\.', k):
+      layers.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+  blocks = tuple(len(layers[b]) for b in sorted(layers))
+  growth = shape.get('features.denseblock1.denselayer1.conv2.weight', (None,))[0]
+  conv0 = shape['features.conv0.weight']
+  name = next((n for n, c in DENSENET_CONFIGS.items() if c == (growth, blocks, conv0[0])), None)
+  label = name or f'a DenseNet of {"-".join(map(str, blocks))} layers per block'
+  text = (f'{label} (' + ', '.join([f'growth rate {growth}', f'{conv0[0]} initial features']
+                                   + _channels_text(conv0[1])) + ')')
+  if name is None:
+    text += f'; ncjax has no such model (it has {", ".join(DENSENET_CONFIGS)})'
+  return text
+
+
+def _mobilenet_text(shape: Dict[str, tuple]) -> str:
+  """'mobilenet_v2 (32 stem channels, 1280 final channels)' from a torchvision MobileNetV2's
+  {key: shape}."""
+  stem = shape['features.0.0.weight']
+  blocks = len({m.group(1) for k in shape if (m := re.match(r'features\.(\d+)\.conv\.', k))})
+  last = shape.get(f'features.{blocks + 1}.0.weight', (None,))[0]
+  label = 'mobilenet_v2' if blocks == 17 else f'a MobileNetV2 of {blocks} blocks'
+  text = (f'{label} (' + ', '.join([f'{stem[0]} stem channels', f'{last} final channels']
+                                   + _channels_text(stem[1])) + ')')
+  if (blocks, stem[0], last) != (17, 32, 1280):
+    text += '; ncjax has no such model (it has mobilenet_v2 at width 1.0: 32 and 1280 channels)'
+  return text
+
+
 def describe_checkpoint(flat: Dict[str, Any]) -> str | None:
   """What architecture a torchvision or vit_jax state dict (`{key: array}`) holds, in words:
-  'resnet50 (ImageNet stem, width 64)', 'vit_b16 (patch 16, hidden 768, 12 layers)', ...;
-  None when it is neither. Read from key names and shapes: ResNets from the blocks per stage,
-  bottleneck vs basic blocks and conv1 (kernel 7: ImageNet stem, 3: CIFAR stem; its width
-  and input channels); ViTs from the patch embedding, the encoder blocks and their widths."""
+  'resnet50 (ImageNet stem, width 64)', 'densenet121 (growth rate 32, 64 initial features)',
+  'mobilenet_v2 (32 stem channels, 1280 final channels)', 'vit_b16 (patch 16, hidden 768,
+  12 layers)', ...; None when it is none of them. Read from key names and shapes: ResNets from
+  the blocks per stage, bottleneck vs basic blocks and conv1 (kernel 7: ImageNet stem, 3:
+  CIFAR stem; its width and input channels); DenseNets from the layers per block, the growth
+  rate and conv0; MobileNetV2s from the blocks and the widths of the first and last convs;
+  ViTs from the patch embedding, the encoder blocks and their widths."""
   shape = {}
   for k, v in flat.items():
     for prefix in ('module.', 'params/'):
       k = k[len(prefix):] if k.startswith(prefix) else k
-    shape[k] = tuple(getattr(v, 'shape', ()))
+    shape[_DENSENET_LEGACY_KEY.sub(r'\1\2', k)] = tuple(getattr(v, 'shape', ()))
+  if len(shape.get('features.conv0.weight', ())) == 4:
+    return _densenet_text(shape)
+  if len(shape.get('features.0.0.weight', ())) == 4:
+    return _mobilenet_text(shape)
   conv1 = shape.get('conv1.weight', ())
   if len(conv1) == 4:
     blocks = {}
@@ -251,12 +326,20 @@ def describe_checkpoint(flat: Dict[str, Any]) -> str | None:
 
 def describe_variables(name: str | None, variables) -> str:
   """What architecture ncjax variables (``{'params': ...}``, arrays or shapes) hold, in the
-  words of `describe_checkpoint`; `name` (or 'an ncjax model') when not a ResNet, ViT or MLP."""
+  words of `describe_checkpoint`; `name` (or 'an ncjax model') when not a ResNet, DenseNet,
+  MobileNetV2, ViT or MLP."""
   params = unfreeze(variables.get('params', variables))
   if set(params) == {'backbone', 'projection'}:  # pre-training with a projection head
     params = params['backbone']
   flat = traverse_util.flatten_dict(params)
   try:
+    torchvision = {('stem', 'conv0', 'kernel'): 'densenet121',
+                   ('block1', 'depthwise', 'conv', 'kernel'): 'mobilenet_v2'}
+    for probe, family_name in torchvision.items():
+      if probe in flat:  # described through the torchvision names of its keys
+        keys = torchvision_key_map(family_name, {('params',) + p: v for p, v in flat.items()})
+        return describe_checkpoint({k: np.broadcast_to(np.float32(0), _torch_shape(
+            flat[p[1:]].shape, fn)) for p, (k, fn) in keys.items()})
     if ('stem', 'conv', 'kernel') in flat:
       kernel = flat[('stem', 'conv', 'kernel')].shape  # (kh, kw, in, width)
       blocks = sorted({p[0] for p in flat if re.fullmatch(r'block\d+', p[0])},
@@ -477,8 +560,17 @@ def _transpose2(a):
   return np.transpose(a, (1, 0))
 
 
-def _torch_module(name: str, top: str, mod: str) -> str:
-  """ncjax (top-level, module) -> torchvision module path."""
+def _torch_shape(shape, fn) -> tuple:
+  """The shape in torch's layout of an ncjax leaf of `shape` that `fn` converts to."""
+  shape = tuple(shape)
+  if fn is _oihw_to_hwio:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape[::-1] if fn is _transpose2 else shape
+
+
+def _resnet_module(name: str, path: Tuple[str, ...]) -> str:
+  """ncjax module path (top-level, module) of a ResNet -> torchvision module path."""
+  top, mod = path[0], path[1]
   if top == 'stem':
     return {'conv': 'conv1', 'bn': 'bn1'}[mod]
   stages, _ = RESNET_CONFIGS[name]
@@ -492,16 +584,57 @@ def _torch_module(name: str, top: str, mod: str) -> str:
   return f'{prefix}.{sub}'
 
 
+def _densenet_module(path: Tuple[str, ...]) -> str:
+  """ncjax module path of a DenseNet -> torchvision's: stem/conv0 -> features.conv0,
+  denseblock{i}/denselayer{j}/norm1 -> features.denseblock{i}.denselayer{j}.norm1,
+  denseblock{i}/transition_conv -> features.transition{i}.conv, denseblock4/norm5 ->
+  features.norm5."""
+  top, mod = path[0], path[1]
+  if top == 'stem' or mod == 'norm5':
+    return f'features.{mod}'
+  if mod.startswith('transition_'):
+    return f'features.transition{top[len("denseblock"):]}.{mod[len("transition_"):]}'
+  return f'features.{".".join(path)}'
+
+
+def _mobilenet_module(path: Tuple[str, ...], expands: bool) -> str:
+  """ncjax module path of a MobileNetV2 -> torchvision's. `block{i}` is `features.{i}`,
+  `stem` is `features.0`; a conv-BN-ReLU6 has `conv` -> `.0`, `bn` -> `.1`; inside an
+  inverted residual (`expands`: it has the 1x1 expansion) `expand` -> `conv.0`, `depthwise`
+  -> `conv.{0|1}`, `project_conv`, `project_bn` -> the two entries after it."""
+  top, mod = path[0], path[1]
+  index = 0 if top == 'stem' else int(top[len('block'):])
+  cbr = {'conv': '0', 'bn': '1'}
+  if mod in cbr:  # stem, block18
+    return f'features.{index}.{cbr[mod]}'
+  e = int(expands)
+  at = {'expand': 0, 'depthwise': e, 'project_conv': e + 1, 'project_bn': e + 2}[mod]
+  sub = f'.{cbr[path[2]]}' if mod in ('expand', 'depthwise') else ''
+  return f'features.{index}.conv.{at}{sub}'
+
+
+_HEADS = {'resnet': 'fc', 'densenet': 'classifier', 'mobilenet_v2': 'classifier.1'}
+
+
 def torchvision_key_map(name: str, flat_vars: Dict[Tuple[str, ...], Any]):
-  """{ncjax flat path: (torch key, transform)} for every leaf of the target variables."""
+  """{ncjax flat path: (torch key, transform)} for every leaf of the target variables of
+  torchvision model `name` (a ResNet, DenseNet or MobileNetV2)."""
+  family = _family(name)
+  if family not in _TORCHVISION:
+    raise ValueError(f'{name!r} is not a torchvision model')
+  expanding = {p[1] for p in flat_vars if len(p) > 2 and p[2] == 'expand'}
+  module = {'resnet': lambda m: _resnet_module(name, m),
+            'densenet': _densenet_module,
+            'mobilenet_v2': lambda m: _mobilenet_module(m, m[0] in expanding)}[family]
+  head = _HEADS[family]
   out = {}
   for path in flat_vars:
     col, top = path[0], path[1]
     leaf = path[-1]
     if top == 'head':
-      out[path] = ('fc.weight', _transpose2) if leaf == 'kernel' else ('fc.bias', None)
+      out[path] = (f'{head}.weight', _transpose2) if leaf == 'kernel' else (f'{head}.bias', None)
       continue
-    mod = _torch_module(name, top, path[2])
+    mod = module(path[1:-1])
     if col == 'params':
       if leaf == 'kernel':
         out[path] = (f'{mod}.weight', _oihw_to_hwio)
@@ -578,7 +711,7 @@ def load(path, name: str, variables, *, keep_head: bool = False, strict: bool = 
   where = os.path.expanduser(os.fspath(path))
   if os.path.isdir(where):
     return _load_ncjax(path, name, variables, keep_head=keep_head, strict=strict)
-  if not os.path.exists(where) and name not in RESNET_CONFIGS and not name.startswith('vit_'):
+  if not os.path.exists(where) and _family(name, strict=False) is None:
     raise FileNotFoundError(f'no checkpoint at {os.fspath(path)!r}. {_NCJAX_SOURCE}')
   family = _family(name)
   ckpt = read_checkpoint(path, family)
@@ -590,13 +723,15 @@ def load(path, name: str, variables, *, keep_head: bool = False, strict: bool = 
   new_flat = dict(flat_vars)
   used = set()
 
-  if family == 'resnet':
+  if family in _TORCHVISION:
     ckpt = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in ckpt.items()}
+    if family == 'densenet':
+      ckpt = {_DENSENET_LEGACY_KEY.sub(r'\1\2', k): v for k, v in ckpt.items()}
     for k in list(ckpt):
       if k.endswith('num_batches_tracked'):
         used.add(k)
-    keymap = {p: kt for p, kt in torchvision_key_map(name, flat_vars).items()}
-    head_keys = {'fc.weight', 'fc.bias'}
+    keymap = torchvision_key_map(name, flat_vars)
+    head_keys = {f'{_HEADS[family]}.weight', f'{_HEADS[family]}.bias'}
   else:
     ckpt = {(k[len('params/'):] if k.startswith('params/') else k): v for k, v in ckpt.items()}
     keymap = {p: (k, None) for p, k in vit_key_map(flat_vars).items()}
@@ -630,11 +765,7 @@ def load(path, name: str, variables, *, keep_head: bool = False, strict: bool = 
     if p[1] == 'head' and not use_head:
       continue
     want = tuple(flat_vars[p].shape)
-    want_ckpt = want
-    if fn is _oihw_to_hwio:
-      want_ckpt = (want[3], want[2], want[0], want[1])
-    elif fn is _transpose2:
-      want_ckpt = (want[1], want[0])
+    want_ckpt = _torch_shape(want, fn)
     if k not in ckpt:
       if strict:
         errors.append(f'missing key {k!r} (model expects shape {want_ckpt}, target '

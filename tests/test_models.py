@@ -14,9 +14,11 @@ from ncjax.models.resnet import max_pool_torch
 
 # ----------------------------------------------------------------------------- structure
 
-@pytest.mark.parametrize('name,expected', [('resnet18', 11_689_512), ('resnet34', 21_797_672),
-                                           ('resnet50', 25_557_032)])
-def test_resnet_param_counts_match_torchvision(name, expected):
+@pytest.mark.parametrize('name,expected', [
+    ('resnet18', 11_689_512), ('resnet34', 21_797_672), ('resnet50', 25_557_032),
+    ('densenet121', 7_978_856), ('densenet161', 28_681_000), ('densenet169', 14_149_480),
+    ('densenet201', 20_013_928), ('mobilenet_v2', 3_504_872)])
+def test_param_counts_match_torchvision(name, expected):
   params = models.param_shapes(name, 1000)['params']
   assert models.count_params(params) == expected
 
@@ -40,7 +42,7 @@ def test_vit_b32_backbone_param_count():
     ('resnet18', 8, 'block'), ('resnet34', 16, 'block'), ('resnet50', 16, 'block'),
     ('vit_b32', 12, 'layer'), ('vit_b16', 12, 'layer'), ('vit_s16', 12, 'layer'),
     ('vit_ti16', 12, 'layer'), ('mlp', 9, 'layer'), ('convnet4', 4, 'block'),
-    ('resnet12', 4, 'block')])
+    ('resnet12', 4, 'block'), ('densenet121', 4, 'denseblock'), ('mobilenet_v2', 18, 'block')])
 def test_units_are_top_level(name, n, prefix):
   us = models.units(name)
   assert us == tuple(f'{prefix}{i}' for i in range(1, n + 1))
@@ -98,6 +100,12 @@ def test_registry_errors():
     models.get('vit_b32', 10, scl_unit='block1')
   with pytest.raises(ValueError, match='unknown option'):
     models.get('resnet18', 10, pool='cls')
+  with pytest.raises(ValueError, match='unknown option'):
+    models.get('densenet121', 10, stem='cifar')  # torchvision's ImageNet stem only
+  with pytest.raises(ValueError, match='denseblock1, denseblock2'):
+    models.get('densenet121', 10, scl_unit='block1')
+  with pytest.raises(ValueError, match='block18'):
+    models.get('mobilenet_v2', 10, scl_unit='block19')
 
 
 # ----------------------------------------------------------------------------- features / SCL
@@ -148,6 +156,9 @@ def test_features_all_units_under_jit(small_resnet):
 
 # ----------------------------------------------------------------------------- unit outputs
 
+SMALL_DENSENET = dict(num_classes=3, growth_rate=4, block_config=(2, 2, 2, 2), num_init_features=8)
+
+
 def _family_cases():
   """(id, model, input (N, H, W, C), raw output shape of each unit) for every model family,
   small enough to compile in seconds."""
@@ -167,6 +178,12 @@ def _family_cases():
        [(4, 8, 8, 4), (4, 4, 4, 4), (4, 2, 2, 4), (4, 1, 1, 4)]),
       ('resnet12', models.get('resnet12', 3, widths=(2, 3, 4, 5)), (4, 16, 16, 3),
        [(4, 8, 8, 2), (4, 4, 4, 3), (4, 2, 2, 4), (4, 1, 1, 5)]),
+      # Dense blocks of 2 layers growing by 4; transitions halve the channels and the map.
+      ('densenet', models.DenseNet(**SMALL_DENSENET), (4, 32, 32, 3),
+       [(4, 4, 4, 8), (4, 2, 2, 8), (4, 1, 1, 8), (4, 1, 1, 16)]),
+      ('mobilenet_v2', models.MobileNetV2(3, width_mult=0.25), (4, 32, 32, 3),
+       [(4, 16, 16, 8)] + [(4, 8, 8, 8)] * 2 + [(4, 4, 4, 8)] * 3 + [(4, 2, 2, 16)] * 4
+       + [(4, 2, 2, 24)] * 3 + [(4, 1, 1, 40)] * 3 + [(4, 1, 1, 80), (4, 1, 1, 1280)]),
   ]
 
 
@@ -329,6 +346,38 @@ def test_small_models_train_and_scl(name, size, c):
   d = fp['penultimate'].shape[1]
   np.testing.assert_allclose(fs['penultimate'], fp['penultimate'] + _pad(fp[us[0]], d),
                              rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('case', FAMILIES[-2:], ids=[c[0] for c in FAMILIES[-2:]])
+def test_scl_densenet_mobilenet(case):
+  """SCL on the torchvision DenseNet / MobileNetV2 layouts: the penultimate feature plus the
+  zero-padded pooled output of an early unit; bfloat16 compute gives float32 logits close to
+  float32's."""
+  _, model, shape, _ = case
+  v, x = _setup(model, shape)
+  plain = models.features(model, v, x)
+  unit = model.units[1]
+  f = models.features(model.clone(scl_unit=unit), v, x)
+  d = plain['penultimate'].shape[1]
+  np.testing.assert_allclose(f['penultimate'], plain['penultimate'] + _pad(plain[unit], d),
+                             rtol=1e-5, atol=1e-6)
+  logits = model.apply(v, x)
+  bf16 = jax.jit(model.clone(dtype='bfloat16').apply)(v, x)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(bf16, logits, atol=0.1 * float(np.max(np.abs(logits))))
+
+
+def test_densenet_mobilenet_finetune_percent():
+  # Linear probe: the new head over all parameters (torchvision's count less its 1000-way head).
+  for name, total, d in (('densenet121', 7_978_856, 1024), ('mobilenet_v2', 3_504_872, 1280)):
+    head = d * 10 + 10
+    expected = 100 * head / (total - (d * 1000 + 1000) + head)
+    assert models.finetune_percent(name, 'linear', None, 10) == pytest.approx(expected)
+  # The last MobileNetV2 unit is features.18, 320 * 1280 weights and a BatchNorm of 1280.
+  p = models.param_shapes('mobilenet_v2', 10)['params']
+  assert models.count_params(p['block18']) == 320 * 1280 + 2 * 1280
+  assert models.finetune_percent('mobilenet_v2', 'layer', 'block18', 10) == pytest.approx(
+      100 * (320 * 1280 + 2 * 1280 + 12810) / models.count_params(p))
 
 
 @pytest.mark.parametrize('name,size', [('resnet18', 33), ('vit_ti16', 32)])

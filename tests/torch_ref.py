@@ -156,3 +156,35 @@ class TorchViT(nn.Module):
     for b in self.blocks:
       x = b(x)
     return self.head(self.norm(x)[:, 0])
+
+
+_TORCHVISION_OPS = None  # keeps the op schemas below registered (a Library undoes its own on GC)
+
+
+def import_torchvision():
+  """`torchvision`, importable beside a CPU build of torch.
+
+  PyPI's torchvision wheel is built against torch's CUDA build: beside torch's CPU build its
+  C++ ops library does not load (libtorch_cuda.so is missing), and `import torchvision` then
+  fails registering fake kernels for `torchvision::nms` / `qnms` ('operator ... does not
+  exist'). The models need none of those ops, so when the library does not load, the two
+  op schemas are declared here first (the schemas of torchvision's csrc/ops/nms.cpp).
+  """
+  global _TORCHVISION_OPS
+  import importlib.util
+  import os
+  import sys
+  import torch
+  if 'torchvision' not in sys.modules and _TORCHVISION_OPS is None:
+    spec = importlib.util.find_spec('torchvision')
+    if spec is None:
+      raise ImportError('torchvision is not installed')
+    lib = os.path.join(os.path.dirname(spec.origin), '_C.so')
+    try:
+      torch.ops.load_library(lib)
+    except (OSError, RuntimeError):
+      _TORCHVISION_OPS = torch.library.Library('torchvision', 'DEF')
+      for op in ('nms', 'qnms'):
+        _TORCHVISION_OPS.define(f'{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
+  import torchvision
+  return torchvision

@@ -20,7 +20,10 @@ import numpy as np
 import flax.linen as nn
 
 from ncjax.models.common import BatchNorm
+from ncjax.models.densenet import DenseNet
+from ncjax.models.densenet import CONFIGS as _DENSENET_CONFIGS
 from ncjax.models.heads import ProjectionHead
+from ncjax.models.mobilenet import MobileNetV2
 from ncjax.models.resnet import ResNet
 from ncjax.models.resnet import CONFIGS as _RESNET_CONFIGS
 from ncjax.models.small import MLP, ConvNet4, ResNet12, SEResNet12
@@ -29,7 +32,7 @@ from ncjax.models.vit import CONFIGS as _VIT_CONFIGS
 
 __all__ = ['get', 'units', 'features', 'unit_filter', 'pool_units', 'count_params',
            'finetune_percent', 'names', 'param_shapes', 'ResNet', 'ViT', 'MLP', 'ConvNet4',
-           'ResNet12', 'SEResNet12', 'BatchNorm', 'ProjectionHead']
+           'ResNet12', 'SEResNet12', 'DenseNet', 'MobileNetV2', 'BatchNorm', 'ProjectionHead']
 
 # name -> (class, fixed config, allowed user options)
 _COMMON = ('scl_unit', 'dtype')
@@ -40,6 +43,9 @@ for _n, (_stages, _block) in _RESNET_CONFIGS.items():
 for _n, (_p, _d, _l, _h, _m) in _VIT_CONFIGS.items():
   _REGISTRY[_n] = (ViT, dict(patch_size=_p, hidden_size=_d, num_layers=_l, num_heads=_h,
                              mlp_dim=_m), _COMMON + ('pool', 'representation_size'))
+for _n, (_g, _b, _w) in _DENSENET_CONFIGS.items():
+  _REGISTRY[_n] = (DenseNet, dict(growth_rate=_g, block_config=_b, num_init_features=_w), _COMMON)
+_REGISTRY['mobilenet_v2'] = (MobileNetV2, {}, _COMMON)
 _REGISTRY['mlp'] = (MLP, {}, _COMMON + ('depth', 'width', 'batch_norm'))
 _REGISTRY['convnet4'] = (ConvNet4, {}, _COMMON + ('width', 'flatten'))
 _REGISTRY['resnet12'] = (ResNet12, {}, _COMMON + ('widths',))
@@ -61,6 +67,8 @@ def get(name: str, num_classes: int, **options) -> nn.Module:
 
   Options (by family): all: `scl_unit` (None or a unit name), `dtype` (computation dtype,
   default float32; params stay float32). ResNet: `stem` ('imagenet' | 'cifar'), `width`.
+  DenseNet (densenet121/161/169/201), MobileNetV2 (mobilenet_v2): torchvision's ImageNet
+  networks, no further option.
   ViT: `pool` ('cls' | 'mean'), `representation_size` (adds `pre_logits`). MLP: `depth`
   (9), `width` (784), `batch_norm` (False). ConvNet4: `width`, `flatten`. ResNet12: `widths`.
   SEResNet12: `widths`, `se_reduction` (16; RFS uses 4).

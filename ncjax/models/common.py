@@ -5,6 +5,9 @@
   statistics after a train-mode step equal torch's `nn.BatchNorm2d` exactly.
 * `spatial_mean`: the pooling of a unit's conv map into one feature vector per example.
 * `add_skip`: the parameter-free SCL skip (zero-pad on the channel axis, then add).
+* `MapUnits`: what the conv nets with (N, H, W, C) unit outputs share (pooling, checks).
+* `pooled_head`: the end of a conv net: pool, SCL skip, sow the penultimate feature, classify.
+* `torch_conv`: a bias-free `nn.Conv2d(k, stride, padding=k // 2, groups)` of torchvision.
 """
 from __future__ import annotations
 
@@ -72,6 +75,23 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+# torchvision's init for ResNet and MobileNetV2 convs: kaiming normal, fan_out, relu gain.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def torch_conv(features: int, k: int, stride: int, dtype, name: str, groups: int = 1,
+               kernel_init=conv_init) -> nn.Conv:
+  """torch's `nn.Conv2d(c_in, features, k, stride, padding=k // 2, groups=groups, bias=False)`.
+
+  The explicit symmetric padding (not 'SAME', which pads more on the bottom/right at stride
+  2) gives PyTorch's outputs at every input size. Kernel (k, k, c_in // groups, features).
+  """
+  p = k // 2
+  return nn.Conv(features, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
+                 feature_group_count=groups, use_bias=False, kernel_init=kernel_init,
+                 dtype=dtype, name=name)
+
+
 def spatial_mean(x):
   """(N, H, W, C) -> (N, C) in float32 (adaptive average pooling to 1x1)."""
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -92,3 +112,33 @@ def add_skip(penultimate, unit_feature):
   if c < d:
     u = jnp.pad(u, ((0, 0),) * (u.ndim - 1) + ((0, d - c),))
   return penultimate + u
+
+
+def pooled_head(module: nn.Module, x, outputs, dtype):
+  """The end of a conv net with units, called from `module`'s compact `__call__`.
+
+  x: the last unit's output (N, H, W, D); outputs: {unit: raw output} (only
+  `module.scl_unit`'s is read). The penultimate feature is the spatial mean of `x` (plus the
+  zero-padded feature of `module.scl_unit`, SCL), sown as `intermediates/penultimate`; the
+  top-level `head` (Dense, computing in `dtype`) maps it to logits (N, num_classes) float32.
+  """
+  feat = spatial_mean(x)
+  if module.scl_unit is not None:
+    feat = add_skip(feat, module.unit_feature(outputs[module.scl_unit]))
+  module.sow('intermediates', 'penultimate', feat)
+  logits = nn.Dense(module.num_classes, dtype=dtype, name='head')(feat)
+  return logits.astype(jnp.float32)
+
+
+class MapUnits:
+  """Mixin of the conv nets whose units output (N, H, W, C) maps (ResNet, DenseNet,
+  MobileNetV2); the class defines `units`, `scl_unit` and `dtype`."""
+
+  def unit_feature(self, y):
+    """A unit's output (N, H, W, C) -> its feature (N, C) float32: the spatial mean."""
+    return spatial_mean(y)
+
+  def _start(self):
+    """(units, computation dtype), once `scl_unit` is known to be one of the units."""
+    check_unit(self.scl_unit, self.units)
+    return self.units, as_dtype(self.dtype)

@@ -15,18 +15,9 @@ from typing import Any, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import flax.linen as nn
 
-from ncjax.models.common import BatchNorm, add_skip, as_dtype, check_unit, spatial_mean
+from ncjax.models.common import BatchNorm, MapUnits, pooled_head, torch_conv as _conv
 
 Dtype = Any
-
-# torchvision's init for convs: kaiming normal, fan_out, relu gain.
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-def _conv(features, k, stride, dtype, name):
-  p = k // 2
-  return nn.Conv(features, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
-                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
 
 
 def max_pool_torch(x, window: int = 3, stride: int = 2, pad: int = 1):
@@ -111,7 +102,7 @@ def resnet_units(stage_sizes: Sequence[int]) -> Tuple[str, ...]:
   return tuple(f'block{i + 1}' for i in range(sum(stage_sizes)))
 
 
-class ResNet(nn.Module):
+class ResNet(MapUnits, nn.Module):
   """torchvision-style ResNet.
 
   `block{i}` is stage s, index j in torchvision's `layer{s+1}.{j}` (forward order).
@@ -130,15 +121,9 @@ class ResNet(nn.Module):
   def units(self) -> Tuple[str, ...]:
     return resnet_units(self.stage_sizes)
 
-  def unit_feature(self, y):
-    """A unit's output (N, H, W, C) -> its feature (N, C) float32: the spatial mean."""
-    return spatial_mean(y)
-
   @nn.compact
   def __call__(self, x, train: bool = False):
-    units = self.units
-    check_unit(self.scl_unit, units)
-    dtype = as_dtype(self.dtype)
+    units, dtype = self._start()
     block_cls = BLOCKS[self.block]
     x = Stem(kind=self.stem, width=self.width, dtype=dtype, name='stem')(
         x.astype(dtype), train)
@@ -151,9 +136,4 @@ class ResNet(nn.Module):
         x = block_cls(self.width * 2**s, stride, dtype, name=name)(x, train)
         out[name] = x
         i += 1
-    feat = spatial_mean(x)
-    if self.scl_unit is not None:
-      feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
-    self.sow('intermediates', 'penultimate', feat)
-    logits = nn.Dense(self.num_classes, dtype=dtype, name='head')(feat)
-    return logits.astype(jnp.float32)
+    return pooled_head(self, x, out, dtype)
