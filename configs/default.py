@@ -67,6 +67,8 @@ def get_config():
   c.fewshot = ml_collections.ConfigDict(dict(
       ways=5, shots=(1, 5), queries=15, episodes=600,
       solver="jax",          # jax (batched Newton, same optimum) | sklearn (RFS's loop)
+      split="train",         # the downstream split episodes draw from; cifar_fs / mini_imagenet:
+                             # meta_test (all images of the meta-test classes, ncjax.data)
   ))
 
   # --- unit = "auto": choose the unit to fine-tune by NC (ncjax.autounit, paper §3.3) --------
@@ -83,6 +85,9 @@ def get_config():
       steps=0,               # > 0 overrides epochs
       batch_size=128,
       aug_level=1,           # 1..5 (REFERENCE §4); 1 = normalisation only
+      schedule="cosine",     # cosine: lr -> lr_end | step: lr x decay_factor after each of
+      decay_epochs=(),       #   these epochs (increasing, < epochs; RFS: 60,80 of 100), in
+      decay_factor=0.1,      #   epochs of the run's own data, also when `steps` sets its length
   ))
   c.eval_batch_size = 512
   c.cache_linear_features = True  # linear probe without augmentation: features computed once

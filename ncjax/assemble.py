@@ -167,13 +167,24 @@ def initial_variables(spec: Spec, bb: Backbone, model, ds: data.ArrayDataset,
 
 # ----------------------------------------------------------------------------- batches
 
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+  """Optimizer steps in one epoch of full batches (>= 1): the unit of ``optim.epochs`` and
+  ``optim.decay_epochs``."""
+  return max(1, n_train // batch_size)
+
+
 def total_steps(optim, n_train: int, batch_size: int) -> int:
   """``optim.steps`` when > 0, else ``optim.epochs`` (>= 1) epochs of full batches."""
   if optim.steps:
     return int(optim.steps)
   if int(optim.epochs) < 1:
     raise ValueError(f"optim.epochs must be >= 1 when optim.steps is 0, got {optim.epochs}")
-  return max(1, int(optim.epochs) * (n_train // batch_size))
+  return int(optim.epochs) * steps_per_epoch(n_train, batch_size)
+
+
+def optimizer(optim, n_train: int, batch_size: int):
+  """`train.OptimConfig` of a run on `n_train` examples in batches of `batch_size`."""
+  return optim.optimizer(steps_per_epoch(n_train, batch_size))
 
 
 def effective_batch(batch_size: int, n: int, mesh) -> int:

@@ -30,6 +30,13 @@ labels):
   fall back to TFDS.
 * ``folder:<dir>``: an image folder ``<dir>/<split>/<class>/*.{jpg,png,...}`` (e.g.
   FGVC-Aircraft, which TFDS lacks; ``fgvc_aircraft`` with ``data_dir=<dir>`` is an alias).
+* few-shot benchmarks (Table 2), split by class: ``cifar_fs`` (TFDS ``cifar100``, train and
+  test pooled, 600 images per class, Bertinetto et al.'s 64/16/20 classes) and
+  ``mini_imagenet:<dir>`` (Ravi & Larochelle's CSVs and ``<dir>/images/``). Splits
+  ``meta_train`` / ``meta_val`` / ``meta_test`` are all images of those classes; ``train`` /
+  ``test`` divide ``meta_train`` for pre-training: ``test`` is a fixed 10% of each meta-train
+  class (:data:`FEWSHOT_HOLDOUT`), held out so that the source accuracy is measured on
+  images the 64-way classifier has not seen, of the classes it knows.
 * anything else: TFDS through ``tfds.data_source`` (array_record files; TensorFlow is *not*
   needed).  ``tensorflow_datasets`` is imported only on this path.
 
@@ -74,7 +81,8 @@ __all__ = [
     "normalize", "resize", "augment", "preprocess", "Preprocess", "dataset_stats", "stats_for",
     "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN",
     "CIFAR100_STD", "MNIST_MEAN", "MNIST_STD", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",
-    "FIG11_SIZES", "FASHION_MNIST_CLASSES", "DEFAULT_FASHION_MNIST_DIR",
+    "FIG11_SIZES", "FASHION_MNIST_CLASSES", "DEFAULT_FASHION_MNIST_DIR", "concatenate",
+    "holdout_mask", "FEWSHOT_HOLDOUT",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +332,38 @@ def materialize(ds: "ArrayDataset", budget_mb: float = 4096) -> "ArrayDataset":
   return ArrayDataset(images, ds.labels, ds.num_classes, ds.name, list(ds.class_names))
 
 
+def concatenate(parts: Sequence["ArrayDataset"], name: str = "") -> "ArrayDataset":
+  """The rows of `parts` one after another (same classes, same image shape). uint8 parts of
+  which any is lazy give a lazy result: a row is decoded by its part only when indexed."""
+  first = parts[0]
+  for p in parts[1:]:
+    if (p.num_classes, p.class_names, p.image_shape) != (first.num_classes,
+                                                         first.class_names, first.image_shape):
+      raise ValueError(f"cannot concatenate {first.name} and {p.name}: different classes or "
+                       f"image shapes ({first.image_shape} vs {p.image_shape})")
+  labels = np.concatenate([p.labels for p in parts])
+  name = name or "+".join(p.name for p in parts)
+  if not any(isinstance(p.images, ImageSource) for p in parts):
+    return ArrayDataset(np.concatenate([p.images for p in parts]), labels, first.num_classes,
+                        name, list(first.class_names))
+  if any(p.images.dtype != np.uint8 for p in parts):
+    raise ValueError(f"{name}: lazy images concatenate with uint8 images only")
+  starts = np.cumsum([0] + [len(p) for p in parts])
+
+  def read(ids):
+    ids = np.asarray(ids, np.int64)
+    part = np.searchsorted(starts, ids, side="right") - 1
+    out = [None] * len(ids)
+    for k in np.unique(part):  # one (threaded) read per part
+      at = np.flatnonzero(part == k)
+      for j, row in zip(at, parts[k].images[ids[at] - starts[k]]):
+        out[j] = row
+    return out
+  return ArrayDataset(ImageSource(read, np.arange(starts[-1]), first.image_shape, fit=False,
+                                  name=name), labels, first.num_classes, name,
+                      list(first.class_names))
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading.
 
@@ -333,7 +373,8 @@ def load(name: str, split: str, *, data_dir: str | None = None,
 
   Args:
     name: ``digits``, ``fashion_mnist``, ``mnist``, ``idx:<dir>``, ``folder:<dir>``,
-      ``fgvc_aircraft`` (an image folder at ``data_dir``) or any TFDS
+      ``fgvc_aircraft`` (an image folder at ``data_dir``), ``cifar_fs``,
+      ``mini_imagenet:<dir>`` (few-shot class splits, module docstring) or any TFDS
       image-classification name (aliases: ``cifar10``, ``cifar100``, ``oxford_iiit_pet``
       / ``pets``, ``dtd``).
     split: e.g. ``'train'`` / ``'test'`` (TFDS split syntax is passed through to TFDS).
@@ -362,6 +403,11 @@ def load(name: str, split: str, *, data_dir: str | None = None,
   low = key.lower().replace("-", "_")
   if low == "digits":
     return _load_digits(split)
+  if low.partition(":")[0] == "mini_imagenet":
+    root = os.path.expanduser(key.partition(":")[2]) or data_dir
+    return _fewshot_split(_load_mini_imagenet(root, split, hw), split)
+  if low == "cifar_fs":
+    return _fewshot_split(_load_cifar_fs(split, data_dir, hw), split)
   if low in _AIRCRAFT_NAMES:
     if data_dir is None:
       raise FileNotFoundError("load('fgvc_aircraft') needs data_dir=<image folder>. "
@@ -416,12 +462,7 @@ def _load_digits(split: str) -> ArrayDataset:
   d = load_digits()
   images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   labels = d.target.astype(np.int32)
-  # Stratified, deterministic 80/20 split: the first 20% of each class' permutation is test.
-  rng = np.random.default_rng(_DIGITS_SEED)
-  is_test = np.zeros(len(labels), bool)
-  for c in range(10):
-    idx = rng.permutation(np.flatnonzero(labels == c))
-    is_test[idx[:int(round(_DIGITS_TEST_FRACTION * len(idx)))]] = True
+  is_test = holdout_mask(labels, _DIGITS_TEST_FRACTION, _DIGITS_SEED)
   if split == "train":
     keep = ~is_test
   elif split == "test":
@@ -432,6 +473,79 @@ def _load_digits(split: str) -> ArrayDataset:
     raise ValueError(f"digits has splits 'train', 'test', 'all'; got {split!r}")
   return ArrayDataset(images[keep], labels[keep], 10, f"digits:{split}",
                       [str(c) for c in range(10)])
+
+
+def holdout_mask(labels, fraction: float, seed: int) -> np.ndarray:
+  """(N,) bool: a stratified, deterministic held-out part of `labels` (N,) -- for each class
+  in ascending order, the first ``round(fraction * n_c)`` of a seeded permutation of its n_c
+  rows."""
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  out = np.zeros(len(labels), bool)
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    out[idx[:int(round(fraction * len(idx)))]] = True
+  return out
+
+
+# -- few-shot benchmarks (class splits) -------------------------------------------------------
+
+#: Fraction of each meta-train class held out as the few-shot datasets' ``test`` split (the
+#: source evaluation of pre-training); ``train`` is the rest. Seeded: the same images always.
+FEWSHOT_HOLDOUT = 0.1
+_FEWSHOT_SEED = 0
+_FEWSHOT_SPLITS = ("train", "test", "meta_train", "meta_val", "meta_test")
+
+
+def _fewshot_class_split(split: str) -> str:
+  """The class split a few-shot dataset split draws from: 'train' | 'val' | 'test'."""
+  if split not in _FEWSHOT_SPLITS:
+    raise ValueError(f"few-shot datasets have splits {', '.join(_FEWSHOT_SPLITS)} "
+                     f"(train/test: pre-training's division of meta_train); got {split!r}")
+  return {"meta_val": "val", "meta_test": "test"}.get(split, "train")
+
+
+def _fewshot_split(ds: ArrayDataset, split: str) -> ArrayDataset:
+  """`ds` (all images of a class split) itself, or for ``train`` / ``test`` the rows outside /
+  inside the meta-train classes' held-out slice (:data:`FEWSHOT_HOLDOUT`); lazily."""
+  if split not in ("train", "test"):
+    return ds
+  held = holdout_mask(ds.labels, FEWSHOT_HOLDOUT, _FEWSHOT_SEED)
+  return ds.take(np.flatnonzero(held if split == "test" else ~held),
+                 name=f"{ds.name.rpartition(':')[0]}:{split}")
+
+
+def _load_cifar_fs(split: str, data_dir, hw) -> ArrayDataset:
+  """CIFAR-FS: the classes of its split, with both CIFAR-100 splits' images (600 a class),
+  lazily; labels numbered over the split's classes in CIFAR-100 id order."""
+  from ncjax import fewshot  # the class lists (with their source) live with the protocol
+
+  which = _fewshot_class_split(split)
+  pool = concatenate([_load_tfds("cifar100", s, data_dir, hw) for s in ("train", "test")])
+  # The dataset's own names cross-check its label order; a source without names (TFDS mock
+  # data: '0'..'99') has CIFAR-100's ids, in fewshot.CIFAR100_LABEL_NAMES's order.
+  named = not all(n.isdigit() for n in pool.class_names)
+  ds = select_classes(pool, fewshot.cifar_fs_class_ids(
+      which, pool.class_names if named else fewshot.CIFAR100_LABEL_NAMES))
+  ds.name = f"cifar_fs:meta_{which}"
+  return ds
+
+
+def _load_mini_imagenet(root, split: str, hw) -> ArrayDataset:
+  """miniImageNet's class split from the Ravi & Larochelle CSV at `root` (images in
+  ``<root>/images/``), lazily; labels numbered over its sorted WordNet ids."""
+  from ncjax import fewshot
+
+  which = _fewshot_class_split(split)
+  if not root:
+    raise FileNotFoundError("mini_imagenet needs its directory: 'mini_imagenet:<dir>' (e.g. "
+                            "in dataset_sources). " + fewshot.MINI_IMAGENET_HOWTO)
+  part = fewshot.load_mini_imagenet(root, (which,))[which]
+  what = f"mini_imagenet:meta_{which}"
+  shape, fit = _decoded_shape(_threaded(_image_size, part.paths, f"scanning {what}"), hw, what)
+  read = lambda ids: _threaded(lambda i: _read_image(part.paths[i]), ids, "decoding")
+  return ArrayDataset(ImageSource(read, np.arange(len(part.paths)), shape, fit=fit, name=what),
+                      part.labels, len(part.classes), what, list(part.classes))
 
 
 # -- IDX (MNIST format) -----------------------------------------------------------------------

@@ -42,7 +42,8 @@ import numpy as np
 
 __all__ = ['Episodes', 'sample_episodes', 'l2_normalize', 'logistic_regression', 'predict',
            'evaluate', 'ci95', 'embedding_nc1', 'CIFAR100_LABEL_NAMES', 'CIFAR_FS_CLASSES',
-           'cifar_fs_class_ids', 'MiniImageNetSplit', 'load_mini_imagenet']
+           'cifar_fs_class_ids', 'MiniImageNetSplit', 'load_mini_imagenet',
+           'MINI_IMAGENET_HOWTO']
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -444,12 +445,13 @@ class MiniImageNetSplit(NamedTuple):
   classes: Tuple[str, ...]
 
 
-_MINI_HOWTO = (
+MINI_IMAGENET_HOWTO = (
     'miniImageNet (Ravi & Larochelle, ICLR 2017) is not downloadable automatically: put the '
     "split files train.csv, val.csv, test.csv (rows 'filename,label', e.g. "
     "'n0153282900000005.jpg,n01532829'; twitter/meta-learning-lstm data/miniImagenet) in the "
     'data directory and the 60,000 84x84 images (made from ImageNet with that repository\'s '
-    "or a common 'images.zip' preparation) in <data dir>/images/<filename>")
+    "or a common 'images.zip' preparation) in <data dir>/images/<filename>; name the directory "
+    "as 'mini_imagenet:<data dir>' (configs: dataset_sources.mini_imagenet)")
 
 
 def load_mini_imagenet(root, splits: Sequence[str] = ('train', 'val', 'test'), *,
@@ -467,7 +469,7 @@ def load_mini_imagenet(root, splits: Sequence[str] = ('train', 'val', 'test'), *
   for split in splits:
     path = os.path.join(csv_dir, f'{split}.csv')
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{path} not found. {_MINI_HOWTO}')
+      raise FileNotFoundError(f'{path} not found. {MINI_IMAGENET_HOWTO}')
     with open(path, newline='') as f:
       rows = [r for r in csv.reader(f) if r]
     if rows and [c.strip() for c in rows[0][:2]] == ['filename', 'label']:
@@ -483,7 +485,7 @@ def load_mini_imagenet(root, splits: Sequence[str] = ('train', 'val', 'test'), *
       missing = [p for p in paths if not os.path.isfile(p)]
       if missing:
         raise FileNotFoundError(f'{len(missing)} of the {len(paths)} {split} images are '
-                                f'missing, e.g. {missing[0]}. {_MINI_HOWTO}')
+                                f'missing, e.g. {missing[0]}. {MINI_IMAGENET_HOWTO}')
     out[split] = MiniImageNetSplit(paths, labels.astype(np.int32).reshape(-1),
                                    tuple(str(c) for c in classes))
   return out

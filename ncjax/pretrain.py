@@ -84,9 +84,10 @@ def pretrain(spec: Spec, run: Run, workdir: str | None, mesh, on_log=None,
                                     steps=pc.adversarial_steps)
   batch = assemble.effective_batch(pc.optim.batch_size, len(src), mesh)
   steps = assemble.total_steps(pc.optim, len(src), batch)
+  recipe = assemble.optimizer(pc.optim, len(src), batch)
   state, history = train.train(
-      forward, params, variables["batch_stats"], None, pc.optim.optimizer(), src.images,
-      src.labels, batch_size=batch, steps=steps, seed=seed, mesh=mesh,
+      forward, params, variables["batch_stats"], None, recipe, src.images, src.labels,
+      batch_size=batch, steps=steps, seed=seed, mesh=mesh,
       prepare=two_views(prepare) if supcon else prepare, loss_fn=loss_fn, adversary=adversary,
       checkpoint_dir=workdir and records.checkpoint_dir(workdir, run.id),
       checkpoint_every=spec.checkpoint_every, desc=run.id, on_log=on_log)

@@ -37,12 +37,13 @@ def probe(spec: Spec, run: Run, pretrained: dict | None, mesh) -> records.Record
                            desc=f"{run.id} test")
   k = train_ds.num_classes
   steps = assemble.total_steps(optim, len(train_ds), batch)
+  recipe = assemble.optimizer(optim, len(train_ds), batch)
   accs, nc1s = {}, {}
   for unit in list(models.units(model)) + ["penultimate"]:
     head = nn.Dense(k)
     forward = lambda p, s, f, t, head=head: (head.apply({"params": p}, f), s)
     params = head.init(jax.random.PRNGKey(seed), f_train[unit][:1])["params"]
-    state, _ = train.train(forward, params, {}, None, optim.optimizer(), f_train[unit],
+    state, _ = train.train(forward, params, {}, None, recipe, f_train[unit],
                            train_ds.labels, batch_size=batch, steps=steps, seed=seed, mesh=mesh,
                            desc=f"{run.id} {unit}")
     accs[unit] = train.accuracy(forward, state.params, {}, None, f_test[unit], test_ds.labels,

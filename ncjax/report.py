@@ -1044,15 +1044,18 @@ FEWSHOT_SOURCE_NC1 = "NC1 (meta-train): penultimate NC1 on the meta-train classe
 
 def _fewshot_columns(records: Sequence[Mapping]) -> tuple[list[tuple], Callable, Callable]:
   """Few-shot columns (model, pretrain tag or None) in first-seen order, the tag only when a
-  model has several; returns (keys, key of a record, label of a key: "ResNet12 [tag]")."""
-  tags: dict[str, list] = OrderedDict()
+  model has several on one dataset (table2's variant per dataset -- one pre-training each --
+  keeps one column per model); returns (keys, key of a record, label of a key:
+  "ResNet12 [tag]")."""
+  tags: dict[tuple, list] = OrderedDict()
   for r in records:
-    ts = tags.setdefault(r["model"], [])
+    ts = tags.setdefault((r["model"], r["dataset"]), [])
     if _tag(r) not in ts:
       ts.append(_tag(r))
+  several = {m for (m, _), ts in tags.items() if len(ts) > 1}
 
   def key(r):
-    return (r["model"], _tag(r) if len(tags[r["model"]]) > 1 else None)
+    return (r["model"], _tag(r) if r["model"] in several else None)
 
   def label(k):
     return model_name(k[0]) + (f" [{k[1] or MISSING}]" if k[1] is not None else "")

@@ -25,6 +25,7 @@ from ncjax.errors import ConfigError
 
 JOBS = ("transfer", "pretrain", "layer_probe", "fewshot", "metrics")
 SOLVERS = ("jax", "sklearn")
+SCHEDULES = ("cosine", "step")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LOSSES = ("ce", "mse", "supcon")
 NORMALIZATIONS = ("dataset", "imagenet", "inception")  # or a dataset name `data.stats_for` knows
@@ -47,11 +48,18 @@ class Optim:
   steps: int        # > 0 overrides epochs
   batch_size: int   # global, examples
   aug_level: int    # 1..5 (REFERENCE §4)
+  schedule: str = "cosine"                # cosine (lr -> lr_end) | step (x decay_factor)
+  decay_epochs: tuple[int, ...] = ()      # step: after these many epochs, increasing
+  decay_factor: float = 0.1               # step: in (0, 1]
 
-  def optimizer(self):
+  def optimizer(self, steps_per_epoch: int):
+    """`train.OptimConfig` of a run with `steps_per_epoch` optimizer steps per epoch (the
+    unit of ``decay_epochs``, also when ``steps`` sets the run's length)."""
     from ncjax import train
     return train.OptimConfig(lr=self.lr, lr_end=self.lr_end, momentum=self.momentum,
-                             weight_decay=self.weight_decay, warmup_steps=self.warmup_steps)
+                             weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
+                             schedule=self.schedule, decay_factor=self.decay_factor,
+                             decay_steps=tuple(e * steps_per_epoch for e in self.decay_epochs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +104,7 @@ class Fewshot:
   queries: int
   episodes: int
   solver: str
+  split: str = "train"   # the downstream split episodes draw from (CIFAR-FS: meta_test)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +215,21 @@ class Spec:
         fields.update(unit_budget=self.unit_budget, unit_probe_fraction=self.unit_probe_fraction)
       if cell["method"] == "linear":
         fields["cache_linear_features"] = self.cache_linear_features
-    return tuple(sorted((k, _plain(v)) for k, v in fields.items()))
+    return tuple(sorted((k, _plain(v)) for k, v in fields.items() if not _unset(k, v, fields)))
+
+
+# Fields added after workdirs existed: at these values they are left out of fingerprints, so
+# the runs made before them stay resumable. The step decays count only with schedule 'step'.
+_ADDED_DEFAULTS = {"optim.schedule": "cosine", "fewshot.split": "train"}
+_STEP_ONLY = ("optim.decay_epochs", "optim.decay_factor")
+
+
+def _unset(key: str, value, fields: dict) -> bool:
+  """Whether fingerprint field `key` (``[pretrain.]optim.*`` included) is left out."""
+  prefix, base = ("pretrain.", key[9:]) if key.startswith("pretrain.optim.") else ("", key)
+  if base in _STEP_ONLY:
+    return fields.get(prefix + "optim.schedule", "cosine") == "cosine"
+  return base in _ADDED_DEFAULTS and value == _ADDED_DEFAULTS[base]
 
 
 def _starts_from_pretraining(enabled: bool, bb: Backbone) -> bool:
@@ -371,10 +394,30 @@ def _optim(p: _Problems, prefix: str, o, own=None) -> Optim:
       epochs=_int(p, field("epochs"), o.epochs, 0 if steps else 1),
       steps=steps,
       batch_size=_int(p, field("batch_size"), o.batch_size, 1),
-      aug_level=_int(p, field("aug_level"), o.aug_level, 1, 5))
-  if out.lr_end > out.lr > 0:
+      aug_level=_int(p, field("aug_level"), o.aug_level, 1, 5),
+      **_decays(p, field, o, steps))
+  if out.lr_end > out.lr > 0 and out.schedule == "cosine":
     p.add(field("lr_end"), o.lr_end, f"must not exceed lr ({out.lr})")
   return out
+
+
+def _decays(p: _Problems, field, o, steps: int) -> dict:
+  """``schedule``, ``decay_epochs``, ``decay_factor`` of an optim config (absent: cosine).
+  The epochs must increase and, when ``epochs`` sets the length, fall inside the run; with
+  ``steps`` the epoch length is known only from the data (`train.lr_schedule` checks)."""
+  schedule = _str(p, field("schedule"), o.get("schedule", "cosine"), SCHEDULES)
+  epochs = _positive_ints(p, field("decay_epochs"), o.get("decay_epochs", ()),
+                          "must be positive integers (epochs)") or ()
+  if any(b <= a for a, b in zip(epochs, epochs[1:])):
+    p.add(field("decay_epochs"), epochs, "must increase")
+  elif schedule == "step" and not steps and epochs and isinstance(o.epochs, int) and \
+      epochs[-1] >= o.epochs:
+    p.add(field("decay_epochs"), epochs, f"must be < epochs ({o.epochs}): a decay at the "
+          "end of the run changes nothing")
+  factor = _float(p, field("decay_factor"), o.get("decay_factor", 0.1), positive=True)
+  if factor > 1:
+    p.add(field("decay_factor"), factor, "must be in (0, 1]")
+  return dict(schedule=schedule, decay_epochs=epochs, decay_factor=factor)
 
 
 def _backbone(p: _Problems, config, model: str, default_datasets) -> Backbone:
@@ -612,7 +655,8 @@ def _fewshot(p: _Problems, f) -> Fewshot:
   return Fewshot(ways=_int(p, "fewshot.ways", f.ways, 2),
                  shots=shots, queries=_int(p, "fewshot.queries", f.queries, 1),
                  episodes=_int(p, "fewshot.episodes", f.episodes, 1),
-                 solver=_str(p, "fewshot.solver", f.solver, SOLVERS))
+                 solver=_str(p, "fewshot.solver", f.solver, SOLVERS),
+                 split=_str(p, "fewshot.split", f.get("split", "train")) or "train")
 
 
 def not_creatable(path: str) -> str | None:
@@ -641,9 +685,10 @@ def assets(specs: list[Spec]) -> Iterator[tuple[str, str, tuple]]:
       if spec.job == "pretrain" or spec.uses_pretraining(bb):
         wanted += [("pretrain.dataset", spec.pretrain.dataset, s) for s in ("train", "test")]
       if spec.job != "pretrain":
+        splits = (spec.fewshot.split,) if spec.job == "fewshot" else ("train", spec.test_split)
         wanted += [("datasets" if bb.datasets == spec.datasets else
                     f"backbone.{bb.model}.datasets", d, s)
-                   for d in bb.datasets for s in ("train", spec.test_split)]
+                   for d in bb.datasets for s in splits]
       for field, name, split in wanted:
         key = ("data", spec.source(name), split, bb.image_size or None, spec.data_dir)
         if key not in seen:

@@ -2,8 +2,9 @@
 
 The pieces, each a plain function over pytrees:
 
-* `lr_schedule` — the paper's cosine learning-rate schedule (optional linear warm-up), the one
-  definition used by the optimizer and by whoever logs the learning rate.
+* `lr_schedule` — the learning rate per step: the paper's cosine annealing or RFS's x0.1 step
+  decays (optional linear warm-up), the one definition used by the optimizer and by whoever
+  logs the learning rate.
 * `make_optimizer` — SGD + momentum + weight decay on `lr_schedule`, wrapped in
   `optax.masked(…, mask)` so frozen leaves keep no optimizer state.
 * `make_train_step` — the single train step. It splits the parameters with the method's mask
@@ -74,12 +75,18 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """The paper's recipe (Appendix B): SGD momentum 0.9, wd 1e-4, cosine 0.1 -> 1e-4."""
+  """The paper's recipe (Appendix B): SGD momentum 0.9, wd 1e-4, cosine 0.1 -> 1e-4.
+
+  ``schedule='step'`` is RFS's instead (Table 2): ``lr`` multiplied by ``decay_factor`` at
+  each of ``decay_steps`` (optimizer steps, increasing; ``lr_end`` unused)."""
   lr: float = 0.1
   lr_end: float = 1e-4
   momentum: float = 0.9
   weight_decay: float = 1e-4
   warmup_steps: int = 0
+  schedule: str = "cosine"            # cosine | step
+  decay_steps: tuple[int, ...] = ()   # step: the steps from which each further decay applies
+  decay_factor: float = 0.1           # step: the factor per decay, in (0, 1]
 
   @classmethod
   def from_config(cls, cfg) -> "OptimConfig":
@@ -89,10 +96,35 @@ class OptimConfig:
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   """The learning rate of update ``count`` (0-based optimizer steps): linear warm-up from 0
-  over ``cfg.warmup_steps`` (none: starts at ``cfg.lr``), then cosine from ``cfg.lr`` down to
-  ``cfg.lr_end`` at `total_steps`."""
+  over ``cfg.warmup_steps`` (none: starts at ``cfg.lr``), then
+
+  * ``cosine``: cosine from ``cfg.lr`` down to ``cfg.lr_end`` at `total_steps`;
+  * ``step``: ``cfg.lr * cfg.decay_factor ** d`` with d the number of ``cfg.decay_steps``
+    <= count. RFS (``adjust_learning_rate``: ``lr * rate ** sum(epoch > decay_epochs)``, epochs
+    from 1) decays after ``e`` full epochs, i.e. from step ``e * steps_per_epoch`` on.
+
+  Raises ValueError for a milestone outside ``(0, total_steps)``, a non-increasing one, or a
+  factor outside (0, 1]."""
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+  if cfg.schedule == "step":
+    bounds = tuple(int(b) for b in cfg.decay_steps)
+    if (any(b <= a for a, b in zip(bounds, bounds[1:]))
+        or any(not 0 < b < total_steps for b in bounds)):
+      raise ValueError(f"decay_steps {bounds} must increase within (0, {total_steps})")
+    if not 0 < cfg.decay_factor <= 1:
+      raise ValueError(f"decay_factor must be in (0, 1], got {cfg.decay_factor}")
+    lr, factor, warmup = cfg.lr, cfg.decay_factor, cfg.warmup_steps
+    marks = jnp.asarray(bounds or (total_steps,), jnp.int32)  # no bounds: constant lr
+
+    def step_schedule(count):
+      decayed = lr * factor ** jnp.sum(count >= marks)
+      if warmup:  # as optax's warm-up of the cosine schedule: 0 -> lr linearly
+        decayed = jnp.where(count < warmup, lr * count / warmup, decayed)
+      return decayed
+    return step_schedule
+  if cfg.schedule != "cosine":
+    raise ValueError(f"schedule must be 'cosine' or 'step', got {cfg.schedule!r}")
   if cfg.lr_end > cfg.lr:
     raise ValueError(f"lr_end ({cfg.lr_end}) must not exceed lr ({cfg.lr})")
   return optax.warmup_cosine_decay_schedule(

@@ -30,6 +30,7 @@ def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
   batch = assemble.effective_batch(optim.batch_size, len(train_ds), mesh)
   steps = assemble.total_steps(optim, len(train_ds), batch)
   eval_batch = assemble.eval_batch(spec, mesh)
+  recipe = assemble.optimizer(optim, len(train_ds), batch)
   forward = train.model_forward(model)
   common = dict(batch_size=batch, steps=steps, seed=seed, mesh=mesh,
                 checkpoint_every=spec.checkpoint_every, desc=run.id, on_log=on_log,
@@ -45,9 +46,9 @@ def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
                             train_ds.images, eval_batch, mesh, names=("penultimate",),
                             desc=run.id)["penultimate"]
     state, history = train.train(train.head_forward(train_ds.num_classes), params, batch_stats,
-                                 mask, optim.optimizer(), feats, train_ds.labels, **common)
+                                 mask, recipe, feats, train_ds.labels, **common)
   else:
-    state, history = train.train(forward, params, batch_stats, mask, optim.optimizer(),
+    state, history = train.train(forward, params, batch_stats, mask, recipe,
                                  train_ds.images, train_ds.labels, prepare=prepare, **common)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   acc = records.NAN if test_ds is None else train.accuracy(
@@ -122,9 +123,10 @@ def run(spec: Spec, workdir: str, mesh, on_record, on_log=None, primary: bool = 
 
 def embed(spec: Spec, run: Run, pretrained: dict | None, mesh):
   """Penultimate embeddings (N, D) float32 of the frozen backbone (eval mode) on the
-  downstream classes' training images (the meta-test classes), their labels and the split."""
-  ds = assemble.materialize(spec, assemble.load_split(spec, run.dataset, "train", run.backbone,
-                                                      spec.downstream_classes))
+  downstream classes' images of ``fewshot.split`` (the meta-test classes: ``meta_test`` of
+  ``cifar_fs`` / ``mini_imagenet``), their labels and the split."""
+  ds = assemble.materialize(spec, assemble.load_split(spec, run.dataset, spec.fewshot.split,
+                                                      run.backbone, spec.downstream_classes))
   model = assemble.build_model(spec, run.backbone, ds.num_classes)
   variables, origin = assemble.initial_variables(spec, run.backbone, model, ds, pretrained)
   prepare = assemble.prepare_for(run.backbone, ds, 1)

@@ -339,3 +339,42 @@ def test_coercions_are_errors_reported_together_before_any_work(tmp_path):
   assert "--config.data_budget_mb=-1: must be >= 0" in err
   assert f"README.md/cache: {ROOT}/README.md is not a directory" in err
   assert not (tmp_path / "runs").exists() and time.time() - t0 < 30
+
+
+def test_step_schedule_is_typed_validated_and_fingerprinted_only_when_used():
+  """optim.schedule='step': decay epochs become steps with the run's steps per epoch; bad
+  values are reported together, each under its field; the new fields enter run fingerprints
+  only when the step schedule is used, so workdirs made before them stay resumable."""
+  c = tiny_mlp_config("transfer")
+  c.pretrain.optim = dict(epochs=5, steps=0, schedule="step", decay_epochs=(2, 4),
+                          decay_factor=0.5)
+  s, = spec.build(c)
+  po = s.pretrain.optim
+  assert (po.schedule, po.decay_epochs, po.decay_factor) == ("step", (2, 4), 0.5)
+  # 719 images in batches of 64: 11 steps an epoch, decays from steps 22 and 44 of 55.
+  recipe = assemble.optimizer(po, 719, 64)
+  assert recipe.decay_steps == (22, 44) and assemble.total_steps(po, 719, 64) == 55
+  pre, fine = (dict(r.fingerprint) for r in s.runs()[:2])
+  assert pre["pretrain.optim.schedule"] == "step" and pre["pretrain.optim.decay_epochs"] == [2, 4]
+  assert not {"optim.schedule", "optim.decay_epochs", "optim.decay_factor"} & set(fine)
+  assert fine["pretrain.optim.decay_factor"] == 0.5  # what the fine-tuning starts from
+  # The default config's fingerprints name none of the new fields.
+  default_fp = [k for r in spec.build(tiny_mlp_config("fewshot"))[0].runs()
+                for k, _ in r.fingerprint]
+  assert not [k for k in default_fp if "schedule" in k or "decay_e" in k or "decay_f" in k
+              or k == "fewshot.split"]
+  c.pretrain.optim.update(decay_epochs=(4, 2), decay_factor=1.5, schedule="linear")
+  c.optim.decay_epochs = (1, 30)
+  with pytest.raises(ConfigError) as e:
+    spec.build(c)
+  msg = str(e.value)
+  for line in ("--config.pretrain.optim.decay_epochs=4,2: must increase",
+               "--config.pretrain.optim.decay_factor=1.5: must be in (0, 1]",
+               "--config.pretrain.optim.schedule=linear: must be one of cosine, step"):
+    assert line in msg, msg
+  c.pretrain.optim.update(decay_epochs=(2, 5), decay_factor=0.1, schedule="step")
+  with pytest.raises(ConfigError, match=r"decay_epochs=2,5: must be < epochs \(5\)"):
+    spec.build(c)
+  c.pretrain.optim.decay_epochs = ("2,x",)  # as the command line's comma list arrives
+  with pytest.raises(ConfigError, match="decay_epochs=2,x: must be positive integers"):
+    spec.build(c)

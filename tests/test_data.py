@@ -557,3 +557,145 @@ def test_device_resize_matches_the_old_host_resize(native, size, channels, std):
     tol = 1.5 / 255 / min(std)
     np.testing.assert_allclose(on_device, on_host, atol=tol)
     assert np.abs(on_device - on_host).mean() < 0.35 / 255 / min(std)  # ~ rounding alone
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot benchmarks: CIFAR-FS (both CIFAR-100 splits pooled) and miniImageNet (CSV + folder)
+
+def _counting_source(images, labels, names, reads, what):
+    """A lazy dataset over `images` whose decoded rows are appended to `reads`."""
+    def read(ids):
+        reads.extend((what, i) for i in ids)
+        return [images[i] for i in ids]
+    return data.ArrayDataset(data.ImageSource(read, np.arange(len(labels)), images.shape[1:],
+                                              fit=False, name=what),
+                             labels, len(names), what, list(names))
+
+
+def test_concatenate_stays_lazy_and_reads_each_part():
+    reads = []
+    a = _counting_source(np.full((3, 2, 2, 1), 1, np.uint8), [0, 1, 1], "xy", reads, "a")
+    b = _counting_source(np.full((2, 2, 2, 1), 2, np.uint8), [1, 0], "xy", reads, "b")
+    ab = data.concatenate([a, b])
+    np.testing.assert_array_equal(ab.labels, [0, 1, 1, 1, 0])
+    assert isinstance(ab.images, data.ImageSource) and not reads
+    np.testing.assert_array_equal(ab.images[[4, 0, 3]][:, 0, 0, 0], [2, 1, 2])
+    assert sorted(reads) == [("a", 0), ("b", 0), ("b", 1)]
+    eager = data.concatenate([data.materialize(a), data.materialize(b)])
+    assert isinstance(eager.images, np.ndarray) and len(eager) == 5
+    with pytest.raises(ValueError, match="different classes"):
+        data.concatenate([a, _counting_source(np.zeros((1, 2, 2, 1), np.uint8), [0], "xz",
+                                              reads, "c")])
+
+
+def _fake_cifar100(monkeypatch, per_split=(5, 1)):
+    """CIFAR-100 stand-in for `data._load_tfds`: `per_split` images a class in train / test,
+    pixel (0, 0) = the class, (0, 1) = 0 for train / 1 for test, (0, 2) = the row; decodes
+    are recorded."""
+    from ncjax import fewshot
+    reads = []
+
+    def load_tfds(name, split, data_dir, hw):
+        assert name == "cifar100"
+        n = per_split[split == "test"]
+        labels = np.repeat(np.arange(100), n)
+        images = np.zeros((len(labels), 4, 4, 3), np.uint8)
+        images[:, 0, 0, 0], images[:, 0, 1, 0] = labels, split == "test"
+        images[:, 0, 2, 0] = np.arange(len(labels)) % 256
+        return _counting_source(images, labels, fewshot.CIFAR100_LABEL_NAMES, reads,
+                                f"cifar100:{split}")
+    monkeypatch.setattr(data, "_load_tfds", load_tfds)
+    return reads
+
+
+def test_cifar_fs_pools_both_cifar100_splits_lazily(monkeypatch):
+    """Each CIFAR-FS class has all its CIFAR-100 images (train + test: 5 + 1 here, 500 + 100
+    really); train/test divide the meta-train classes' images 90/10 per class; nothing is
+    decoded until rows are read, and then only those rows."""
+    from ncjax import fewshot
+    reads = _fake_cifar100(monkeypatch)
+    meta_test = data.load("cifar_fs", "meta_test")
+    assert not reads and isinstance(meta_test.images, data.ImageSource)
+    assert meta_test.class_names == sorted(fewshot.CIFAR_FS_CLASSES["test"])
+    np.testing.assert_array_equal(np.bincount(meta_test.labels), [6] * 20)
+    ds = data.materialize(meta_test)
+    assert len(reads) == 120  # only the 20 classes' rows
+    ids = fewshot.cifar_fs_class_ids("test")
+    np.testing.assert_array_equal(ds.images[:, 0, 0, 0], ids[ds.labels])  # labels match images
+    assert sorted(ds.images[:, 0, 1, 0]) == [0] * 100 + [1] * 20  # both splits' images
+    assert len(data.load("cifar_fs", "meta_val").class_names) == 16
+    full, train, test = (data.load("cifar_fs", s) for s in ("meta_train", "train", "test"))
+    assert train.class_names == test.class_names == full.class_names and len(full.class_names) == 64
+    np.testing.assert_array_equal(np.bincount(test.labels), [1] * 64)  # round(10% of 6)
+    np.testing.assert_array_equal(np.bincount(train.labels), [5] * 64)
+    rows = lambda d: {tuple(r[0, :3, 0]) for r in data.materialize(d).images}
+    assert rows(train) | rows(test) == rows(full) and not rows(train) & rows(test)
+    assert (train.name, test.name) == ("cifar_fs:train", "cifar_fs:test")
+    again = data.load("cifar_fs", "test")  # the same held-out images every time
+    assert rows(again) == rows(test)
+    with pytest.raises(ValueError, match="meta_test"):
+        data.load("cifar_fs", "validation")
+
+
+def test_cifar_fs_through_tfds_mock_data():
+    with tfds.testing.mock_data(num_examples=300):
+        ds = data.load("cifar_fs", "meta_test")
+        src = [tfds.data_source("cifar100", split=s, download=False) for s in ("train", "test")]
+        labels = np.concatenate([[int(x[i]["label"]) for i in range(len(x))] for x in src])
+        first = data.materialize(ds.take([0])).images[0]
+    from ncjax import fewshot
+    ids = fewshot.cifar_fs_class_ids("test")
+    assert len(ds) == np.isin(labels, ids).sum() and ds.num_classes == 20
+    assert first.shape == (32, 32, 3)
+
+
+def _mini_imagenet(root, classes=(("train", 4), ("val", 2), ("test", 5)), per_class=10):
+    """A tiny miniImageNet: 8x8 PNGs of noise brighter by class, whose pixel (0, 0) is the
+    row of its CSV; CSVs 'filename,label' with WordNet-like ids."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    wnid = 0
+    for split, k in classes:
+        lines = ["filename,label"]
+        for c in range(k):
+            wnid += 1
+            for i in range(per_class):
+                name = f"n{wnid:08d}{i:08d}.png"
+                im = (rng.integers(0, 64, (8, 8, 3)) + 16 * (wnid % 12)).astype(np.uint8)
+                im[0, 0, 0] = len(lines) - 1
+                Image.fromarray(im).save(root / "images" / name)
+                lines.append(f"{name},n{wnid:08d}")
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_mini_imagenet_splits(tmp_path):
+    _mini_imagenet(tmp_path)
+    src = f"mini_imagenet:{tmp_path}"
+    test = data.load(src, "meta_test")
+    assert isinstance(test.images, data.ImageSource) and test.images.shape == (50, 8, 8, 3)
+    assert test.class_names == [f"n{w:08d}" for w in range(7, 12)]
+    np.testing.assert_array_equal(np.bincount(test.labels), [10] * 5)
+    np.testing.assert_array_equal(data.materialize(test).images[:, 0, 0, 0], np.arange(50))
+    assert data.load(src, "meta_val").num_classes == 2
+    train, held = data.load(src, "train"), data.load(src, "test")
+    assert train.num_classes == held.num_classes == 4 and train.class_names == held.class_names
+    np.testing.assert_array_equal(np.bincount(held.labels), [1] * 4)
+    np.testing.assert_array_equal(np.bincount(train.labels), [9] * 4)
+    rows = lambda d: set(data.materialize(d).images[:, 0, 0, 0])
+    assert rows(train) | rows(held) == set(range(40)) and not rows(train) & rows(held)
+    assert data.load(src, "meta_test", decode_size=4).images.shape == (50, 4, 4, 3)
+
+
+def test_mini_imagenet_missing_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"test\.csv not found.*Ravi & Larochelle"):
+        data.load(f"mini_imagenet:{tmp_path}", "meta_test")
+    with pytest.raises(FileNotFoundError, match=r"mini_imagenet:<dir>"):
+        data.load("mini_imagenet", "train")
+
+
+def test_holdout_mask_is_stratified_and_seeded():
+    labels = np.repeat([3, 7], [10, 20])
+    m = data.holdout_mask(labels, 0.1, 0)
+    assert m[labels == 3].sum() == 1 and m[labels == 7].sum() == 2
+    np.testing.assert_array_equal(m, data.holdout_mask(labels, 0.1, 0))
+    assert not np.array_equal(m, data.holdout_mask(labels, 0.1, 1))

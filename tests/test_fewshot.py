@@ -464,3 +464,36 @@ def test_fewshot_job_end_to_end(tmp_path):
   assert 0 < one["ci95"] < 10 and one["nc1"] == five["nc1"] > 0
   assert one["source_nc1"] > 0 and one["num_classes"] == 5 and one["weights"] == "pretrain"
   assert jobs.run(c, str(tmp_path)) == recs  # finished runs are reused, not redone
+
+
+def test_fewshot_job_on_a_tiny_mini_imagenet(tmp_path):
+  """miniImageNet end to end from a generated folder + CSVs: pre-training on the `train` part
+  of the meta-train classes with RFS's step decays, its source accuracy on the held-out 10%
+  (`test`), episodes on `meta_test` (all images of its 5 classes); a missing folder is an
+  asset error before any work, saying how to get the data."""
+  from ncjax import jobs, records, spec
+  from ncjax.errors import ConfigError
+  from test_data import _mini_imagenet
+  from tiny_config import tiny_mlp_config
+  _mini_imagenet(tmp_path / 'mini')
+  c = tiny_mlp_config('fewshot')
+  c.dataset_sources.mini_imagenet = f'mini_imagenet:{tmp_path / "nope"}'
+  c.pretrain.dataset, c.datasets = 'mini_imagenet', ('mini_imagenet',)
+  c.pretrain.classes = c.downstream_classes = ''
+  c.pretrain.optim.update(dict(steps=0, epochs=6, batch_size=8, schedule='step',
+                               decay_epochs=(3, 5)))
+  c.fewshot.update(dict(shots=(1,), queries=5, episodes=20, split='meta_test'))
+  checked = []
+  with pytest.raises(ConfigError) as e:
+    spec.check_assets(spec.build(c), progress=checked.append)
+  assert '--config.pretrain.dataset=mini_imagenet:train' in str(e.value)
+  assert 'Ravi & Larochelle' in str(e.value)
+  # Pre-training's two splits, then the one episodes draw from (not train / test_split).
+  assert checked == [f'checking mini_imagenet:{s}' for s in ('train', 'test', 'meta_test')]
+  c.dataset_sources.mini_imagenet = f'mini_imagenet:{tmp_path / "mini"}'
+  rec, = jobs.run(c, str(tmp_path / 'w'))
+  assert (rec['dataset'], rec['num_classes'], rec['num_train']) == ('mini_imagenet', 5, 50)
+  assert 0 <= rec['accuracy'] <= 100 and rec['nc1'] > 0 and rec['source_nc1'] > 0
+  pre = records.load_record(str(tmp_path / 'w'), 'pretrain-mlp-mini_imagenet')
+  assert (pre.num_train, pre.num_test, pre.num_classes) == (36, 4, 4)
+  assert pre.steps == 6 * (36 // 8) and 0 <= pre.accuracy <= 100

@@ -1,4 +1,5 @@
 """Tests of the fine-tuning methods (masks) and the one train step."""
+import dataclasses
 import errno
 import glob
 import logging
@@ -225,6 +226,38 @@ def test_lr_schedule_is_the_optimizers_schedule():
   np.testing.assert_allclose(updates["head"]["w"], -float(train.lr_schedule(cfg, 5)(0)))
   with pytest.raises(ValueError, match="total_steps must be >= 1"):
     train.lr_schedule(cfg, 0)
+
+
+def test_step_schedule_by_hand():
+  """RFS's x0.1 decays: lr 0.05, 3 steps an epoch, decays after epochs 2, 3, 4 of 5 -> steps
+  6, 9, 12 of 15; with warm-up the first steps ramp linearly from 0 as the cosine's do."""
+  cfg = train.OptimConfig(lr=0.05, schedule="step", decay_steps=(6, 9, 12), decay_factor=0.1)
+  got = [float(train.lr_schedule(cfg, 15)(i)) for i in range(15)]
+  want = [0.05] * 6 + [0.005] * 3 + [0.0005] * 3 + [0.00005] * 3
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  warm = dataclasses.replace(cfg, warmup_steps=4, decay_factor=0.5)
+  got = [float(train.lr_schedule(warm, 15)(i)) for i in (0, 1, 3, 4, 5, 6, 9, 14)]
+  np.testing.assert_allclose(got, [0.0, 0.0125, 0.0375, 0.05, 0.05, 0.025, 0.0125, 0.00625],
+                             rtol=1e-6)
+  # The optimizer follows it: plain SGD moves w by -lr(step) * grad at each step.
+  sgd = dataclasses.replace(cfg, momentum=0.0, weight_decay=0.0)
+  params = {"head": {"w": jnp.ones(2)}}
+  tx = train.make_optimizer(sgd, 15, methods.trainable_mask(params, "full"))
+  state = tx.init(params)
+  for i in range(15):
+    updates, state = tx.update({"head": {"w": jnp.ones(2)}}, state, params)
+    np.testing.assert_allclose(updates["head"]["w"], -want[i], rtol=1e-6)
+  for bad, match in (((6, 6), "must increase"), ((0, 3), "must increase"),
+                     ((6, 15), "must increase within \\(0, 15\\)")):
+    with pytest.raises(ValueError, match=match):
+      train.lr_schedule(dataclasses.replace(cfg, decay_steps=bad), 15)
+  with pytest.raises(ValueError, match="decay_factor"):
+    train.lr_schedule(dataclasses.replace(cfg, decay_factor=0.0), 15)
+  with pytest.raises(ValueError, match="schedule must be"):
+    train.lr_schedule(dataclasses.replace(cfg, schedule="linear"), 15)
+  # No milestones: a constant learning rate.
+  flat = dataclasses.replace(cfg, decay_steps=())
+  assert float(train.lr_schedule(flat, 15)(14)) == pytest.approx(0.05)
 
 
 def test_resume_is_bit_identical(tmp_path):
