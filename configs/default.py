@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.job = "transfer"        # transfer | pretrain | layer_probe | fewshot | metrics
+  c.job = "transfer"        # transfer | pretrain | layer_probe | fewshot | metrics | rank
   c.seed = 0
 
   # --- the grid: models x datasets x train_sizes x methods x units ---------------------------
@@ -77,6 +77,13 @@ def get_config():
   # is lowest is then fine-tuned fully.
   c.unit_budget = 1.0           # (0, 1]: a fraction of the backbone's parameters
   c.unit_probe_fraction = 0.1   # (0, 1]: a fraction of the cell's optimizer steps
+
+  # --- job 'rank': score every candidate (variant x model) on each downstream dataset from
+  # its frozen penultimate features, fine-tune it with `methods` as the ground truth, and
+  # report each estimator's Kendall tau (ncjax.ranking; estimators: ncjax.transferability).
+  c.rank = ml_collections.ConfigDict(dict(
+      estimators=("nc1", "logme", "hscore", "leep", "ncti"),
+  ))
 
   # --- optimisation (paper, Appendix B: SGD 0.9, wd 1e-4, cosine 0.1 -> 1e-4, 200 epochs) -----
   c.optim = ml_collections.ConfigDict(dict(

@@ -127,7 +127,11 @@ def _run_specs(specs, workdir: str) -> list[dict]:
       transfer.run(s, workdir, mesh, on_record=on_record, on_log=on_log, primary=primary)
   # The report holds the job's results; pre-training records (in records.jsonl) only when
   # pre-training is the job.
-  results = [r for r in out if r["stage"] != "pretrain"] or out
+  if specs[0].job == "rank":  # one record per candidate: its scores beside its accuracy
+    from ncjax import ranking
+    results = ranking.summarize(out)
+  else:
+    results = [r for r in out if r["stage"] != "pretrain"] or out
   if primary:
     paths = report.write_all(results, workdir, plots=specs[0].plots)
     print(report.markdown_table(results))

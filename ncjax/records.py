@@ -47,7 +47,7 @@ class Record:
   weights: str = ""          # where the initial weights came from: a path | pretrain | scratch
   seed: int = 0
   final_train_loss: float = NAN  # mean loss of the last log window
-  stage: str = "transfer"    # transfer | pretrain | probe | fewshot | unit_probe
+  stage: str = "transfer"    # transfer | pretrain | probe | fewshot | unit_probe | score
   run: str = ""              # the run id (`ncjax.spec.Run.id`)
   pretrain: str = ""         # variant tag of the pre-training source
   loss: str = ""             # pre-training loss (pre-training records)
@@ -63,6 +63,9 @@ class Record:
   probe_cost_fraction: float = NAN  # unit=auto: probes' compute / the whole unit sweep's
   cost_fraction: float = NAN  # unit=auto: (probes + the chosen unit's run) / the unit sweep
   regret: float = NAN        # unit=auto: best swept unit's accuracy - the chosen's, points
+  candidate: str = ""        # job rank: the pre-trained model scored ([<variant tag>/]<model>)
+  scores: dict = dataclasses.field(default_factory=dict)  # job rank: estimator -> score
+  score_wall_s: dict = dataclasses.field(default_factory=dict)  # estimator -> seconds
   source_nc1: float = NAN    # NC1 of the source training data (transfer records after pretrain)
   source_accuracy: float = NAN
   wall_s: float = NAN        # seconds this run took (the only field a rerun may change)

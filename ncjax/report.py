@@ -108,6 +108,8 @@ __all__ = [
     "plot_reference_nc1_vs_accuracy",
     "plot_accuracy_vs_size",
     "plot_nc1_vs_fewshot_accuracy",
+    "rank_table",
+    "plot_scores_vs_accuracy",
     "pearson_r",
     "report_markdown",
     "write_all",
@@ -131,7 +133,7 @@ OPTIONAL_FIELDS = ("stage", "layerwise_accuracy", "pretrain", "loss", "seed", "w
 
 # Typed CSV columns; strings are listed so that a tag like "1" does not come back an int.
 _STRING_FIELDS = ("model", "dataset", "method", "unit", "pretrain", "stage", "loss", "run",
-                  "weights")
+                  "weights", "candidate")
 _FLOAT_FIELDS = ("accuracy", "nc1", "cdnv", "numerical_rank", "percent_params", "wall_s",
                  "source_nc1", "source_accuracy", "ci95", "regret", "cost_fraction",
                  "probe_cost_fraction")
@@ -487,6 +489,7 @@ _KIND_TITLES = {
     "variants": "Pre-training variants: source NC1 and transfer accuracy (Table 1, Figs. 3-5)",
     "probe": "Layer-wise linear probes (Fig. 9)",
     "fewshot": "Few-shot accuracy and NC1 on the meta-test classes (Table 2)",
+    "rank": "Ranking pre-trained models without fine-tuning them (Fig. 6)",
 }
 
 
@@ -498,10 +501,10 @@ def split_kinds(records: Sequence[Mapping]) -> dict[str, list[dict]]:
   by_stage: dict[str, list] = {}
   for r in records:
     s = stage(r)
-    by_stage.setdefault(s if s in ("pretrain", "probe", "fewshot") else "transfer",
+    by_stage.setdefault(s if s in ("pretrain", "probe", "fewshot", "rank") else "transfer",
                         []).append(r)
   out = {}
-  for s in ("pretrain", "transfer", "probe", "fewshot"):
+  for s in ("pretrain", "transfer", "probe", "fewshot", "rank"):
     rs = by_stage.get(s)
     if rs:
       out["variants" if s == "transfer" and is_variant_sweep(rs) else s] = rs
@@ -622,6 +625,8 @@ def _main_table(kind: str, rs: list[dict]) -> str:
     return probe_table(rs)
   if kind == "fewshot":
     return fewshot_table(rs)
+  if kind == "rank":
+    return rank_table(rs)
   if kind == "variants" and len({r["dataset"] for r in rs}) > 1:
     return variant_table(rs)
   return transfer_table(rs)
@@ -1759,6 +1764,84 @@ def plot_nc1_vs_fewshot_accuracy(records: Sequence[Mapping], path: str) -> str |
                "(Table 2)")
 
 
+# ----------------------------------------------------------------------------- ranking
+
+ESTIMATOR_NAMES = {"nc1": "-NC1", "logme": "LogME", "hscore": "H-score", "leep": "LEEP",
+                   "ncti": "NCTI"}
+
+
+def _estimators(rs: Sequence[Mapping]) -> list[str]:
+  return [k[len("score_"):] for k in _first_seen(k for r in rs for k in r)
+          if k.startswith("score_") and k != "score_wall_s"]
+
+
+def _rank_groups(rs: Sequence[Mapping]) -> list[tuple[str, tuple, list]]:
+  """(dataset, (method, unit), records) in first-seen order."""
+  keys = _first_seen((r["dataset"], (r["method"], r["unit"] or None)) for r in rs)
+  return [(d, mu, [r for r in rs if (r["dataset"], (r["method"], r["unit"] or None)) ==
+                   (d, mu)]) for d, mu in keys]
+
+
+def rank_table(records: Sequence[Mapping]) -> str:
+  """Job ``rank`` (`ncjax.ranking`): per (dataset, fine-tuning method) one table, a row per
+  candidate with its measured accuracy and every estimator's score (higher = predicted to
+  transfer better), then each estimator's Kendall tau and weighted tau against the
+  accuracy, and its mean seconds beside one fine-tuning's."""
+  rs = [r for r in validate(records) if stage(r) == "rank"]
+  ests = _estimators(rs)
+  out = []
+  for d, (method, unit), g in _rank_groups(rs):
+    truth = method_name(method) + (f" ({unit})" if unit else "")
+    lines = [f"### {dataset_name(d)}: {truth} accuracy as the ground truth", "",
+             _md_row(["Candidate", "Accuracy"] + [ESTIMATOR_NAMES.get(e, e) for e in ests]),
+             "|:--|--:" + "|--:" * len(ests) + "|"]
+    for r in sorted(g, key=lambda r: -(_num(r["accuracy"]) or -math.inf)):
+      lines.append(_md_row([r["candidate"], fmt_accuracy(r["accuracy"])]
+                           + [fmt_sig(r.get(f"score_{e}")) for e in ests]))
+    for title, field in (("Kendall tau", "kendall_tau"), ("weighted tau", "weighted_tau")):
+      lines.append(_md_row([f"**{title}**", ""] + [fmt_r(g[0].get(f"{field}_{e}"))
+                                                   for e in ests]))
+    tune = _mean(r.get("finetune_wall_s") for r in g)
+    lines.append(_md_row(["**seconds** (one fine-tuning: "
+                          f"{'–' if tune is None else f'{tune:.1f}'})", ""]
+                         + [fmt_sig(_mean(r.get(f"seconds_{e}") for r in g)) for e in ests]))
+    out.append("\n".join(lines))
+  return "\n\n".join(out) + ("\n" if out else "")
+
+
+def plot_scores_vs_accuracy(records: Sequence[Mapping], path: str) -> str | None:
+  """One panel per estimator: the measured accuracy (y) of every candidate against its score
+  (x), a colour per (dataset, method) with Kendall's tau in the legend. None without rank
+  records of two candidates."""
+  rs = split_kinds(records).get("rank", [])
+  groups = [(d, mu, g) for d, mu, g in _rank_groups(rs) if len(g) >= 2]
+  if not groups:
+    return None
+  panels = []
+  for e in _estimators(rs):
+    def panel(ax, e=e):
+      for i, (d, (method, unit), g) in enumerate(groups):
+        pts = [(r[f"score_{e}"], r["accuracy"], r["candidate"]) for r in g
+               if _num(r.get(f"score_{e}")) is not None and _num(r["accuracy"]) is not None]
+        if not pts:
+          continue
+        tau = g[0].get(f"kendall_tau_{e}")
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i % 10}", s=30,
+                   zorder=3, label=f"{dataset_name(d)}, {method_name(method)} "
+                   f"(tau = {fmt_r(tau)})")
+        _annotate(ax, [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
+                  color=f"C{i % 10}")
+      ax.margins(x=0.2, y=0.12)
+      ax.set_xlabel(f"{ESTIMATOR_NAMES.get(e, e)} score (higher: predicted better)",
+                    fontsize=_LABEL_SIZE)
+      ax.set_ylabel("transfer accuracy (%)", fontsize=_LABEL_SIZE)
+      ax.set_title(ESTIMATOR_NAMES.get(e, e), fontsize=9)
+      ax.legend(fontsize=7)
+    panels.append(panel)
+  return _draw(path, [(row, True) for row in _pack(panels)],
+               "Transferability scores of the frozen candidates vs their transfer accuracy")
+
+
 # ----------------------------------------------------------------------------- all
 
 # What write_all may write, in order; a rerun removes the ones the records no longer support.
@@ -1769,6 +1852,7 @@ PLOTS = (
     ("source_nc1_vs_accuracy.png", plot_source_nc1_vs_accuracy),
     ("accuracy_vs_size.png", plot_accuracy_vs_size),
     ("nc1_vs_fewshot_accuracy.png", plot_nc1_vs_fewshot_accuracy),
+    ("scores_vs_accuracy.png", plot_scores_vs_accuracy),
 )
 
 

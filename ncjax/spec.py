@@ -23,7 +23,8 @@ from typing import Any, Iterator
 from ncjax import methods, models
 from ncjax.errors import ConfigError
 
-JOBS = ("transfer", "pretrain", "layer_probe", "fewshot", "metrics")
+JOBS = ("transfer", "pretrain", "layer_probe", "fewshot", "metrics", "rank")
+TRAINS_CELLS = ("transfer", "rank")  # jobs that fine-tune the grid's cells
 SOLVERS = ("jax", "sklearn")
 SCHEDULES = ("cosine", "step")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -150,6 +151,7 @@ class Spec:
   fewshot: Fewshot
   unit_budget: float           # AUTO_UNIT: largest unit, a fraction of the backbone's parameters
   unit_probe_fraction: float   # AUTO_UNIT: each probe's steps, a fraction of the cell's steps
+  rank_estimators: tuple[str, ...]  # job 'rank': `ncjax.transferability.ESTIMATORS` to compute
   resolved: dict               # the resolved config as plain data (config.json)
 
   def source(self, dataset: str) -> str:
@@ -176,7 +178,11 @@ class Spec:
         for ds in bb.datasets:
           out.append(Run("probe", f"{prefix}{bb.model}-{ds}-probes", bb, ds,
                          fingerprint=self._fingerprint(bb, "probe", dataset=ds)))
-      if self.job != "transfer":
+      if self.job == "rank":  # the estimators' scores of this candidate, per dataset
+        for ds in bb.datasets:
+          out.append(Run("score", f"{prefix}{bb.model}-{ds}-scores", bb, ds,
+                         fingerprint=self._fingerprint(bb, "score", dataset=ds)))
+      if self.job not in TRAINS_CELLS:
         continue
       for ds in bb.datasets:
         for size in self.train_sizes or (0,):
@@ -206,6 +212,8 @@ class Spec:
                      "collapse": self.collapse})
     if kind in ("finetune", "probe"):  # few-shot trains nothing after pre-training
       fields.update({f"optim.{k}": v for k, v in dataclasses.asdict(self.optim).items()})
+    if kind == "score":
+      fields["rank.estimators"] = self.rank_estimators
     if kind == "fewshot":
       fields.update({f"fewshot.{k}": v for k, v in dataclasses.asdict(self.fewshot).items()
                      if k != "shots"}, shots=cell["shots"])
@@ -561,12 +569,12 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
   backbones = tuple(_backbone(p, c, m, datasets) for m in model_names)
   method_names = tuple(m for m in _names(p, "methods", c.methods, methods.METHODS, "method")
                        if m in methods.METHODS)
-  if job == "transfer" and not method_names:
+  if job in TRAINS_CELLS and not method_names:
     p.add("methods", c.methods, "must name at least one method")
   for bb in backbones:
-    if job in ("transfer", "fewshot") and not bb.datasets:
+    if job in TRAINS_CELLS + ("fewshot",) and not bb.datasets:
       p.add("datasets", c.datasets, f"no downstream dataset for {bb.model}")
-    if job == "transfer" and any(methods.needs_unit(m) for m in method_names) and not bb.units:
+    if job in TRAINS_CELLS and any(methods.needs_unit(m) for m in method_names) and not bb.units:
       p.add(f"backbone.{bb.model}.unit", "", "Layer FT / SCL FT need a unit")
   try:
     classes = parse_classes(c.downstream_classes)
@@ -629,6 +637,7 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
       unit_budget=_float(p, "unit_budget", c.unit_budget, positive=True, hi=1.0),
       unit_probe_fraction=_float(p, "unit_probe_fraction", c.unit_probe_fraction, positive=True,
                                  hi=1.0),
+      rank_estimators=_estimators(p, c.rank.estimators),
       resolved=_resolved(c))
   return None if p.lines else spec
 
@@ -647,6 +656,14 @@ def _positive_ints(p: _Problems, field: str, value, why: str, *, distinct: bool 
   except (ValueError, TypeError):
     p.add(field, value, why)
     return None
+
+
+def _estimators(p: _Problems, value) -> tuple[str, ...]:
+  from ncjax.transferability import ESTIMATORS
+  out = _names(p, "rank.estimators", value, ESTIMATORS, "estimator")
+  if not out:
+    p.add("rank.estimators", value, f"must name at least one of {', '.join(ESTIMATORS)}")
+  return out
 
 
 def _fewshot(p: _Problems, f) -> Fewshot:

@@ -91,6 +91,9 @@ def run(spec: Spec, workdir: str, mesh, on_record, on_log=None, primary: bool = 
       rec = done
     elif r.kind == "probe":
       rec = probes.probe(spec, r, pretrained.get(r.backbone.model), mesh)
+    elif r.kind == "score":
+      from ncjax import ranking
+      rec = ranking.score(spec, r, pretrained.get(r.backbone.model), mesh)
     elif r.kind == "fewshot":
       key = ("fewshot", r.backbone.model, r.dataset)
       if key not in splits:  # one embedding pass serves every shots setting
@@ -121,11 +124,13 @@ def run(spec: Spec, workdir: str, mesh, on_record, on_log=None, primary: bool = 
     on_record(rec)
 
 
-def embed(spec: Spec, run: Run, pretrained: dict | None, mesh):
+def embed(spec: Spec, run: Run, pretrained: dict | None, mesh, split: str | None = None):
   """Penultimate embeddings (N, D) float32 of the frozen backbone (eval mode) on the
-  downstream classes' images of ``fewshot.split`` (the meta-test classes: ``meta_test`` of
-  ``cifar_fs`` / ``mini_imagenet``), their labels and the split."""
-  ds = assemble.materialize(spec, assemble.load_split(spec, run.dataset, spec.fewshot.split,
+  downstream classes' images of `split` (default ``fewshot.split``: the meta-test classes,
+  ``meta_test`` of ``cifar_fs`` / ``mini_imagenet``), the split and where the weights came
+  from."""
+  ds = assemble.materialize(spec, assemble.load_split(spec, run.dataset,
+                                                      split or spec.fewshot.split,
                                                       run.backbone, spec.downstream_classes))
   model = assemble.build_model(spec, run.backbone, ds.num_classes)
   variables, origin = assemble.initial_variables(spec, run.backbone, model, ds, pretrained)

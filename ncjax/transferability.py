@@ -32,6 +32,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+# The estimators `job=rank` (`ncjax.ranking`) computes, by config name.
+ESTIMATORS = ("nc1", "logme", "hscore", "leep", "ncti")
+
 _EPS = np.finfo(np.float64).eps
 _TINY = np.finfo(np.float64).tiny
 # Rows widened to float64 at a time: 2**22 values (32 MiB) keep the temporary small while
@@ -448,8 +451,14 @@ def ncti(features_per_candidate: Sequence, labels, *, pca_dim: int = 64,
                      "candidate, not a single array")
   if len(features_per_candidate) < 1:
     raise ValueError("features_per_candidate must hold at least one candidate")
-  terms = np.array([ncti_terms(f, labels, pca_dim=pca_dim, shrinkage=shrinkage)
-                    for f in features_per_candidate])       # (M, 3)
+  return ncti_from_terms([ncti_terms(f, labels, pca_dim=pca_dim, shrinkage=shrinkage)
+                          for f in features_per_candidate])
+
+
+def ncti_from_terms(terms: Sequence[NCTITerms]) -> np.ndarray:
+  """(M,) NCTI scores of M candidates from their :func:`ncti_terms` (the min-max
+  normalisation of :func:`ncti`), for callers that compute each candidate's terms apart."""
+  terms = np.array(terms, np.float64).reshape(len(terms), 3)       # (M, 3)
   low, span = terms.min(0), terms.max(0) - terms.min(0)
   normed = np.divide(terms - low, span, out=np.zeros_like(terms), where=span > 0)
   return normed.sum(1)

@@ -206,8 +206,7 @@ _DENSENET_LEGACY_KEY = re.compile(r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
                                   r'((?:[12])\.(?:weight|bias|running_mean|running_var))$')
 
 # Architectures of the torchvision and vit_jax zoos that ncjax has no model for, by name.
-_OTHER_RESNETS = {((3, 4, 23, 3), 'bottleneck'): 'resnet101',
-                  ((3, 8, 36, 3), 'bottleneck'): 'resnet152'}
+_OTHER_RESNETS = {((2, 2, 2, 2), 'bottleneck'): 'resnet26 (timm)'}
 _OTHER_VITS = {(16, 1024, 24, 16, 4096): 'ViT-L/16', (32, 1024, 24, 16, 4096): 'ViT-L/32',
                (14, 1280, 32, 16, 5120): 'ViT-H/14', (8, 768, 12, 12, 3072): 'ViT-B/8'}
 
@@ -704,6 +703,21 @@ def resize_pos_embedding(pe: np.ndarray, num_tokens: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- load
+
+
+def head_classes(path, name: str) -> int | None:
+  """The number of classes of a torchvision / vit_jax checkpoint file's own classifier head
+  (e.g. 1000 for ImageNet, 21843 for ImageNet-21k), or None when it has none (an ncjax run
+  directory, or a file without a head)."""
+  if os.path.isdir(os.path.expanduser(os.fspath(path))):
+    return None
+  family = _family(name)
+  ckpt = read_checkpoint(path, family)
+  key = f'{_HEADS[family]}.bias' if family in _TORCHVISION else 'head/bias'
+  for prefix in ('', 'module.', 'params/'):
+    if prefix + key in ckpt:
+      return int(np.shape(ckpt[prefix + key])[0])
+  return None
 
 
 def load(path, name: str, variables, *, keep_head: bool = False, strict: bool = True):

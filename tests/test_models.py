@@ -16,7 +16,8 @@ from ncjax.models.resnet import max_pool_torch
 
 @pytest.mark.parametrize('name,expected', [
     ('resnet18', 11_689_512), ('resnet34', 21_797_672), ('resnet50', 25_557_032),
-    ('densenet121', 7_978_856), ('densenet161', 28_681_000), ('densenet169', 14_149_480),
+    ('resnet101', 44_549_160), ('resnet152', 60_192_808), ('densenet121', 7_978_856),
+    ('densenet161', 28_681_000), ('densenet169', 14_149_480),
     ('densenet201', 20_013_928), ('mobilenet_v2', 3_504_872)])
 def test_param_counts_match_torchvision(name, expected):
   params = models.param_shapes(name, 1000)['params']

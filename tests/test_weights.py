@@ -645,8 +645,10 @@ def test_describe_checkpoint_names_the_architecture():
   one_channel = dict(r50, **{'conv1.weight': np.broadcast_to(np.float32(0), (64, 1, 7, 7))})
   assert weights.describe_checkpoint(one_channel) == (
       'resnet50 (ImageNet stem, width 64, 1 input channel)')
-  r101 = weights.describe_checkpoint(_grown(r50, 3, 23))
-  assert r101.startswith('resnet101 (ImageNet stem, width 64); ncjax has no such model')
+  assert weights.describe_checkpoint(_grown(r50, 3, 23)) == 'resnet101 (ImageNet stem, width 64)'
+  odd = weights.describe_checkpoint(_grown(r50, 3, 10))
+  assert odd.startswith('a ResNet of 3-4-10-3 bottleneck blocks per stage (ImageNet stem')
+  assert 'ncjax has no such model' in odd
   wide = dict(r50)
   for k in [k for k in r50 if k.startswith('layer1.0.conv1.')]:
     wide[k] = np.broadcast_to(np.float32(0), (128, 64, 1, 1))

@@ -95,6 +95,8 @@ CONFIGS = {
     'resnet18': ((2, 2, 2, 2), 'basic'),
     'resnet34': ((3, 4, 6, 3), 'basic'),
     'resnet50': ((3, 4, 6, 3), 'bottleneck'),
+    'resnet101': ((3, 4, 23, 3), 'bottleneck'),
+    'resnet152': ((3, 8, 36, 3), 'bottleneck'),
 }
 
 
