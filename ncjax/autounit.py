@@ -56,6 +56,28 @@ def candidates(spec: Spec, run: Run, model, params) -> dict[str, float]:
   return out
 
 
+def budget_problems(specs: list[Spec]) -> list[str]:
+  """Every ``unit=auto`` cell whose `unit_budget` no unit fits, as one line each, found from
+  the models' parameter shapes and the (lazily opened) downstream splits before any work."""
+  import jax
+  out = []
+  for spec in specs:
+    for run in spec.runs():
+      if run.kind != "finetune" or run.unit != AUTO_UNIT:
+        continue
+      ds = assemble.load_split(spec, run.dataset, "train", run.backbone,
+                               spec.downstream_classes)
+      model = assemble.build_model(spec, run.backbone, ds.num_classes)
+      shape = assemble.input_shape(run.backbone, ds)
+      params = jax.eval_shape(lambda: assemble.init_variables(model, shape, spec.seed))["params"]
+      try:
+        candidates(spec, run, model, params)
+      except ConfigError as e:
+        if str(e) not in out:
+          out.append(str(e))
+  return out
+
+
 def step_flops(spec: Spec, run: Run, unit: str, train_ds: data.ArrayDataset, batch: int
                ) -> tuple[float, float]:
   """XLA's flop estimates for `run`'s method on `unit`: one train step of `batch` examples,
@@ -72,7 +94,8 @@ def step_flops(spec: Spec, run: Run, unit: str, train_ds: data.ArrayDataset, bat
   mask = methods.trainable_mask(params, run.method, unit)
   prepare = assemble.prepare_for(bb, train_ds, spec.optim.aug_level)
   forward = train.model_forward(model)
-  tx = train.make_optimizer(spec.optim.optimizer(), 1, mask)
+  steps = assemble.total_steps(spec.optim, len(train_ds), batch)
+  tx = train.make_optimizer(assemble.optimizer(spec.optim, len(train_ds), batch), steps, mask)
   step = train.make_train_step(forward, tx, mask, prepare)
   state = jax.eval_shape(lambda p, s: train.init_state(p, s, tx), params, stats)
   raw = jax.ShapeDtypeStruct((batch,) + tuple(train_ds.images.shape[1:]), jnp.uint8)

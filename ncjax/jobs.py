@@ -37,6 +37,11 @@ def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> 
     print(describe(specs, runs, workdir))
   spec_lib.check_assets(specs, progress=(lambda m: print(f"  {m}")) if dry_run else
                         (lambda m: None))
+  from ncjax import autounit
+  budgets = autounit.budget_problems(specs)
+  if budgets:
+    from ncjax.errors import ConfigError
+    raise ConfigError("invalid config:\n  " + "\n  ".join(budgets))
   if dry_run:
     print("assets: all present and readable")
     return []

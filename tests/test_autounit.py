@@ -51,6 +51,12 @@ def test_the_budget_keeps_the_units_that_fit_and_none_fitting_is_an_error():
   assert HAND["layer2"] / total == pytest.approx(0.2519, abs=1e-4)
 
 
+def test_a_budget_no_unit_fits_stops_the_job_before_any_work(tmp_path):
+  with pytest.raises(ConfigError, match=r"unit_budget=0.2: no unit of mlp fits"):
+    jobs.run(_config(("layer1", "auto"), unit_budget=0.2), str(tmp_path))
+  assert not (tmp_path / "runs").exists()
+
+
 def test_step_flops_count_the_dense_layers():
   """XLA's estimate of one inference example is the dense layers' 2*in*out multiply-adds
   plus a few elementwise ops (bias, ReLU, normalisation); a train step of B examples costs
@@ -65,6 +71,11 @@ def test_step_flops_count_the_dense_layers():
   assert infer == infer3
   assert matmuls <= infer < 1.1 * matmuls
   assert 16 * infer < step3 < step1 < 3.5 * 16 * infer
+  c = _config(("layer1",))
+  c.optim.update(dict(steps=0, epochs=3, schedule="step", decay_epochs=(1, 2)))
+  stepped = spec_lib.build(c)[0]
+  assert autounit.step_flops(stepped, run, "layer1", train_ds, 16)[0] == pytest.approx(
+      step1, rel=1e-3)  # the schedule changes the learning rate, not the work
 
 
 def test_auto_is_validated_ordered_last_and_fingerprinted():
