@@ -117,3 +117,39 @@ def test_rank_job_end_to_end(tmp_path):
   assert [r["score_logme"] for r in back] == pytest.approx([r["score_logme"] for r in recs])
   from ncjax import records
   assert records.dumps(jobs.run(c, str(tmp_path))) == records.dumps(recs)  # all reused
+
+
+def test_weights_file_candidates_use_their_own_source_head(tmp_path):
+  """A torchvision-layout file (random weights, a 7-class source head) scored without
+  pre-training: LEEP comes from the file's own head, and the source probabilities are the
+  softmax of the file's logits (checked against the model applied directly)."""
+  import jax
+  from ncjax import assemble, models, train
+  from test_weights import torchvision_state_dict
+  c = tiny_mlp_config("rank")
+  c.pretrain.enabled = False
+  c.models = ("resnet18",)
+  c.methods = ("linear",)
+  c.optim.steps = 3
+  for i, name in enumerate(c.models):
+    sd, _ = torchvision_state_dict(name, seed=i, num_classes=7, stem="cifar", width=8)
+    np.savez(tmp_path / f"{name}.npz", **sd)
+    c.backbone[name] = dict(c.backbone.default, weights=str(tmp_path / f"{name}.npz"),
+                            unit=(), channels=3, options={"stem": "cifar", "width": 8})
+  recs = jobs.run(c, str(tmp_path / "w"))
+  assert [r["candidate"] for r in recs] == ["resnet18"]
+  assert np.isfinite(recs[0]["score_leep"]) and recs[0]["score_leep"] < 0
+  (s,) = spec_lib.build(c)
+  run = next(r for r in s.runs() if r.kind == "score")
+  ds = assemble.materialize(s, assemble.load_split(s, "digits", "train", run.backbone,
+                                                   s.downstream_classes))
+  probs = ranking.source_probs(s, run, None, ds, train.data_mesh())
+  model = models.get("resnet18", 7, stem="cifar", width=8)
+  variables = weights.load(run.backbone.weights_path, "resnet18", assemble.init_variables(
+      model, assemble.input_shape(run.backbone, ds), 0), keep_head=True)
+  prepare = assemble.prepare_for(run.backbone, ds, 1)
+  logits = model.apply(variables, prepare(None, ds.images[:50], False), train=False)
+  np.testing.assert_allclose(probs[:50], jax.nn.softmax(np.asarray(logits, np.float64)),
+                             atol=1e-5)
+  assert probs.shape == (len(ds), 7)
+  assert recs[0]["score_leep"] == pytest.approx(transferability.leep(probs, ds.labels))
