@@ -1817,11 +1817,13 @@ def plot_scores_vs_accuracy(records: Sequence[Mapping], path: str) -> str | None
   groups = [(d, mu, g) for d, mu, g in _rank_groups(rs) if len(g) >= 2]
   if not groups:
     return None
+  one_model = len({r["model"] for r in rs}) == 1  # then the variant tag names a point
+  name = lambda r: (r.get("pretrain") if one_model and r.get("pretrain") else r["candidate"])
   panels = []
   for e in _estimators(rs):
     def panel(ax, e=e):
       for i, (d, (method, unit), g) in enumerate(groups):
-        pts = [(r[f"score_{e}"], r["accuracy"], r["candidate"]) for r in g
+        pts = [(r[f"score_{e}"], r["accuracy"], name(r)) for r in g
                if _num(r.get(f"score_{e}")) is not None and _num(r["accuracy"]) is not None]
         if not pts:
           continue
