@@ -76,6 +76,7 @@ class Pretrain:
   enabled: bool
   dataset: str
   classes: tuple[int, ...] | None
+  train_size: int              # class-balanced subset of the source training split (0: all)
   loss: str
   projection_layers: int
   projection_width: int
@@ -536,7 +537,8 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
   pretrain = Pretrain(
       enabled=_bool(p, "pretrain.enabled", pc.enabled),
       dataset=_str(pre_p, "pretrain.dataset", pc.dataset),
-      classes=pre_classes, loss=_str(pre_p, "pretrain.loss", pc.loss, LOSSES),
+      classes=pre_classes, train_size=_int(pre_p, "pretrain.train_size", pc.train_size, 0),
+      loss=_str(pre_p, "pretrain.loss", pc.loss, LOSSES),
       projection_layers=_int(pre_p, "pretrain.projection_layers", pc.projection_layers, 0, 8),
       projection_width=_int(pre_p, "pretrain.projection_width", pc.projection_width, 0),
       projection_dim=_int(pre_p, "pretrain.projection_dim", pc.projection_dim, 1),
