@@ -46,7 +46,7 @@ def test_pgd_stays_in_the_ball_and_raises_the_loss():
 
 
 @pytest.mark.parametrize("loss,layers,eps", [("mse", 0, 0.0), ("supcon", 2, 0.0),
-                                             ("ce", 1, 8 / 255)])
+                                             ("supcon", 0, 0.0), ("ce", 1, 8 / 255)])
 def test_pretrain_objectives(tmp_path, loss, layers, eps):
   c = _config()
   c.pretrain.loss, c.pretrain.projection_layers, c.pretrain.adversarial_eps = loss, layers, eps
