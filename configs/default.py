@@ -45,6 +45,7 @@ def get_config():
   c.pretrain.enabled = True
   c.pretrain.dataset = "digits"
   c.pretrain.classes = "0-4"
+  c.pretrain.train_size = 0           # > 0: a class-balanced subset of the source training split
   c.pretrain.loss = "ce"              # ce | mse | supcon (Table 1)
   c.pretrain.projection_layers = 0    # projection head, dropped after pre-training (Fig. 3)
   c.pretrain.projection_width = 0     # 0 = the penultimate width

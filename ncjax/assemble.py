@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ncjax import data, methods, models
+from ncjax import data, errors, methods, models
 from ncjax.spec import Backbone, Spec
 
 
@@ -34,13 +34,25 @@ def materialize(spec: Spec, ds: data.ArrayDataset) -> data.ArrayDataset:
   return data.materialize(ds, spec.data_budget_mb)
 
 
+def balanced(spec: Spec, ds: data.ArrayDataset, size: int, field: str) -> data.ArrayDataset:
+  """`ds` itself when `size` is 0, else its class-balanced subset of `size` examples (drawn
+  with the spec's seed, keeping `ds.name`); a size the split cannot fill is a config error
+  naming `field`."""
+  if not size:
+    return ds
+  try:
+    sub = data.balanced_subset(ds, size, spec.seed)
+  except ValueError as e:
+    raise errors.ConfigError(f"--config.{field}={size}: {e}") from e
+  sub.name = ds.name
+  return sub
+
+
 def downstream(spec: Spec, bb: Backbone, dataset: str, size: int = 0):
   """``(train, test)`` of a downstream dataset restricted to ``downstream_classes``; the
   training split is the class-balanced subset of `size` examples when `size` > 0."""
-  train = load_split(spec, dataset, "train", bb, spec.downstream_classes)
-  if size:
-    train = data.balanced_subset(train, size, spec.seed)
-    train.name = dataset
+  train = balanced(spec, load_split(spec, dataset, "train", bb, spec.downstream_classes), size,
+                   "train_sizes")
   test = load_split(spec, dataset, spec.test_split, bb, spec.downstream_classes)
   return materialize(spec, train), materialize(spec, test)
 

@@ -59,7 +59,9 @@ def pretrain(spec: Spec, run: Run, workdir: str | None, mesh, on_log=None,
   t0 = time.time()
   pc, bb, seed = spec.pretrain, run.backbone, spec.seed
   supcon = pc.loss == "supcon"
-  src = assemble.materialize(spec, assemble.load_split(spec, pc.dataset, "train", bb, pc.classes))
+  src = assemble.materialize(spec, assemble.balanced(
+      spec, assemble.load_split(spec, pc.dataset, "train", bb, pc.classes), pc.train_size,
+      "pretrain.train_size"))
   model = assemble.build_model(spec, bb, src.num_classes)
   in_shape = assemble.input_shape(bb, src)
   variables = assemble.init_variables(model, in_shape, seed)
@@ -74,7 +76,9 @@ def pretrain(spec: Spec, run: Run, workdir: str | None, mesh, on_log=None,
         num_classes=None if supcon else src.num_classes,
         out_dim=pc.projection_dim if supcon else None)
     params = {"backbone": variables["params"],
-              "projection": head.init(jax.random.PRNGKey(seed + 1), jnp.zeros((1, dim)))["params"]}
+              # SupCon without projection layers embeds the feature itself: no parameters
+              "projection": head.init(jax.random.PRNGKey(seed + 1),
+                                      jnp.zeros((1, dim))).get("params", {})}
     forward = projected_forward(model, head)
     loss_fn = supcon_objective(pc.temperature) if supcon else losses.get(pc.loss)
   adversary = None

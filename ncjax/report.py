@@ -1198,6 +1198,7 @@ def _draw(path: str, rows: Sequence[tuple[Sequence[Panel], bool]], title: str,
         ax.set_ylabel("")
         ax.tick_params(labelleft=False)
   # ~11 characters of 10-pt text per inch: wrap rather than clip a narrow figure's title.
+  title = re.sub(r"\b(Figs?\.|Tables?) (?=\d)", "\\1\u00a0", title)  # never wrap "Fig. | 2"
   fig.suptitle(textwrap.fill(title, width=max(40, int(11 * w * ncols)), break_on_hyphens=False),
                fontsize=10)
   return _save(fig, path)

@@ -87,6 +87,7 @@ class Pretrain:
   enabled: bool
   dataset: str
   classes: tuple[int, ...] | None
+  train_size: int              # class-balanced subset of the source training split (0: all)
   loss: str
   projection_layers: int
   projection_width: int
@@ -228,7 +229,7 @@ class Spec:
 
 # Fields added after workdirs existed: at these values they are left out of fingerprints, so
 # the runs made before them stay resumable. The step decays count only with schedule 'step'.
-_ADDED_DEFAULTS = {"optim.schedule": "cosine", "fewshot.split": "train"}
+_ADDED_DEFAULTS = {"optim.schedule": "cosine", "fewshot.split": "train", "pretrain.train_size": 0}
 _STEP_ONLY = ("optim.decay_epochs", "optim.decay_factor")
 
 
@@ -597,7 +598,8 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
   pretrain = Pretrain(
       enabled=_bool(p, "pretrain.enabled", pc.enabled),
       dataset=_str(pre_p, "pretrain.dataset", pc.dataset),
-      classes=pre_classes, loss=_str(pre_p, "pretrain.loss", pc.loss, LOSSES),
+      classes=pre_classes, train_size=_int(pre_p, "pretrain.train_size", pc.train_size, 0),
+      loss=_str(pre_p, "pretrain.loss", pc.loss, LOSSES),
       projection_layers=_int(pre_p, "pretrain.projection_layers", pc.projection_layers, 0, 8),
       projection_width=_int(pre_p, "pretrain.projection_width", pc.projection_width, 0),
       projection_dim=_int(pre_p, "pretrain.projection_dim", pc.projection_dim, 1),

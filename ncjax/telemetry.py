@@ -17,6 +17,7 @@ Only process 0 (`jax.process_index()`) prints or writes; the other processes sta
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -182,6 +183,9 @@ class RunLog:
 
   def _tensorboard_writer(self, run: str):
     from tensorboardX import SummaryWriter  # imported on first use: ~1 s, process 0 only
+    # A NaN scalar (SupCon's accuracy, a diverged loss) is logged as NaN on purpose; without
+    # this tensorboardX warns "NaN or Inf found in input tensor" at every such write.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD, run), flush_secs=30)
     self._writers[run] = writer
     return writer

@@ -255,9 +255,11 @@ def test_cli_on_8_simulated_devices(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
   assert "devices 8 x cpu" in out.stdout
-  (r,) = json.load(open(tmp_path / "results.json"))
-  assert r["batch_size"] == 56 and r["steps"] == 5
-  assert list(r["layerwise_nc1"]) == [f"layer{i}" for i in range(1, 10)]
+  records = json.load(open(tmp_path / "results.json"))
+  assert [r["loss"] for r in records] == ["ce", "mse", "supcon"]  # SupCon: 2 views per example
+  for r in records:
+    assert r["batch_size"] == 56 and r["steps"] == 5
+    assert list(r["layerwise_nc1"]) == [f"layer{i}" for i in range(1, 10)]
 
 
 def test_bfloat16_default_config_matches_float32_accuracy(tmp_path):
@@ -378,3 +380,63 @@ def test_step_schedule_is_typed_validated_and_fingerprinted_only_when_used():
   c.pretrain.optim.decay_epochs = ("2,x",)  # as the command line's comma list arrives
   with pytest.raises(ConfigError, match="decay_epochs=2,x: must be positive integers"):
     spec.build(c)
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.parametrize("arg", ["fashion_mnist", "quick", "mnist", "digits"])
+def test_fig2_pretrains_the_9_layer_mlp_with_ce_mse_and_supcon(arg):
+  """Fig. 2's three panels: one pre-training run per loss, each its own fingerprint; SupCon
+  embeds layer 9 through a linear projection, as CE and MSE classify it."""
+  specs = spec.build(_load(os.path.join(ROOT, "configs", "fig2.py"), arg))
+  assert [s.tag for s in specs] == [s.pretrain.loss for s in specs] == ["ce", "mse", "supcon"]
+  runs = [r for s in specs for r in s.runs()]
+  assert [r.kind for r in runs] == ["pretrain"] * 3
+  assert len({r.fingerprint for r in runs}) == 3
+  for s in specs:
+    (bb,) = s.backbones
+    assert bb.model == "mlp" and bb.options["depth"] == 9
+    assert s.pretrain.dataset == ("fashion_mnist" if arg == "quick" else arg)
+    assert s.pretrain.optim.aug_level == 1  # an MLP cannot fit shifted views (configs/fig2.py)
+    assert s.pretrain.projection_layers == (1 if s.pretrain.loss == "supcon" else 0)
+
+
+def test_fig2_quick_is_a_shorter_schedule_of_the_same_study():
+  full, quick = (spec.build(_load(os.path.join(ROOT, "configs", "fig2.py"), a))
+                 for a in ("fashion_mnist", "quick"))
+  for f, q in zip(full, quick):
+    assert q.pretrain.train_size * q.pretrain.optim.epochs < (
+        (f.pretrain.train_size or 60_000) * f.pretrain.optim.epochs)
+    assert (q.pretrain.loss, q.backbones) == (f.pretrain.loss, f.backbones)
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
+                    reason="needs Debian's dataset-fashion-mnist (apt-get install it)")
+def test_fig2_quick_dry_run_lists_three_runs_on_real_fashion_mnist(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "ncjax.main", "--config=configs/fig2.py:quick",
+                        f"--workdir={tmp_path}", "--dry_run"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "job pretrain: 3 run(s)" in out.stdout
+  for tag in ("ce", "mse", "supcon"):
+    assert f"{tag}/pretrain-mlp-fashion_mnist  [new]" in out.stdout
+  assert "assets: all present and readable" in out.stdout
+  assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
+                    reason="needs Debian's dataset-fashion-mnist (apt-get install it)")
+def test_fig2_quick_trains_ce_and_supcon_on_real_fashion_mnist(tmp_path):
+  """A few steps of CE and SupCon (its own input and head; MSE differs from CE only in the
+  loss) on 200 real images: the subset is class-balanced and NC1 is measured on it at every
+  layer."""
+  c = _load(os.path.join(ROOT, "configs", "fig2.py"), "quick")
+  c.variants = tuple(v for v in c.variants if v["tag"] != "mse")
+  c.pretrain.train_size, c.pretrain.optim.steps = 200, 2
+  c.plots, c.compile_cache_dir = False, ""
+  records = jobs.run(c, str(tmp_path))
+  assert [r["loss"] for r in records] == ["ce", "supcon"]
+  for r in records:
+    assert r["dataset"] == "fashion_mnist" and r["num_train"] == 200 and r["num_classes"] == 10
+    assert list(r["layerwise_nc1"]) == [f"layer{i}" for i in range(1, 10)]
+    assert all(v > 0 for v in r["layerwise_nc1"].values())

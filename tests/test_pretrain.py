@@ -46,7 +46,7 @@ def test_pgd_stays_in_the_ball_and_raises_the_loss():
 
 
 @pytest.mark.parametrize("loss,layers,eps", [("mse", 0, 0.0), ("supcon", 2, 0.0),
-                                             ("ce", 1, 8 / 255)])
+                                             ("supcon", 0, 0.0), ("ce", 1, 8 / 255)])
 def test_pretrain_objectives(tmp_path, loss, layers, eps):
   c = _config()
   c.pretrain.loss, c.pretrain.projection_layers, c.pretrain.adversarial_eps = loss, layers, eps
@@ -119,3 +119,23 @@ def test_variants_job_tags_records_and_reports_source_nc1(tmp_path):
   assert (tmp_path / "source_nc1_vs_accuracy.png").exists()
   assert (tmp_path / "runs" / "mse" / "pretrain-mlp-digits" / "record.json").exists()
   assert (tmp_path / "runs" / "ce" / "mlp-digits-linear").is_dir()
+
+
+def test_pretrain_train_size_is_a_balanced_subset_of_the_source_split(tmp_path):
+  """`pretrain.train_size` trains (and measures collapse) on a class-balanced subset; it is
+  part of the pre-training run's fingerprint, a non-integer is an error naming the field, and
+  a size the split cannot fill is named before the user reads a traceback."""
+  c = _config()
+  c.pretrain.train_size = 50
+  (r,) = jobs.run(c, str(tmp_path / "sub"))
+  assert r["num_train"] == 50 and r["dataset"] == "digits"
+  fingerprint = lambda c: dict(spec.build(c)[0].runs()[0].fingerprint)
+  assert fingerprint(c)["pretrain.train_size"] == 50
+  c.pretrain.train_size = 0  # left out at its default: workdirs made before the field resume
+  assert "pretrain.train_size" not in fingerprint(c)
+  c.pretrain.train_size = -1
+  with pytest.raises(ConfigError, match="--config.pretrain.train_size=-1: must be an integer >= 0"):
+    spec.build(c)
+  c.pretrain.train_size = 100_000
+  with pytest.raises(ConfigError, match="--config.pretrain.train_size=100000: class 0 "):
+    jobs.run(c, str(tmp_path / "big"))
