@@ -7,8 +7,9 @@ decision for one cell (model, dataset, train size, method):
 1. candidates: every unit of the model whose parameters are at most ``spec.unit_budget`` of
    the backbone's (the classifier excluded);
 2. a short probe per candidate: the cell's own recipe for ``ceil(unit_probe_fraction x
-   steps)`` steps (its cosine schedule compressed to that length), then the penultimate NC1
-   on the training split — no test data is looked at;
+   steps)`` steps on a cosine schedule compressed to that length (warm-up scaled; a step
+   schedule's decays become that cosine), then the penultimate NC1 on the training split —
+   no test data is looked at;
 3. the candidate with the lowest probe NC1 is fine-tuned with the full schedule.
 
 Compute is counted in XLA's flop estimate of the compiled programs (`step_flops`), not in wall
@@ -136,8 +137,11 @@ def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
   batch = assemble.effective_batch(spec.optim.batch_size, len(train_ds), mesh)
   full_steps = assemble.total_steps(spec.optim, len(train_ds), batch)
   probe_steps = max(1, math.ceil(spec.unit_probe_fraction * full_steps))
-  probe_spec = dataclasses.replace(
-      spec, collapse=True, optim=dataclasses.replace(spec.optim, steps=probe_steps))
+  # A probe is the cell's recipe on a cosine schedule of `probe_steps` (a step schedule's
+  # decays, in epochs, would fall after the probe's end); any warm-up shrinks with it.
+  probe_spec = dataclasses.replace(spec, collapse=True, optim=dataclasses.replace(
+      spec.optim, steps=probe_steps, schedule="cosine", decay_epochs=(),
+      warmup_steps=round(spec.optim.warmup_steps * probe_steps / full_steps)))
   n_measured = len(train_ds)
 
   choice, full_flops, probe_flops = {}, {}, 0.0

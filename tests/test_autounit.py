@@ -122,3 +122,16 @@ def test_the_choice_end_to_end_against_its_sweep(tmp_path):
   assert timeless(alone["unit_choice"]) == timeless(probes)
   assert alone["accuracy"] == auto["accuracy"] and math.isnan(alone["regret"])
   assert alone["cost_fraction"] == auto["cost_fraction"]
+
+
+def test_probes_of_a_step_schedule_run_on_a_compressed_cosine(tmp_path):
+  """A cell on RFS-style step decays (in epochs): its 2-step probes cannot hold the decays,
+  so they run a cosine of their own length, and the chosen unit then gets the real schedule."""
+  c = _config(("layer1", "layer3", "auto"))
+  c.optim.update(dict(steps=0, epochs=4, schedule="step", decay_epochs=(2, 3)))
+  c.pretrain.optim.schedule = "cosine"  # its 4 steps end before the fine-tuning decays
+  recs = jobs.run(c, str(tmp_path))
+  (auto,) = [r for r in recs if r["unit_choice"]]
+  assert all(p["steps"] == 2 for p in auto["unit_choice"].values())  # ceil(0.1 * 4 * 5)
+  assert auto["steps"] == 20
+  assert math.isnan(auto["regret"])  # the sweep lacks layer2: no regret against a partial one
