@@ -38,10 +38,10 @@ def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> 
   spec_lib.check_assets(specs, progress=(lambda m: print(f"  {m}")) if dry_run else
                         (lambda m: None))
   from ncjax import autounit
-  budgets = autounit.budget_problems(specs)
-  if budgets:
+  late = autounit.budget_problems(specs) + _schedule_problems(specs)
+  if late:  # what only the data's sizes reveal, still before any work
     from ncjax.errors import ConfigError
-    raise ConfigError("invalid config:\n  " + "\n  ".join(budgets))
+    raise ConfigError("invalid config:\n  " + "\n  ".join(late))
   if dry_run:
     print("assets: all present and readable")
     return []
@@ -58,6 +58,41 @@ def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> 
     _remove_runs(workdir, [r for r in runs if records.read_fingerprint(workdir, r.id)
                            is not None])
   return _run_specs(specs, workdir)
+
+
+def _schedule_problems(specs) -> list[str]:
+  """Step decays (in epochs) past the end of a run whose length ``steps`` sets: the steps per
+  epoch come from the (lazily opened) training split's size, so spec cannot see them."""
+  from ncjax import assemble, train
+  mesh, out = train.data_mesh(), []
+  for s in specs:
+    for r in s.runs():
+      if r.kind == "pretrain":
+        optim, field = s.pretrain.optim, "pretrain.optim"
+      elif r.kind in ("finetune", "probe"):
+        optim, field = s.optim, "optim"
+      else:
+        continue
+      if optim.schedule != "step" or not optim.steps:
+        continue  # with epochs, spec already checks the decays against them
+      if r.kind == "pretrain":
+        ds = assemble.balanced(s, assemble.load_split(s, s.pretrain.dataset, "train", r.backbone,
+                                                      s.pretrain.classes),
+                               s.pretrain.train_size, "pretrain.train_size")
+      else:
+        ds = assemble.balanced(s, assemble.load_split(s, r.dataset, "train", r.backbone,
+                                                      s.downstream_classes),
+                               r.size, "train_sizes")
+      batch = assemble.effective_batch(optim.batch_size, len(ds), mesh)
+      try:
+        train.lr_schedule(assemble.optimizer(optim, len(ds), batch), optim.steps)
+      except ValueError as e:
+        line = (f"--config.{field}.decay_epochs={','.join(map(str, optim.decay_epochs))}: {e} "
+                f"({r.id}: --config.{field}.steps={optim.steps}, "
+                f"{assemble.steps_per_epoch(len(ds), batch)} steps per epoch)")
+        if line not in out:
+          out.append(line)
+  return out
 
 
 def _stale_runs(workdir: str, runs) -> list:

@@ -440,3 +440,19 @@ def test_fig2_quick_trains_ce_and_supcon_on_real_fashion_mnist(tmp_path):
     assert r["dataset"] == "fashion_mnist" and r["num_train"] == 200 and r["num_classes"] == 10
     assert list(r["layerwise_nc1"]) == [f"layer{i}" for i in range(1, 10)]
     assert all(v > 0 for v in r["layerwise_nc1"].values())
+
+
+def test_step_decays_past_a_steps_long_run_are_named_before_any_work(tmp_path):
+  """With `steps` setting a run's length, its steps per epoch come from the data: decays past
+  the end are found from the split's size before any run starts, not when that run starts."""
+  c = tiny_mlp_config("transfer")
+  c.optim.update(dict(steps=0, epochs=4, schedule="step", decay_epochs=(2, 3)))
+  with pytest.raises(ConfigError) as e:
+    jobs.run(c, str(tmp_path))
+  assert str(e.value).splitlines()[1:] == [
+      "  --config.pretrain.optim.decay_epochs=2,3: decay_steps (10, 15) must increase within "
+      "(0, 4) (pretrain-mlp-digits: --config.pretrain.optim.steps=4, 5 steps per epoch)"]
+  assert not (tmp_path / "runs").exists()
+  c.pretrain.optim.schedule = "cosine"
+  c.optim.update(dict(steps=12, decay_epochs=(1, 2)))  # 5 steps per epoch: 5, 10 < 12
+  assert spec.build(c) and jobs._schedule_problems(spec.build(c)) == []
