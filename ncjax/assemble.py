@@ -48,13 +48,25 @@ def balanced(spec: Spec, ds: data.ArrayDataset, size: int, field: str) -> data.A
   return sub
 
 
+def source_train(spec: Spec, bb: Backbone) -> data.ArrayDataset:
+  """The pre-training split (``pretrain.classes``, ``pretrain.train_size``), still lazy."""
+  pc = spec.pretrain
+  return balanced(spec, load_split(spec, pc.dataset, "train", bb, pc.classes), pc.train_size,
+                  "pretrain.train_size")
+
+
+def downstream_train(spec: Spec, bb: Backbone, dataset: str, size: int = 0) -> data.ArrayDataset:
+  """A downstream training split restricted to ``downstream_classes`` (the class-balanced
+  subset of `size` examples when `size` > 0), still lazy."""
+  return balanced(spec, load_split(spec, dataset, "train", bb, spec.downstream_classes), size,
+                  "train_sizes")
+
+
 def downstream(spec: Spec, bb: Backbone, dataset: str, size: int = 0):
-  """``(train, test)`` of a downstream dataset restricted to ``downstream_classes``; the
-  training split is the class-balanced subset of `size` examples when `size` > 0."""
-  train = balanced(spec, load_split(spec, dataset, "train", bb, spec.downstream_classes), size,
-                   "train_sizes")
+  """``(train, test)`` of a downstream dataset, decoded: `downstream_train` and the
+  ``test_split`` restricted to ``downstream_classes``."""
   test = load_split(spec, dataset, spec.test_split, bb, spec.downstream_classes)
-  return materialize(spec, train), materialize(spec, test)
+  return materialize(spec, downstream_train(spec, bb, dataset, size)), materialize(spec, test)
 
 
 # ----------------------------------------------------------------------------- pre-processing

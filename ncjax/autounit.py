@@ -57,22 +57,28 @@ def candidates(spec: Spec, run: Run, model, params) -> dict[str, float]:
   return out
 
 
+def _abstract(spec: Spec, run: Run, ds: data.ArrayDataset, unit: str | None = None):
+  """`run`'s model on `ds` (the plain backbone; with `unit`, its method's model for that
+  unit) and the shapes of its initial variables (`jax.ShapeDtypeStruct` leaves)."""
+  import jax
+  model = assemble.build_model(spec, run.backbone, ds.num_classes, run.method if unit else "",
+                               unit)
+  shape = assemble.input_shape(run.backbone, ds)
+  return model, jax.eval_shape(lambda: assemble.init_variables(model, shape, spec.seed))
+
+
 def budget_problems(specs: list[Spec]) -> list[str]:
   """Every ``unit=auto`` cell whose `unit_budget` no unit fits, as one line each, found from
   the models' parameter shapes and the (lazily opened) downstream splits before any work."""
-  import jax
   out = []
   for spec in specs:
     for run in spec.runs():
       if run.kind != "finetune" or run.unit != AUTO_UNIT:
         continue
-      ds = assemble.load_split(spec, run.dataset, "train", run.backbone,
-                               spec.downstream_classes)
-      model = assemble.build_model(spec, run.backbone, ds.num_classes)
-      shape = assemble.input_shape(run.backbone, ds)
-      params = jax.eval_shape(lambda: assemble.init_variables(model, shape, spec.seed))["params"]
+      model, variables = _abstract(
+          spec, run, assemble.downstream_train(spec, run.backbone, run.dataset, run.size))
       try:
-        candidates(spec, run, model, params)
+        candidates(spec, run, model, variables["params"])
       except ConfigError as e:
         if str(e) not in out:
           out.append(str(e))
@@ -87,13 +93,10 @@ def step_flops(spec: Spec, run: Run, unit: str, train_ds: data.ArrayDataset, bat
   import jax
   import jax.numpy as jnp
   from ncjax import train
-  bb = run.backbone
-  model = assemble.build_model(spec, bb, train_ds.num_classes, run.method, unit)
-  shape = assemble.input_shape(bb, train_ds)
-  variables = jax.eval_shape(lambda: assemble.init_variables(model, shape, spec.seed))
+  model, variables = _abstract(spec, run, train_ds, unit)
   params, stats = variables["params"], variables.get("batch_stats", {})
   mask = methods.trainable_mask(params, run.method, unit)
-  prepare = assemble.prepare_for(bb, train_ds, spec.optim.aug_level)
+  prepare = assemble.prepare_for(run.backbone, train_ds, spec.optim.aug_level)
   forward = train.model_forward(model)
   steps = assemble.total_steps(spec.optim, len(train_ds), batch)
   tx = train.make_optimizer(assemble.optimizer(spec.optim, len(train_ds), batch), steps, mask)
@@ -127,13 +130,9 @@ def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
   Probes keep their checkpoints and records under ``runs/<run id>/probe-<unit>/``, so a
   killed job resumes them; when the job's sweep already fine-tuned the chosen unit (same
   cell, same recipe), its record is reused instead of training the same run again."""
-  import jax
   t0 = time.time()
-  bb = run.backbone
-  model = assemble.build_model(spec, bb, train_ds.num_classes)
-  shape = assemble.input_shape(bb, train_ds)
-  params = jax.eval_shape(lambda: assemble.init_variables(model, shape, spec.seed))["params"]
-  fractions = candidates(spec, run, model, params)
+  model, variables = _abstract(spec, run, train_ds)
+  fractions = candidates(spec, run, model, variables["params"])
   batch = assemble.effective_batch(spec.optim.batch_size, len(train_ds), mesh)
   full_steps = assemble.total_steps(spec.optim, len(train_ds), batch)
   probe_steps = max(1, math.ceil(spec.unit_probe_fraction * full_steps))
@@ -167,8 +166,9 @@ def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
   logging.info("%s: probe NC1 %s -> %s", run.id,
                ", ".join(f"{u} {c:.4g}" for u, c in finite.items()), chosen)
 
-  sweep = _sweep_runs(spec, run)
-  done = workdir and chosen in sweep and records.load_record(workdir, sweep[chosen].id)
+  swept = {u: workdir and records.load_record(workdir, r.id)  # the sweep's finished runs
+           for u, r in _sweep_runs(spec, run).items()}
+  done = swept.get(chosen)
   if done:
     rec = dataclasses.replace(done, run=run.id)
   else:
@@ -178,7 +178,6 @@ def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
   rec.unit_choice = choice
   rec.probe_cost_fraction = probe_flops / sweep_flops
   rec.cost_fraction = (probe_flops + full_flops[chosen]) / sweep_flops
-  swept = {u: workdir and records.load_record(workdir, r.id) for u, r in sweep.items()}
   if all(swept.get(u) for u in fractions):  # the job's sweep covers every candidate
     rec.regret = max(swept[u].accuracy for u in fractions) - rec.accuracy
   # A reused run's time counts: wall_s is what the choice costs without the sweep.

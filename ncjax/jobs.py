@@ -75,14 +75,8 @@ def _schedule_problems(specs) -> list[str]:
         continue
       if optim.schedule != "step" or not optim.steps:
         continue  # with epochs, spec already checks the decays against them
-      if r.kind == "pretrain":
-        ds = assemble.balanced(s, assemble.load_split(s, s.pretrain.dataset, "train", r.backbone,
-                                                      s.pretrain.classes),
-                               s.pretrain.train_size, "pretrain.train_size")
-      else:
-        ds = assemble.balanced(s, assemble.load_split(s, r.dataset, "train", r.backbone,
-                                                      s.downstream_classes),
-                               r.size, "train_sizes")
+      ds = (assemble.source_train(s, r.backbone) if r.kind == "pretrain" else
+            assemble.downstream_train(s, r.backbone, r.dataset, r.size))
       batch = assemble.effective_batch(optim.batch_size, len(ds), mesh)
       try:
         train.lr_schedule(assemble.optimizer(optim, len(ds), batch), optim.steps)

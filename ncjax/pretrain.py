@@ -59,9 +59,7 @@ def pretrain(spec: Spec, run: Run, workdir: str | None, mesh, on_log=None,
   t0 = time.time()
   pc, bb, seed = spec.pretrain, run.backbone, spec.seed
   supcon = pc.loss == "supcon"
-  src = assemble.materialize(spec, assemble.balanced(
-      spec, assemble.load_split(spec, pc.dataset, "train", bb, pc.classes), pc.train_size,
-      "pretrain.train_size"))
+  src = assemble.materialize(spec, assemble.source_train(spec, bb))
   model = assemble.build_model(spec, bb, src.num_classes)
   in_shape = assemble.input_shape(bb, src)
   variables = assemble.init_variables(model, in_shape, seed)
