@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import table3  # noqa: E402
-from ncjax import data, jobs  # noqa: E402
+from ncjax import data  # noqa: E402
+from ncjax.experiment import runner  # noqa: E402
 
 
 def synthetic_cifar(directory: str, n_train: int = 50_000, n_test: int = 10_000) -> str:
@@ -70,7 +71,7 @@ def main():
       c.dataset_sources.cifar10 = synthetic_cifar(d, args.synthetic_train, args.synthetic_test)
     print(f"TFDS cifar10 not prepared: synthetic CIFAR-10-shaped data in {d}")
   t0 = time.time()
-  jobs.run(c, args.workdir)
+  runner.run(c, args.workdir)
   print(f"table3_short: {time.time() - t0:.1f} s wall ({args.dtype}, {args.epochs} epochs)")
 
 

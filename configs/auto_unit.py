@@ -1,4 +1,4 @@
-"""Beyond the paper: choose the unit to fine-tune by NC (`unit=auto`, ncjax.autounit), next
+"""Beyond the paper: choose the unit to fine-tune by NC (`unit=auto`, stages.autounit), next
 to the exhaustive sweep it replaces. For Layer FT and SCL FT, every block of ResNet-18 is
 fine-tuned fully (the sweep) and, after it, `auto` probes each block for a tenth of the
 schedule and fine-tunes the one with the lowest penultimate NC1 on the training data.

@@ -72,7 +72,7 @@ def get_config():
                              # meta_test (all images of the meta-test classes, ncjax.data)
   ))
 
-  # --- unit = "auto": choose the unit to fine-tune by NC (ncjax.autounit, paper §3.3) --------
+  # --- unit = "auto": choose the unit to fine-tune by NC (stages.autounit, paper §3.3) --------
   # Each unit holding at most `unit_budget` of the backbone's parameters is fine-tuned for
   # `unit_probe_fraction` of the schedule; the one whose penultimate NC1 on the training data
   # is lowest is then fine-tuned fully.
@@ -81,7 +81,7 @@ def get_config():
 
   # --- job 'rank': score every candidate (variant x model) on each downstream dataset from
   # its frozen penultimate features, fine-tune it with `methods` as the ground truth, and
-  # report each estimator's Kendall tau (ncjax.ranking; estimators: ncjax.transferability).
+  # report each estimator's Kendall tau (stages.score; estimators: ncjax.transferability).
   c.rank = ml_collections.ConfigDict(dict(
       estimators=("nc1", "logme", "hscore", "leep", "ncti"),
   ))

@@ -1,5 +1,5 @@
 """Fig. 6: downstream NC1 of public ImageNet-1k models against their transfer accuracy, through
-job 'rank' (ncjax.ranking): torchvision's ResNet-18/34/50/101/152, DenseNet-121 and
+job 'rank' (stages.score): torchvision's ResNet-18/34/50/101/152, DenseNet-121 and
 MobileNetV2, frozen, on CIFAR-10, Pets, DTD and FGVC-Aircraft. Each model is scored by -NC1
 (and LogME, H-score, LEEP, NCTI beside it) on the downstream training split, and its
 linear-probe accuracy is the ground truth; results.md gives Kendall's tau per estimator and

@@ -1,5 +1,5 @@
 """Beyond the paper: rank candidate pre-trained models for a downstream dataset without
-fine-tuning them (job 'rank', ncjax.ranking). Every candidate is scored from its frozen
+fine-tuning them (job 'rank', stages.score). Every candidate is scored from its frozen
 penultimate features of the downstream training split by -NC1, LogME, H-score, LEEP (where
 the candidate has a source classifier) and NCTI, then fine-tuned (linear probe and Layer FT)
 for the ground truth; results.md gives each estimator's Kendall tau against the measured

@@ -11,6 +11,7 @@ class ConfigError(UserError, ValueError):
   (``--config.optim.batch_size=0: must be >= 1``)."""
 
 
-class CheckpointError(UserError):
-  """No readable checkpoint where one is required, or a workdir whose runs were made with a
-  different config (the message names the directory and the differing fields)."""
+class CheckpointError(UserError, ValueError):
+  """No readable checkpoint where one is required, a weights file that does not fit its
+  architecture, or a workdir whose runs were made with a different config (the message names
+  the file or directory and what differs). A `ValueError` too, as `ncjax.weights` raised it."""

@@ -13,8 +13,7 @@ run could not go on (no space left, multi-host processes that never met), 130 in
 """
 from __future__ import annotations
 
-import difflib
-import errno
+import ast
 import importlib.machinery
 import importlib.util
 import os
@@ -27,6 +26,10 @@ import threading
 from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
+
+from ncjax import io
+from ncjax.errors import UserError
+from ncjax.experiment.fields import field_names, suggest_fields
 
 # `configs/` is installed beside the package (site-packages/configs); in a source checkout or
 # an editable install it is the repository's own folder.
@@ -151,16 +154,6 @@ def _load_config(value: str):
   return config if isinstance(config, ml_collections.ConfigDict) else None
 
 
-def field_names(config, prefix: str = "") -> list[str]:
-  """Every dotted field of `config`, nested ConfigDicts included (``optim``, ``optim.lr``)."""
-  names = []
-  for key, value in config.items():
-    names.append(prefix + key)
-    if isinstance(value, ml_collections.ConfigDict):
-      names += field_names(value, f"{prefix}{key}.")
-  return names
-
-
 def _config_overrides(argv) -> list[str]:
   """The dotted paths of argv's ``--config.<path>[=value]`` (and ``--noconfig.<bool>``) flags,
   in order, once each; argv as ml_collections scans it (all of it)."""
@@ -171,19 +164,6 @@ def _config_overrides(argv) -> list[str]:
   return paths
 
 
-def _suggestions(path: str, names: list[str]) -> list[str]:
-  """The config fields `path` most likely meant, best first: fields whose last part is
-  (nearly) `path`'s (a typo, or the right name in the wrong section), else whole dotted paths
-  close to it; ranked by both similarities, only those about as close as the best."""
-  ratio = lambda a, b: difflib.SequenceMatcher(None, a, b).ratio()
-  leaf = lambda name: name.rsplit(".", 1)[-1]
-  scores = {n: (ratio(leaf(path), leaf(n)), ratio(path, n)) for n in names}
-  close = [n for n, (tail, _) in scores.items() if tail >= 0.8]
-  close = close or [n for n, (_, whole) in scores.items() if whole >= 0.75]
-  close.sort(key=lambda n: -sum(scores[n]))
-  return [n for n in close if sum(scores[n]) >= sum(scores[close[0]]) - 0.2][:3]
-
-
 def unknown_config_fields(argv, config) -> list[str]:
   """One problem per ``--config.<path>`` of argv that `config` has no field for, each with
   its close matches. An index (``field[0]``) is checked by ml_collections itself."""
@@ -192,7 +172,7 @@ def unknown_config_fields(argv, config) -> list[str]:
   for path in _config_overrides(argv):
     if path.split("[", 1)[0] in names:
       continue
-    hint = " or ".join(f"--config.{n}" for n in _suggestions(path, names))
+    hint = " or ".join(f"--config.{n}" for n in suggest_fields(path, names))
     problems.append(f"--config.{path}: no such config field"
                     + (f" (did you mean {hint}?)" if hint else ""))
   return problems
@@ -302,7 +282,6 @@ def list_configs() -> list[tuple[str, str, str]]:
   """``(name, purpose, path)`` of every config ``--config=configs/<name>.py`` finds, sorted:
   the current directory's ``configs/`` first, then the installed ones. `purpose` is the
   first line of the config's module docstring (read, not executed)."""
-  import ast
   found = {}
   for folder in (INSTALLED_CONFIGS, os.path.abspath("configs")):  # the later one wins
     if os.path.isdir(folder):
@@ -325,7 +304,6 @@ def field_comments(path: str) -> dict[str, tuple[str, str]]:
   value and trailing comment of ``c.<field> = ...`` lines and of ``<name>=...,`` lines inside
   ``c.<section> = ml_collections.ConfigDict(dict(``, with comment lines aligned under it.
   Values read as they are typed on the command line (a tuple of names as ``a,b``)."""
-  import ast
   try:
     with open(path, encoding="utf-8") as f:
       lines = f.read().splitlines()
@@ -442,7 +420,7 @@ def initialize_distributed() -> None:
   is one line naming the coordinator and exit 1: jax itself would abort from C++ (a check
   failure and a stack dump) only at about twice the timeout, so a watchdog thread ends the
   process at the timeout first. Ctrl-C ends it while it waits."""
-  import jax
+  import jax  # only a multi-host run pays for jax before its flags are checked
   address, n, pid = FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id
   timeout = FLAGS.init_timeout
   if pid == 0:
@@ -485,30 +463,16 @@ def initialize_distributed() -> None:
 
 # --- errors a user acts on ----------------------------------------------------------------------
 
-def disk_full_error(exc: BaseException) -> OSError | None:
-  """The ENOSPC OSError in `exc`'s chain (`__cause__` / `__context__`), or None: libraries
-  (orbax, numpy) re-raise a full disk as their own error. One that names its file wins: a
-  cleanup that failed on the same disk later may not."""
-  seen, found = set(), []
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-      found.append(exc)
-    exc = exc.__cause__ or exc.__context__
-  return next((e for e in found if e.filename), found[0] if found else None)
-
-
 def _report(exc: Exception, hard_exit: bool = False) -> None:
   """Exits with one line if `exc` is a user error or a full disk; returns otherwise (a bug:
   the caller re-raises it, traceback and all). `hard_exit`: a full disk ends the process
   at once (`os._exit`), skipping exit hooks."""
-  from ncjax.errors import UserError
   if isinstance(exc, UserError):
     _fail(2, str(exc))
-  full = disk_full_error(exc)
+  full = io.disk_full(exc)
   if full is not None:
-    print(f"ncjax: {full.filename or FLAGS.workdir}: No space left on device", file=sys.stderr,
-          flush=True)
+    where = getattr(full, "filename", None) or FLAGS.workdir
+    print(f"ncjax: {where}: No space left on device", file=sys.stderr, flush=True)
     # Background writers (TensorBoard's flush thread, its exit hook) would fail again on the
     # full disk and print their tracebacks after this line: end here, so it stays the last.
     (os._exit if hard_exit else sys.exit)(1)
@@ -517,11 +481,10 @@ def _report(exc: Exception, hard_exit: bool = False) -> None:
 def _quiet_disk_full_in_threads() -> None:
   """A background writer that hits a full disk stays quiet: the main thread meets the same
   error on its next write and reports it as one line."""
-  import threading
   default = threading.excepthook
 
   def hook(args):
-    if disk_full_error(args.exc_value) is None:
+    if io.disk_full(args.exc_value) is None:
       default(args)
   threading.excepthook = hook
 
@@ -545,11 +508,11 @@ def _run() -> None:
   """Joins the other processes (multi-host), then runs the config's job."""
   if FLAGS.coordinator:
     initialize_distributed()
-  from ncjax import jobs
+  from ncjax.experiment import runner  # jax loads here, after the flags' checks and --help
   config = FLAGS.config
   logging.info("config:\n%s", config)
   print(f"ncjax: job {config.job!r}, workdir {FLAGS.workdir!r}, devices {jax_devices()}")
-  jobs.run(config, FLAGS.workdir, fresh=FLAGS.fresh, dry_run=FLAGS.dry_run)
+  runner.run(config, FLAGS.workdir, fresh=FLAGS.fresh, dry_run=FLAGS.dry_run)
 
 
 def jax_devices() -> str:

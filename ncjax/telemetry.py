@@ -4,9 +4,9 @@
 * `RunLog` — per-step scalars of every run in a workdir. The files it owns there:
 
   * ``metrics.jsonl`` — one JSON object per line, ``{"run", "step", "time", **scalars}``
-    (``time``: seconds since the epoch; scalars: floats). NaN and ±inf are written as the
-    strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` so every line is strict JSON (``jq``,
-    JavaScript); `read_metrics` turns them back into floats. Each line is one ``os.write``
+    (``time``: seconds since the epoch; scalars: floats). NaN and ±inf are written as
+    ``null`` (`ncjax.io`'s rule for every JSON file ncjax writes) so every line is strict JSON
+    (``jq``, JavaScript); `read_metrics` reads them back as NaN. Each line is one ``os.write``
     on an ``O_APPEND`` descriptor, so a kill leaves at most one torn line, which
     `read_metrics` skips.
   * ``tensorboard/<run>/`` — the same scalars as TensorBoard event files, written with
@@ -27,9 +27,10 @@ import time
 import jax
 from tqdm.auto import tqdm
 
+from ncjax import io
+
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _clock = time.monotonic  # a module attribute so tests can make rates deterministic
 
 
@@ -142,9 +143,8 @@ class RunLog:
       raise ValueError("'time' is the record's timestamp; name the scalar differently")
     values = {k: float(v) for k, v in scalars.items()}
     now, step = time.time(), int(step)
-    record = {"run": run, "step": step, "time": now,
-              **{k: _json_float(v) for k, v in values.items()}}
-    line = (json.dumps(record, allow_nan=False) + "\n").encode()
+    record = {"run": run, "step": step, "time": now, **values}
+    line = (io.dumps(record) + "\n").encode()  # NaN / inf as null: `ncjax.io`'s one rule
     # One write per line: with O_APPEND it lands whole after whatever is there.
     path = os.path.join(self.workdir, METRICS)
     try:
@@ -193,8 +193,8 @@ class RunLog:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
   """The records of a ``metrics.jsonl`` (`path`: the file or its workdir), in file order,
-  with ``"NaN"``/``"Infinity"``/``"-Infinity"`` read back as floats. Lines that do not
-  parse (a write torn by a kill) are skipped."""
+  with a scalar's ``null`` (a non-finite value, `ncjax.io`'s rule) read back as NaN. Lines
+  that do not parse (a write torn by a kill) are skipped."""
   path = os.fspath(path)
   if os.path.isdir(path):
     path = os.path.join(path, METRICS)
@@ -205,15 +205,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         record = json.loads(line)
       except ValueError:  # also UnicodeDecodeError: a write torn inside a character
         continue
-      records.append({k: _NONFINITE.get(v, v) if k != "run" and isinstance(v, str) else v
+      records.append({k: math.nan if v is None and k != "run" else v
                       for k, v in record.items()})
   return records
-
-
-def _json_float(x: float) -> float | str:
-  if math.isfinite(x):
-    return x
-  return "NaN" if math.isnan(x) else "Infinity" if x > 0 else "-Infinity"
 
 
 def _ends_torn(path: str) -> bool:

@@ -55,7 +55,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ncjax import methods, telemetry
+from ncjax import io, methods, telemetry
 from ncjax.errors import CheckpointError
 
 PyTree = Any
@@ -473,30 +473,6 @@ def restore_latest(directory: str, abstract_state: TrainState
   return state, history
 
 
-def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
-  """`exc` and every exception reachable from it through ``__cause__``, ``__context__`` and
-  exception groups (asyncio's TaskGroup wraps what a save task raised)."""
-  seen, todo = set(), [exc]
-  while todo:
-    e = todo.pop()
-    if e is None or id(e) in seen:
-      continue
-    seen.add(id(e))
-    yield e
-    todo += [e.__cause__, e.__context__]
-    inner = getattr(e, "exceptions", ())  # an ExceptionGroup's members (Python >= 3.11)
-    if isinstance(inner, (tuple, list)):
-      todo += [x for x in inner if isinstance(x, BaseException)]
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-  chain = list(_exception_chain(exc))
-  if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain):
-    return True
-  # tensorstore raises ValueError and keeps only the text ("[OS error 28: No space left...]").
-  return any("no space left on device" in str(e).lower() or "ENOSPC" in str(e) for e in chain)
-
-
 def _save_checkpoint(mngr, step: int, state: TrainState, history: list[dict]) -> None:
   """Saves `state` and `history` as checkpoint `step` (synchronously).
 
@@ -511,7 +487,7 @@ def _save_checkpoint(mngr, step: int, state: TrainState, history: list[dict]) ->
     mngr.save(step, args=args, force=True)
     mngr.wait_until_finished()
   except Exception as e:
-    if _is_disk_full(e):
+    if io.disk_full(e) is not None:
       path = os.path.join(str(mngr.directory), str(step))
       raise OSError(errno.ENOSPC, "No space left on device", path) from e
     raise

@@ -6,7 +6,9 @@ import math
 import jax
 import pytest
 
-from ncjax import autounit, jobs, models, spec as spec_lib
+from ncjax import models
+from ncjax.experiment.stages import autounit
+from ncjax.experiment import runner, spec as spec_lib
 from ncjax.errors import ConfigError
 from tiny_config import tiny_mlp_config
 
@@ -53,7 +55,7 @@ def test_the_budget_keeps_the_units_that_fit_and_none_fitting_is_an_error():
 
 def test_a_budget_no_unit_fits_stops_the_job_before_any_work(tmp_path):
   with pytest.raises(ConfigError, match=r"unit_budget=0.2: no unit of mlp fits"):
-    jobs.run(_config(("layer1", "auto"), unit_budget=0.2), str(tmp_path))
+    runner.run(_config(("layer1", "auto"), unit_budget=0.2), str(tmp_path))
   assert not (tmp_path / "runs").exists()
 
 
@@ -63,7 +65,7 @@ def test_step_flops_count_the_dense_layers():
   more than B inferences (the backward) and less for a later unit (a shorter backward)."""
   spec = spec_lib.build(_config(("layer1", "layer3")))[0]
   run = next(r for r in spec.runs() if r.kind == "finetune")
-  from ncjax import assemble
+  from ncjax.experiment import assemble
   train_ds, _ = assemble.downstream(spec, run.backbone, "digits")
   matmuls = 2 * (64 * 32 + 32 * 32 + 32 * 32 + 32 * 5)
   step1, infer = autounit.step_flops(spec, run, "layer1", train_ds, 16)
@@ -101,7 +103,7 @@ def test_the_choice_end_to_end_against_its_sweep(tmp_path):
   c = _config(("layer1", "layer2", "layer3", "auto"), unit_probe_fraction=0.25)
   c.optim.steps = 12
   c.pretrain.optim.steps = 20
-  recs = jobs.run(c, str(tmp_path / "sweep"))
+  recs = runner.run(c, str(tmp_path / "sweep"))
   sweep = {r["unit"]: r for r in recs if not r["unit_choice"]}
   (auto,) = [r for r in recs if r["unit_choice"]]
   probes = auto["unit_choice"]
@@ -112,10 +114,10 @@ def test_the_choice_end_to_end_against_its_sweep(tmp_path):
   assert auto["regret"] == max(r["accuracy"] for r in sweep.values()) - auto["accuracy"]
   assert 0 < auto["probe_cost_fraction"] < auto["cost_fraction"] < 1
   assert (tmp_path / "sweep/runs/mlp-digits-layer-auto/probe-layer2/record.json").exists()
-  assert jobs.run(c, str(tmp_path / "sweep")) == recs  # finished runs and probes are reused
+  assert runner.run(c, str(tmp_path / "sweep")) == recs  # finished runs and probes are reused
 
   c.backbone.default.unit = ("auto",)
-  (alone,) = jobs.run(c, str(tmp_path / "alone"))
+  (alone,) = runner.run(c, str(tmp_path / "alone"))
   timeless = lambda choice: {u: {k: v for k, v in p.items() if k != "wall_s"}
                              for u, p in choice.items()}
   assert alone["unit"] == auto["unit"]
@@ -130,7 +132,7 @@ def test_probes_of_a_step_schedule_run_on_a_compressed_cosine(tmp_path):
   c = _config(("layer1", "layer3", "auto"))
   c.optim.update(dict(steps=0, epochs=4, schedule="step", decay_epochs=(2, 3)))
   c.pretrain.optim.schedule = "cosine"  # its 4 steps end before the fine-tuning decays
-  recs = jobs.run(c, str(tmp_path))
+  recs = runner.run(c, str(tmp_path))
   (auto,) = [r for r in recs if r["unit_choice"]]
   assert all(p["steps"] == 2 for p in auto["unit_choice"].values())  # ceil(0.1 * 4 * 5)
   assert auto["steps"] == 20

@@ -8,7 +8,8 @@ import sys
 import pytest
 from ml_collections import config_flags  # noqa: F401  (the loader main uses)
 
-from ncjax import assemble, jobs, measure, models, spec
+from ncjax import measure, models
+from ncjax.experiment import assemble, assets, runner, spec
 from ncjax.errors import ConfigError
 from tiny_config import tiny_mlp_config
 
@@ -78,7 +79,7 @@ def test_missing_assets_are_reported_together_saying_where_they_come_from(tmp_pa
   c.backbone.resnet18.weights = str(tmp_path / "nope.pth")
   c.data_dir = str(tmp_path)
   with pytest.raises(ConfigError) as e:
-    spec.check_assets(spec.build(c))
+    assets.check_assets(spec.build(c))
   msg = str(e.value)
   assert f"--config.backbone.resnet18.weights={tmp_path}/nope.pth" in msg
   assert "download.pytorch.org" in msg and "ViT-B_32.npz" in msg  # every weights file
@@ -138,7 +139,7 @@ def test_a_wrong_weights_file_is_rejected_before_any_work(tmp_path):
                                  image_size=32, channels=3))
   c.backbone.default.options = {"pool": "cls"}
   with pytest.raises(ConfigError, match="--config.backbone.default.weights=.*bad.npz: .*shape"):
-    jobs.run(c, str(tmp_path / "w"))
+    runner.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w" / "runs").exists()
 
 
@@ -156,7 +157,7 @@ def _tiny_mlp_config(job):
 
 
 def test_layer_probe_job_records_every_unit(tmp_path):
-  records = jobs.run(_tiny_mlp_config("layer_probe"), str(tmp_path))
+  records = runner.run(_tiny_mlp_config("layer_probe"), str(tmp_path))
   (r,) = records
   assert list(r["layerwise_accuracy"]) == ["layer1", "layer2", "layer3"]
   assert list(r["layerwise_nc1"]) == ["layer1", "layer2", "layer3"]
@@ -167,7 +168,7 @@ def test_layer_probe_job_records_every_unit(tmp_path):
 
 
 def test_pretrain_job_measures_source_collapse(tmp_path):
-  records = jobs.run(_tiny_mlp_config("pretrain"), str(tmp_path))
+  records = runner.run(_tiny_mlp_config("pretrain"), str(tmp_path))
   (r,) = records
   assert r["stage"] == "pretrain" and r["dataset"] == "digits" and r["num_classes"] == 5
   assert list(r["layerwise_nc1"]) == ["layer1", "layer2", "layer3"]
@@ -177,7 +178,7 @@ def test_pretrain_job_measures_source_collapse(tmp_path):
 def test_unknown_job_is_named(tmp_path):
   c = _tiny_mlp_config("finetune")
   with pytest.raises(ConfigError, match="--config.job=finetune: must be one of"):
-    jobs.run(c, str(tmp_path))
+    runner.run(c, str(tmp_path))
 
 
 def test_vit_transfer_with_scl_and_on_device_resize(tmp_path):
@@ -192,7 +193,7 @@ def test_vit_transfer_with_scl_and_on_device_resize(tmp_path):
   c.backbone.default.image_size = 32
   c.backbone.default.channels = 3
   c.optim.steps = 2
-  records = jobs.run(c, str(tmp_path))
+  records = runner.run(c, str(tmp_path))
   assert [r["method"] for r in records] == ["linear", "scl"]
   assert all(r["weights"] == "scratch" for r in records)
   assert list(records[1]["layerwise_nc1"]) == [f"layer{i}" for i in range(1, 13)]
@@ -206,7 +207,7 @@ def test_data_scarcity_grid_writes_accuracy_vs_size(tmp_path):
   c.train_sizes = (10, 40)
   c.methods = ("linear", "full")
   c.collapse = False
-  records = jobs.run(c, str(tmp_path))
+  records = runner.run(c, str(tmp_path))
   assert [(r["method"], r["num_train"]) for r in records] == \
       [("linear", 10), ("full", 10), ("linear", 40), ("full", 40)]
   assert records[0]["batch_size"] == 10
@@ -229,7 +230,7 @@ def test_pretrained_vit_checkpoint_through_the_pipeline(tmp_path):
                                  channels=3, normalization="inception"))
   c.backbone.default.options = {"pool": "cls"}
   (s,) = spec.build(c)
-  spec.check_assets([s])  # the file fits the architecture
+  assets.check_assets([s])  # the file fits the architecture
   bb = s.backbones[0]
   ds = assemble.load_split(s, "digits", "train", bb, (5, 6, 7, 8, 9))
   model = assemble.build_model(s, bb, ds.num_classes)
@@ -239,7 +240,7 @@ def test_pretrained_vit_checkpoint_through_the_pipeline(tmp_path):
   assert loaded["params"]["pos_embedding"].shape == (1, 5, 192)
   np.testing.assert_allclose(loaded["params"]["pos_embedding"][0, 0],
                              ck["Transformer/posembed_input/pos_embedding"][0, 0])
-  (r,) = jobs.run(c, str(tmp_path / "run"))
+  (r,) = runner.run(c, str(tmp_path / "run"))
   assert r["weights"] == str(path) and r["unit"] == "layer12"
   assert 0 <= r["accuracy"] <= 100 and r["nc1"] > 0
 
@@ -274,7 +275,7 @@ def test_bfloat16_default_config_matches_float32_accuracy(tmp_path):
   for dtype in ("float32", "bfloat16"):
     c = default.get_config()
     c.dtype, c.collapse, c.plots, c.compile_cache_dir = dtype, False, False, ""
-    acc[dtype] = {r["method"]: r["accuracy"] for r in jobs.run(c, str(tmp_path / dtype))}
+    acc[dtype] = {r["method"]: r["accuracy"] for r in runner.run(c, str(tmp_path / dtype))}
   assert list(acc["bfloat16"]) == ["linear", "layer", "scl", "full"]
   print(acc)
   for method, a32 in acc["float32"].items():
@@ -288,7 +289,7 @@ def test_unknown_dtype_is_an_error_naming_the_field(tmp_path):
   c = tiny_mlp_config("transfer")
   c.dtype = "float16"
   with pytest.raises(ConfigError, match="--config.dtype=float16: must be one of"):
-    jobs.run(c, str(tmp_path))
+    runner.run(c, str(tmp_path))
 
 
 def test_collapse_streams_exact_nc1_with_a_padded_last_batch():
@@ -434,7 +435,7 @@ def test_fig2_quick_trains_ce_and_supcon_on_real_fashion_mnist(tmp_path):
   c.variants = tuple(v for v in c.variants if v["tag"] != "mse")
   c.pretrain.train_size, c.pretrain.optim.steps = 200, 2
   c.plots, c.compile_cache_dir = False, ""
-  records = jobs.run(c, str(tmp_path))
+  records = runner.run(c, str(tmp_path))
   assert [r["loss"] for r in records] == ["ce", "supcon"]
   for r in records:
     assert r["dataset"] == "fashion_mnist" and r["num_train"] == 200 and r["num_classes"] == 10
@@ -448,11 +449,11 @@ def test_step_decays_past_a_steps_long_run_are_named_before_any_work(tmp_path):
   c = tiny_mlp_config("transfer")
   c.optim.update(dict(steps=0, epochs=4, schedule="step", decay_epochs=(2, 3)))
   with pytest.raises(ConfigError) as e:
-    jobs.run(c, str(tmp_path))
+    runner.run(c, str(tmp_path))
   assert str(e.value).splitlines()[1:] == [
       "  --config.pretrain.optim.decay_epochs=2,3: decay_steps (10, 15) must increase within "
       "(0, 4) (pretrain-mlp-digits: --config.pretrain.optim.steps=4, 5 steps per epoch)"]
   assert not (tmp_path / "runs").exists()
   c.pretrain.optim.schedule = "cosine"
   c.optim.update(dict(steps=12, decay_epochs=(1, 2)))  # 5 steps per epoch: 5, 10 < 12
-  assert spec.build(c) and jobs._schedule_problems(spec.build(c)) == []
+  assert spec.build(c) and runner._schedule_problems(spec.build(c)) == []

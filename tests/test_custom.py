@@ -16,7 +16,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from configs import custom  # noqa: E402
-from ncjax import assemble, data, spec as spec_lib  # noqa: E402
+from ncjax import data  # noqa: E402
+from ncjax.experiment import assemble, assets, spec as spec_lib
 from test_weights import torchvision_state_dict  # noqa: E402
 
 CLASSES = ("cat", "dog", "owl")
@@ -200,10 +201,10 @@ def test_weights_are_checked_for_the_input_the_model_will_see(tmp_path):
   c = tiny_config.tiny_mlp_config("transfer")
   c.pretrain.enabled = False
   c.backbone.default.weights = run_dir
-  spec_lib.check_assets(spec_lib.build(c), progress=lambda _: None)
+  assets.check_assets(spec_lib.build(c), progress=lambda _: None)
   c.backbone.default.options = {"depth": 4, "width": 32}
   with pytest.raises(spec_lib.ConfigError) as e:
-    spec_lib.check_assets(spec_lib.build(c), progress=lambda _: None)
+    assets.check_assets(spec_lib.build(c), progress=lambda _: None)
   assert (f"--config.backbone.default.weights={run_dir}: cannot load {run_dir}/checkpoints/4 "
           "into mlp (4 layers, width 32, 64 input features): it holds an ncjax checkpoint of "
           "mlp (3 layers, width 32, 64 input features)") in str(e.value)

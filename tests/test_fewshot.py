@@ -451,19 +451,19 @@ def test_fewshot_job_end_to_end(tmp_path):
   """job 'fewshot' through the pipeline: pre-train on digits 0-4, freeze, 5-way 1- and 5-shot
   episodes on digits 5-9; one record per shots with accuracy +- ci95, the meta-test NC1 (the
   same for both shots: one embedding pass) and the meta-train NC1; a rerun reuses them."""
-  from ncjax import jobs
+  from ncjax.experiment import runner
   from tiny_config import tiny_mlp_config
   c = tiny_mlp_config("fewshot")
   c.pretrain.optim.steps = 40
   c.fewshot.episodes = 50
-  recs = jobs.run(c, str(tmp_path))
+  recs = runner.run(c, str(tmp_path))
   assert [(r["stage"], r["shots"], r["ways"], r["episodes"]) for r in recs] == \
       [("fewshot", 1, 5, 50), ("fewshot", 5, 5, 50)]
   one, five = recs
   assert 20.0 < one["accuracy"] < five["accuracy"] <= 100.0  # above chance; more shots help
   assert 0 < one["ci95"] < 10 and one["nc1"] == five["nc1"] > 0
   assert one["source_nc1"] > 0 and one["num_classes"] == 5 and one["weights"] == "pretrain"
-  assert jobs.run(c, str(tmp_path)) == recs  # finished runs are reused, not redone
+  assert runner.run(c, str(tmp_path)) == recs  # finished runs are reused, not redone
 
 
 def test_fewshot_job_on_a_tiny_mini_imagenet(tmp_path):
@@ -471,7 +471,7 @@ def test_fewshot_job_on_a_tiny_mini_imagenet(tmp_path):
   of the meta-train classes with RFS's step decays, its source accuracy on the held-out 10%
   (`test`), episodes on `meta_test` (all images of its 5 classes); a missing folder is an
   asset error before any work, saying how to get the data."""
-  from ncjax import jobs, records, spec
+  from ncjax.experiment import assets, records, runner, spec
   from ncjax.errors import ConfigError
   from test_data import _mini_imagenet
   from tiny_config import tiny_mlp_config
@@ -485,13 +485,13 @@ def test_fewshot_job_on_a_tiny_mini_imagenet(tmp_path):
   c.fewshot.update(dict(shots=(1,), queries=5, episodes=20, split='meta_test'))
   checked = []
   with pytest.raises(ConfigError) as e:
-    spec.check_assets(spec.build(c), progress=checked.append)
+    assets.check_assets(spec.build(c), progress=checked.append)
   assert '--config.pretrain.dataset=mini_imagenet:train' in str(e.value)
   assert 'Ravi & Larochelle' in str(e.value)
   # Pre-training's two splits, then the one episodes draw from (not train / test_split).
   assert checked == [f'checking mini_imagenet:{s}' for s in ('train', 'test', 'meta_test')]
   c.dataset_sources.mini_imagenet = f'mini_imagenet:{tmp_path / "mini"}'
-  rec, = jobs.run(c, str(tmp_path / 'w'))
+  rec, = runner.run(c, str(tmp_path / 'w'))
   assert (rec['dataset'], rec['num_classes'], rec['num_train']) == ('mini_imagenet', 5, 50)
   assert 0 <= rec['accuracy'] <= 100 and rec['nc1'] > 0 and rec['source_nc1'] > 0
   pre = records.load_record(str(tmp_path / 'w'), 'pretrain-mlp-mini_imagenet')

@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ncjax import jobs, losses, models, pretrain, spec, train
+from ncjax import losses, models, train
+from ncjax.experiment import runner, spec
+from ncjax.experiment.stages import pretrain
 from ncjax.errors import ConfigError
 from tiny_config import tiny_mlp_config
 
@@ -110,7 +112,7 @@ def test_variants_job_tags_records_and_reports_source_nc1(tmp_path):
   c.methods = ("linear",)
   c.variants = (dict(tag="mse", overrides={"pretrain.loss": "mse"}),
                 dict(tag="ce", overrides={"pretrain.loss": "ce"}))
-  records = jobs.run(c, str(tmp_path))
+  records = runner.run(c, str(tmp_path))
   assert [r["pretrain"] for r in records] == ["mse", "ce"]
   assert all(r["source_nc1"] > 0 for r in records)
   assert records[0]["source_nc1"] != records[1]["source_nc1"]
@@ -127,7 +129,7 @@ def test_pretrain_train_size_is_a_balanced_subset_of_the_source_split(tmp_path):
   a size the split cannot fill is named before the user reads a traceback."""
   c = _config()
   c.pretrain.train_size = 50
-  (r,) = jobs.run(c, str(tmp_path / "sub"))
+  (r,) = runner.run(c, str(tmp_path / "sub"))
   assert r["num_train"] == 50 and r["dataset"] == "digits"
   fingerprint = lambda c: dict(spec.build(c)[0].runs()[0].fingerprint)
   assert fingerprint(c)["pretrain.train_size"] == 50
@@ -138,4 +140,4 @@ def test_pretrain_train_size_is_a_balanced_subset_of_the_source_split(tmp_path):
     spec.build(c)
   c.pretrain.train_size = 100_000
   with pytest.raises(ConfigError, match="--config.pretrain.train_size=100000: class 0 "):
-    jobs.run(c, str(tmp_path / "big"))
+    runner.run(c, str(tmp_path / "big"))

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ncjax import jobs, ranking, report, spec as spec_lib, transferability, weights
+from ncjax import report, transferability, weights
+from ncjax.experiment import runner, spec as spec_lib
+from ncjax.experiment.stages import score as ranking
 from ncjax.errors import ConfigError
 from tiny_config import tiny_mlp_config
 
@@ -94,7 +96,7 @@ def test_rank_job_end_to_end(tmp_path):
                 dict(tag="mse", overrides={"pretrain.loss": "mse", "pretrain.optim.lr": 0.01,
                                            "pretrain.optim.steps": 40}))
   c.optim.steps = 30
-  recs = jobs.run(c, str(tmp_path))
+  recs = runner.run(c, str(tmp_path))
   assert [r["candidate"] for r in recs] == ["ce4/mlp", "ce40/mlp", "mse/mlp"]
   assert all(r["stage"] == "rank" and r["method"] == "linear" for r in recs)
   leep = [r["score_leep"] for r in recs]
@@ -115,8 +117,8 @@ def test_rank_job_end_to_end(tmp_path):
   assert os.path.exists(tmp_path / "scores_vs_accuracy.png")
   back = report.read_csv(str(tmp_path / "results.csv"))
   assert [r["score_logme"] for r in back] == pytest.approx([r["score_logme"] for r in recs])
-  from ncjax import records
-  assert records.dumps(jobs.run(c, str(tmp_path))) == records.dumps(recs)  # all reused
+  from ncjax import io
+  assert io.dumps(runner.run(c, str(tmp_path))) == io.dumps(recs)  # all reused
 
 
 def test_weights_file_candidates_use_their_own_source_head(tmp_path):
@@ -124,7 +126,8 @@ def test_weights_file_candidates_use_their_own_source_head(tmp_path):
   pre-training: LEEP comes from the file's own head, and the source probabilities are the
   softmax of the file's logits (checked against the model applied directly)."""
   import jax
-  from ncjax import assemble, models, train
+  from ncjax import models, train
+  from ncjax.experiment import assemble
   from test_weights import torchvision_state_dict
   c = tiny_mlp_config("rank")
   c.pretrain.enabled = False
@@ -136,7 +139,7 @@ def test_weights_file_candidates_use_their_own_source_head(tmp_path):
     np.savez(tmp_path / f"{name}.npz", **sd)
     c.backbone[name] = dict(c.backbone.default, weights=str(tmp_path / f"{name}.npz"),
                             unit=(), channels=3, options={"stem": "cifar", "width": 8})
-  recs = jobs.run(c, str(tmp_path / "w"))
+  recs = runner.run(c, str(tmp_path / "w"))
   assert [r["candidate"] for r in recs] == ["resnet18"]
   assert np.isfinite(recs[0]["score_leep"]) and recs[0]["score_leep"] < 0
   (s,) = spec_lib.build(c)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ncjax import report
+from ncjax.report import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -679,7 +680,7 @@ def drawn_figures(monkeypatch):
     fig.canvas.draw()
     figs.append(fig)
     return path
-  monkeypatch.setattr(report, "_save", save)
+  monkeypatch.setattr(plots, "_save", save)
   return figs
 
 
@@ -759,12 +760,12 @@ def test_nc1_vs_accuracy_layerwise_only(tmp_path):
 
 
 def test_log_ticks_are_few_plain_numbers():
-  assert report._log_ticks(0.009, 11.0) == [0.01, 0.1, 1.0, 10.0]
-  assert report._log_ticks(0.08, 0.9) == [0.1, 0.2, 0.5]
-  assert report._log_ticks(0.42, 0.9) == [0.5, 0.6, 0.7, 0.8, 0.9]
-  assert 3 <= len(report._log_ticks(1.02, 1.3)) <= 7  # within a factor 1.3: still labelled
-  assert len(report._log_ticks(1e-9, 1e3)) <= 7
-  assert [report._tick_label(t) for t in (0.001, 0.05, 1.0, 2.5, 2000.0)] == [
+  assert plots._log_ticks(0.009, 11.0) == [0.01, 0.1, 1.0, 10.0]
+  assert plots._log_ticks(0.08, 0.9) == [0.1, 0.2, 0.5]
+  assert plots._log_ticks(0.42, 0.9) == [0.5, 0.6, 0.7, 0.8, 0.9]
+  assert 3 <= len(plots._log_ticks(1.02, 1.3)) <= 7  # within a factor 1.3: still labelled
+  assert len(plots._log_ticks(1e-9, 1e3)) <= 7
+  assert [plots._tick_label(t) for t in (0.001, 0.05, 1.0, 2.5, 2000.0)] == [
     "0.001", "0.05", "1", "2.5", "2000"]
 
 
@@ -932,7 +933,7 @@ def test_fig13_and_fig14_configs_reuse_the_runs_of_fig5_and_table7():
   Same run ids and fingerprints: a workdir of the one serves the other."""
   sys.path.insert(0, ROOT)
   from configs import fig5, fig13, fig14, table7
-  from ncjax import spec
+  from ncjax.experiment import spec
 
   def runs(c):
     return {r.id: dict(r.fingerprint) for s in spec.build(c) for r in s.runs()}

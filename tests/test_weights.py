@@ -738,7 +738,8 @@ def _ncjax_run(workdir, run_id, variables, steps=(2, 4), fingerprint=None, proje
   """A run directory as `ncjax.train.fit` leaves it: checkpoints/<step>/ of a `TrainState`
   (a masked optimizer's state included) and its history, and fingerprint.json. The
   parameters of step s are `variables`' plus s. Returns (run dir, {step: TrainState})."""
-  from ncjax import methods, records, train
+  from ncjax import methods, train
+  from ncjax.experiment import records
   run_dir = records.run_dir(str(workdir), run_id)
   mngr = train._checkpoint_manager(records.checkpoint_dir(str(workdir), run_id))
   states = {}

@@ -1,5 +1,5 @@
-"""Fig. 9: layer-wise transfer. A linear classifier on every unit's pooled output of a frozen
-backbone, with that unit's NC1 on the downstream training data.
+"""Stage ``probe`` (Fig. 9): layer-wise transfer. A linear classifier on every unit's pooled
+output of a frozen backbone, with that unit's NC1 on the downstream training data.
 
 Features are computed once (eval mode, after updating BatchNorm statistics on the
 downstream data); each unit's classifier trains with `ncjax.train`'s one train step.
@@ -11,8 +11,10 @@ import time
 import flax.linen as nn
 import jax
 
-from ncjax import assemble, measure, methods, metrics, models, records, train
-from ncjax.spec import Run, Spec
+from ncjax import measure, methods, metrics, models, train
+from ncjax.experiment import assemble, records
+from ncjax.experiment.spec import Run, Spec
+from ncjax.experiment.stages.base import Context
 
 
 def probe(spec: Spec, run: Run, pretrained: dict | None, mesh) -> records.Record:
@@ -61,3 +63,7 @@ def probe(spec: Spec, run: Run, pretrained: dict | None, mesh) -> records.Record
       layerwise_nc1=nc1s, layerwise_accuracy=accs, num_train=len(train_ds),
       num_test=len(test_ds), num_classes=k, steps=steps, batch_size=batch, weights=origin,
       seed=seed, run=run.id, pretrain=spec.tag, wall_s=time.time() - t0)
+
+
+def run(ctx: Context, run: Run, done: records.Record | None = None) -> records.Record:
+  return probe(ctx.spec, run, ctx.pretrained_for(run), ctx.mesh)

@@ -1,14 +1,19 @@
-"""Jobs a config can name in ``config.job``; `ncjax.main` calls `run(config, workdir)`.
+"""The runner: a config's job, from validation to the report. `ncjax.main` calls
+`run(config, workdir)`. Jobs a config can name in ``config.job``:
 
 * ``transfer``     the fine-tuning grid (Tables 3, 5-7; Fig. 10, 11) -> results.* + plots
 * ``pretrain``     train each model on the source data only and measure layer-wise NC1 there
                    (Fig. 2's progressive collapse; Table 1's source NC1)
 * ``layer_probe``  a linear probe on every unit's pooled output (Fig. 9)
+* ``fewshot``      RFS episodes on frozen embeddings (Table 2)
+* ``rank``         transferability scores of candidate models beside their fine-tuning (Fig. 6)
 * ``metrics``      the NC metrics of the embedded digits, raw and through a random ReLU map
+
+Each run of a spec is one stage (`STAGES`, a registry by run kind, cf. big_vision's evaluators
+by name); the runner walks them in order, reuses finished ones and writes their records.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -16,7 +21,19 @@ import time
 import jax
 import numpy as np
 
-from ncjax import records
+from ncjax import data, io, metrics, report, telemetry, train
+from ncjax.errors import CheckpointError, ConfigError
+from ncjax.experiment import assemble, assets, records, spec as spec_lib
+from ncjax.experiment.spec import AUTO_UNIT, Run, Spec
+from ncjax.experiment.stages import autounit, fewshot, finetune, pretrain, probe, score
+from ncjax.experiment.stages.base import Context
+
+# kind -> ``run(ctx, run, done) -> Record``; a cell of unit ``auto`` is stage ``autounit``.
+STAGES = {"pretrain": pretrain.run, "finetune": finetune.run, "autounit": autounit.run,
+          "probe": probe.run, "fewshot": fewshot.run, "score": score.run}
+# Stages run also when finished: a pre-training's variables serve the runs after it.
+RUN_WHEN_DONE = ("pretrain",)
+
 
 def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> list[dict]:
   """Validates the whole config, then runs its job into `workdir` and writes the report.
@@ -27,7 +44,6 @@ def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> 
   the job before any work (`CheckpointError` naming the differing fields) unless `fresh`,
   which removes those runs first and says so. `dry_run` prints the grid and its assets and
   returns without training."""
-  from ncjax import spec as spec_lib
   if config.job == "metrics":
     os.makedirs(workdir, exist_ok=True)
     return metrics_job(config, workdir)
@@ -35,19 +51,16 @@ def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> 
   runs = [r for s in specs for r in s.runs()]
   if dry_run:
     print(describe(specs, runs, workdir))
-  spec_lib.check_assets(specs, progress=(lambda m: print(f"  {m}")) if dry_run else
+  assets.check_assets(specs, progress=(lambda m: print(f"  {m}")) if dry_run else
                         (lambda m: None))
-  from ncjax import autounit
   late = autounit.budget_problems(specs) + _schedule_problems(specs)
   if late:  # what only the data's sizes reveal, still before any work
-    from ncjax.errors import ConfigError
     raise ConfigError("invalid config:\n  " + "\n  ".join(late))
   if dry_run:
     print("assets: all present and readable")
     return []
   stale = _stale_runs(workdir, runs)
   if stale and not fresh:
-    from ncjax.errors import CheckpointError
     lines = [f"{records.run_dir(workdir, r.id)}: " + "; ".join(diff) for r, diff in stale]
     raise CheckpointError(
         f"{len(stale)} run(s) in --workdir={workdir} were made with a different config:\n  "
@@ -63,7 +76,6 @@ def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> 
 def _schedule_problems(specs) -> list[str]:
   """Step decays (in epochs) past the end of a run whose length ``steps`` sets: the steps per
   epoch come from the (lazily opened) training split's size, so spec cannot see them."""
-  from ncjax import assemble, train
   mesh, out = train.data_mesh(), []
   for s in specs:
     for r in s.runs():
@@ -91,7 +103,6 @@ def _schedule_problems(specs) -> list[str]:
 
 def _stale_runs(workdir: str, runs) -> list:
   """Runs of the grid whose workdir fingerprint differs from the config's, with the diff."""
-  from ncjax import spec as spec_lib
   out = []
   for r in runs:
     stored = records.read_fingerprint(workdir, r.id)
@@ -105,7 +116,6 @@ def _stale_runs(workdir: str, runs) -> list:
 def _remove_runs(workdir: str, runs) -> None:
   """--fresh: removes the runs' directories, TensorBoard events and metrics lines, listing
   each path."""
-  from ncjax import telemetry
   ids = {r.id for r in runs}
   for r in runs:
     for path in (records.run_dir(workdir, r.id), os.path.join(workdir, "tensorboard", r.id)):
@@ -116,28 +126,59 @@ def _remove_runs(workdir: str, runs) -> None:
   if ids and os.path.exists(metrics):
     kept = [m for m in telemetry.read_metrics(metrics) if m.get("run") not in ids]
     print(f"ncjax: --fresh: removing the metrics.jsonl lines of {len(ids)} run(s)")
-    records.atomic_write(metrics, "".join(json.dumps(m) + "\n" for m in kept))
+    io.write_jsonl(metrics, kept)
+
+
+def stage_of(run: Run) -> str:
+  """The `STAGES` key of `run`."""
+  return "autounit" if run.kind == "finetune" and run.unit == AUTO_UNIT else run.kind
+
+
+def run_spec(spec: Spec, workdir: str, mesh, on_record, on_log=None,
+             primary: bool = True) -> None:
+  """Runs the spec's runs in order; a run whose record is in the workdir is not run again.
+
+  Each run first stores its fingerprint (what defines it) in its run directory, so a later
+  rerun can tell whether its checkpoints may be resumed. `on_record(record)` gets each record
+  (pre-training ones included) as it is made; `on_log(run_id)` gives the per-step logger of
+  a run (`ncjax.telemetry.RunLog`). Only the `primary` process writes files."""
+  log = on_log or (lambda _: None)
+  ctx = Context(spec, workdir, mesh, log, primary)
+  for r in spec.runs():
+    done = records.load_record(workdir, r.id)
+    if primary and records.read_fingerprint(workdir, r.id) is None:
+      records.write_fingerprint(workdir, r.id, dict(r.fingerprint))
+    rec = (STAGES[stage_of(r)](ctx, r, done) if done is None or r.kind in RUN_WHEN_DONE
+           else done)
+    src = ctx.source.get(r.backbone.model)
+    if done is None and src is not None and r.kind != "pretrain":
+      rec.source_nc1, rec.source_accuracy = src.nc1, src.accuracy  # Table 1 / Fig. 4
+    if done is None and primary:
+      records.save_record(workdir, rec)
+    if done is None and log(r.id) is not None:  # the evaluation, beside the training curve
+      scalars = {"test_accuracy": rec.accuracy, "nc1": rec.nc1, "cdnv": rec.cdnv,
+                 "numerical_rank": rec.numerical_rank}
+      log(r.id)({"step": rec.steps, **{k: v for k, v in scalars.items() if v == v}})  # not NaN
+    on_record(rec)
 
 
 def describe(specs, runs, workdir: str) -> str:
   """The resolved grid and the assets it needs (--dry_run)."""
-  from ncjax import spec as spec_lib
   lines = [f"job {specs[0].job}: {len(runs)} run(s) into {workdir}"]
   for r in runs:
     state = ("finished" if records.load_record(workdir, r.id) else
              "resumes" if records.read_fingerprint(workdir, r.id) is not None else "new")
     lines.append(f"  {r.kind:8s} {r.id}  [{state}]")
   lines.append("assets:")
-  lines += [f"  --config.{field}: {what}" for field, what, _ in spec_lib.assets(specs)]
+  lines += [f"  --config.{field}: {what}" for field, what, _ in assets.assets(specs)]
   return "\n".join(lines)
 
 
 def _run_specs(specs, workdir: str) -> list[dict]:
-  from ncjax import report, telemetry, train, transfer
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if primary:
-    records.write_json(os.path.join(workdir, "config.json"),
+    io.write_json(os.path.join(workdir, "config.json"),
                        {**records.version_info(), "config": specs[0].resolved,
                         "variants": {s.tag: s.resolved for s in specs if s.tag}})
   cache = train.enable_compilation_cache(specs[0].compile_cache_dir)
@@ -149,7 +190,7 @@ def _run_specs(specs, workdir: str) -> list[dict]:
   def on_record(rec):
     out.append(rec.to_dict())
     if primary:
-      records.write_jsonl(os.path.join(workdir, "records.jsonl"), out)
+      io.write_jsonl(os.path.join(workdir, "records.jsonl"), out)
 
   with telemetry.RunLog(workdir) as log:
     def on_log(run_id):
@@ -158,12 +199,11 @@ def _run_specs(specs, workdir: str) -> list[dict]:
         log.log(run_id, int(entry.pop("step")), **entry)
       return write
     for s in specs:
-      transfer.run(s, workdir, mesh, on_record=on_record, on_log=on_log, primary=primary)
+      run_spec(s, workdir, mesh, on_record=on_record, on_log=on_log, primary=primary)
   # The report holds the job's results; pre-training records (in records.jsonl) only when
   # pre-training is the job.
   if specs[0].job == "rank":  # one record per candidate: its scores beside its accuracy
-    from ncjax import ranking
-    results = ranking.summarize(out)
+    results = score.summarize(out)
   else:
     results = [r for r in out if r["stage"] != "pretrain"] or out
   if primary:
@@ -177,11 +217,11 @@ def _run_specs(specs, workdir: str) -> list[dict]:
 
 def metrics_job(config, workdir: str) -> list[dict]:
   """NC metrics of scikit-learn's digits: raw pixels and a fixed random ReLU feature map."""
-  from ncjax import data, metrics
-  ds = data.load("digits", config.get("split", "train"))
+  job = spec_lib.build_metrics(config)
+  ds = data.load("digits", job.split)
   x = ds.images.reshape(len(ds), -1).astype(np.float32) / 255.0
-  rng = np.random.default_rng(int(config.seed))
-  width = int(config.get("random_features", 2048))
+  rng = np.random.default_rng(job.seed)
+  width = job.random_features
   w = rng.standard_normal((x.shape[1], width)).astype(np.float32) / np.sqrt(x.shape[1])
   b = rng.standard_normal(width).astype(np.float32) * 0.1
   feats = {"pixels": x, f"random_relu_{width}": np.maximum(x @ w + b, 0.0)}
@@ -200,8 +240,8 @@ def metrics_job(config, workdir: str) -> list[dict]:
     lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
                                    for c in cols) + " |")
   table = "\n".join(lines)
-  print(f"Neural-collapse metrics of the digits ({len(ds)} {config.get('split', 'train')} "
+  print(f"Neural-collapse metrics of the digits ({len(ds)} {job.split} "
         f"images, {ds.num_classes} classes)\n{table}")
-  records.write_json(os.path.join(workdir, "metrics.json"), rows)
-  records.atomic_write(os.path.join(workdir, "metrics.md"), table + "\n")
+  io.write_json(os.path.join(workdir, "metrics.json"), rows)
+  io.atomic_write(os.path.join(workdir, "metrics.md"), table + "\n")
   return rows

@@ -1,6 +1,6 @@
 """Assembling a run from its spec: data splits, the model, its initial variables, on-device
-pre-processing and batch arithmetic. Everything here happens before a run's first step;
-`pretrain`, `transfer` and `probes` share it.
+pre-processing, batch arithmetic and the frozen backbone's embeddings. Everything here
+happens before a run's first step; every stage (`ncjax.experiment.stages`) shares it.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ncjax import data, errors, methods, models
-from ncjax.spec import Backbone, Spec
+from ncjax import data, errors, measure, methods, models, weights
+from ncjax.experiment.spec import Backbone, Run, Spec
 
 
 # ----------------------------------------------------------------------------- data
@@ -182,7 +182,6 @@ def initial_variables(spec: Spec, bb: Backbone, model, ds: data.ArrayDataset,
   backbone's weights file, the pre-trained source model, or scratch."""
   variables = init_variables(model, input_shape(bb, ds), spec.seed)
   if bb.weights_path:
-    from ncjax import weights
     return weights.load(bb.weights_path, bb.model, variables), bb.weights
   if pretrained is not None:
     return transplant(pretrained, variables), "pretrain"
@@ -225,3 +224,20 @@ def effective_batch(batch_size: int, n: int, mesh) -> int:
 
 def eval_batch(spec: Spec, mesh) -> int:
   return effective_batch(spec.eval_batch_size, 1 << 30, mesh)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def embed(spec: Spec, run: Run, pretrained: dict | None, mesh, split: str | None = None):
+  """Penultimate embeddings (N, D) float32 of the frozen backbone (eval mode) on the
+  downstream classes' images of `split` (default ``fewshot.split``: the meta-test classes,
+  ``meta_test`` of ``cifar_fs`` / ``mini_imagenet``), the split and where the weights came
+  from."""
+  ds = materialize(spec, load_split(spec, run.dataset, split or spec.fewshot.split,
+                                    run.backbone, spec.downstream_classes))
+  model = build_model(spec, run.backbone, ds.num_classes)
+  variables, origin = initial_variables(spec, run.backbone, model, ds, pretrained)
+  prepare = prepare_for(run.backbone, ds, 1)
+  emb = measure.extract(model, variables, prepare, ds.images, eval_batch(spec, mesh), mesh,
+                        names=("penultimate",), desc=run.id)["penultimate"]
+  return emb, ds, origin

@@ -1,4 +1,5 @@
-"""Pre-training on the source data (Table 1, Figs. 2-5): every parameter trains from scratch.
+"""Stage ``pretrain``: training on the source data (Table 1, Figs. 2-5); every parameter
+trains from scratch.
 
 The spec's `Pretrain` selects the loss (``ce`` | ``mse`` | ``supcon``), an optional
 projection head (``projection_layers``; dropped afterwards), augmentation
@@ -14,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ncjax import assemble, losses, measure, models, records, train
-from ncjax.spec import Run, Spec
+from ncjax import losses, measure, models, train
+from ncjax.experiment import assemble, records
+from ncjax.experiment.spec import Run, Spec
+from ncjax.experiment.stages.base import Context
 
 
 def projected_forward(model, head) -> train.Forward:
@@ -116,3 +119,10 @@ def pretrain(spec: Spec, run: Run, workdir: str | None, mesh, on_log=None,
   logging.info("%s: source accuracy %.2f%%, source NC1 %.4g", run.id, acc, pen["nc1"])
   return backbone, record
 
+
+def run(ctx: Context, run: Run, done: records.Record | None = None) -> records.Record:
+  """Also for a finished run (`done`): its variables serve the runs after it."""
+  ctx.pretrained[run.backbone.model], rec = pretrain(ctx.spec, run, ctx.workdir, ctx.mesh,
+                                                     ctx.log(run.id), done)
+  ctx.source[run.backbone.model] = rec
+  return rec

@@ -4,8 +4,9 @@
 field) into one typed, validated `Spec` per variant, checking everything at once before any
 work: a value out of range, a bool typo, an unknown method, model, unit or dataset, a
 reversed class range, a bad or duplicate variant tag all end up in one `ConfigError` whose
-lines read ``--config.<field>=<value>: <why>``. `check_assets` then opens every dataset split
-and weights file the grid needs (shapes of weights against their architecture included).
+lines read ``--config.<field>=<value>: <why>``. `ncjax.experiment.assets` then opens every
+dataset split and weights file the grid needs (shapes of weights against their architecture
+included). Job ``metrics`` has its own small reader, `build_metrics`.
 
 Each spec enumerates its runs (`Spec.runs`): the pre-training of a backbone, the fine-tuning
 cells ``models x datasets x train sizes x methods x units``, or a layer-probe pass, each with
@@ -15,13 +16,13 @@ resuming in a used workdir.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
-from typing import Any, Iterator
 
-from ncjax import methods, models
+from ncjax import data, methods, models, train
 from ncjax.errors import ConfigError
+from ncjax.experiment.fields import did_you_mean, field_names, suggest_fields
+from ncjax.transferability import ESTIMATORS
 
 JOBS = ("transfer", "pretrain", "layer_probe", "fewshot", "metrics", "rank")
 TRAINS_CELLS = ("transfer", "rank")  # jobs that fine-tune the grid's cells
@@ -56,7 +57,6 @@ class Optim:
   def optimizer(self, steps_per_epoch: int):
     """`train.OptimConfig` of a run with `steps_per_epoch` optimizer steps per epoch (the
     unit of ``decay_epochs``, also when ``steps`` sets the run's length)."""
-    from ncjax import train
     return train.OptimConfig(lr=self.lr, lr_end=self.lr_end, momentum=self.momentum,
                              weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
                              schedule=self.schedule, decay_factor=self.decay_factor,
@@ -279,8 +279,8 @@ def fingerprint_diff(stored: dict, now: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- reading a config
 
-class _Problems:
-  """Collects every problem as ``--config.<field>=<value>: <why>``."""
+class Problems:
+  """Collects every problem as ``--config.<field>=<value>: <why>``, once each."""
 
   def __init__(self):
     self.lines: list[str] = []
@@ -332,7 +332,7 @@ def parse_classes(value) -> tuple[int, ...] | None:
   return tuple(out) or None
 
 
-def _int(p: _Problems, field: str, value, lo: int, hi: int | None = None) -> int:
+def _int(p: Problems, field: str, value, lo: int, hi: int | None = None) -> int:
   if not isinstance(value, int) or isinstance(value, bool) or value < lo or (
       hi is not None and value > hi):
     p.add(field, value, f"must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None
@@ -341,7 +341,7 @@ def _int(p: _Problems, field: str, value, lo: int, hi: int | None = None) -> int
   return value
 
 
-def _float(p: _Problems, field: str, value, *, positive=False, lo=None, hi=None) -> float:
+def _float(p: Problems, field: str, value, *, positive=False, lo=None, hi=None) -> float:
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
   if ok and ((positive and not value > 0) or (lo is not None and value < lo)
              or (hi is not None and value > hi)):
@@ -354,14 +354,14 @@ def _float(p: _Problems, field: str, value, *, positive=False, lo=None, hi=None)
   return float(value)
 
 
-def _bool(p: _Problems, field: str, value) -> bool:
+def _bool(p: Problems, field: str, value) -> bool:
   if not isinstance(value, bool):
     p.add(field, value, "must be True or False")
     return False
   return value
 
 
-def _str(p: _Problems, field: str, value, choices=None) -> str:
+def _str(p: Problems, field: str, value, choices=None) -> str:
   if not isinstance(value, str):
     p.add(field, value, "must be a string")
     return ""
@@ -370,7 +370,7 @@ def _str(p: _Problems, field: str, value, choices=None) -> str:
   return value
 
 
-def _names(p: _Problems, field: str, value, choices=None, what="name") -> tuple[str, ...]:
+def _names(p: Problems, field: str, value, choices=None, what="name") -> tuple[str, ...]:
   try:
     out = names(value)
   except TypeError:
@@ -378,19 +378,14 @@ def _names(p: _Problems, field: str, value, choices=None, what="name") -> tuple[
     return ()
   for n in out:
     if choices is not None and n not in choices:
-      p.add(field, value, f"unknown {what} {n!r}{_did_you_mean(n, choices)} "
+      p.add(field, value, f"unknown {what} {n!r}{did_you_mean(n, choices)} "
             f"(valid: {', '.join(choices)})")
   if len(set(out)) != len(out):
     p.add(field, value, f"a {what} is listed twice")
   return out
 
 
-def _did_you_mean(word: str, choices) -> str:
-  close = difflib.get_close_matches(word, list(choices), n=1)
-  return f", did you mean {close[0]!r}?" if close else ""
-
-
-def _optim(p: _Problems, prefix: str, o, own=None) -> Optim:
+def _optim(p: Problems, prefix: str, o, own=None) -> Optim:
   # An inherited value is reported once, under the field that set it.
   field = lambda f: f"{prefix if own is None or f in own else 'optim'}.{f}"
   steps = _int(p, field("steps"), o.steps, 0)
@@ -410,7 +405,7 @@ def _optim(p: _Problems, prefix: str, o, own=None) -> Optim:
   return out
 
 
-def _decays(p: _Problems, field, o, steps: int) -> dict:
+def _decays(p: Problems, field, o, steps: int) -> dict:
   """``schedule``, ``decay_epochs``, ``decay_factor`` of an optim config (absent: cosine).
   The epochs must increase and, when ``epochs`` sets the length, fall inside the run; with
   ``steps`` the epoch length is known only from the data (`train.lr_schedule` checks)."""
@@ -429,7 +424,7 @@ def _decays(p: _Problems, field, o, steps: int) -> dict:
   return dict(schedule=schedule, decay_epochs=epochs, decay_factor=factor)
 
 
-def _backbone(p: _Problems, config, model: str, default_datasets) -> Backbone:
+def _backbone(p: Problems, config, model: str, default_datasets) -> Backbone:
   bb = config.backbone
   fields = dict(bb.default) if "default" in bb else {}
   where = {k: "default" for k in fields}
@@ -441,7 +436,7 @@ def _backbone(p: _Problems, config, model: str, default_datasets) -> Backbone:
   for k in fields:
     if k not in known:
       p.add(f"backbone.{where[k]}.{k}", fields[k],
-            f"no such backbone field{_did_you_mean(k, known)}")
+            f"no such backbone field{did_you_mean(k, known)}")
   name = lambda k: f"backbone.{where.get(k, model)}.{k}"
   get = lambda k, d: fields.get(k, d)
   options = dict(get("options", {}) or {})
@@ -461,7 +456,6 @@ def _backbone(p: _Problems, config, model: str, default_datasets) -> Backbone:
               or default_datasets)
   norm = _str(p, name("normalization"), get("normalization", "dataset"))
   if norm and norm not in NORMALIZATIONS:
-    from ncjax import data
     try:
       data.stats_for(norm)
     except (KeyError, ValueError):
@@ -479,18 +473,7 @@ def _resolved(config) -> dict:
   return _plain(config.to_dict() if hasattr(config, "to_dict") else dict(config))
 
 
-def field_names(config, prefix: str = "") -> list[str]:
-  """Every dotted field of `config` (``optim.batch_size``, ...)."""
-  out = []
-  for k in config:
-    v = config[k]
-    out.append(prefix + k)
-    if hasattr(v, "items") and not isinstance(v, dict):
-      out += field_names(v, f"{prefix}{k}.")
-  return out
-
-
-def with_overrides(config, overrides: dict, p: _Problems):
+def with_overrides(config, overrides: dict, p: Problems):
   """A copy of `config` with the dotted `overrides` set. A value must have its field's type
   (an int may set a float field): a bool typo is an error, not False."""
   c = config.copy_and_resolve_references()
@@ -502,7 +485,8 @@ def with_overrides(config, overrides: dict, p: _Problems):
         holder = holder[part]
       old = holder[last]
     except (KeyError, AttributeError, TypeError):
-      p.add(key, value, f"no such config field{_did_you_mean(key, field_names(config))}")
+      close = suggest_fields(key, field_names(config))
+      p.add(key, value, "no such config field" + (f", did you mean {close[0]!r}?" if close else ""))
       continue
     ok = (isinstance(value, bool) if isinstance(old, bool)
           else isinstance(value, int) and not isinstance(value, bool) if isinstance(old, int)
@@ -519,7 +503,7 @@ def with_overrides(config, overrides: dict, p: _Problems):
   return c
 
 
-def _variants(p: _Problems, value) -> list[tuple[str, dict]]:
+def _variants(p: Problems, value) -> list[tuple[str, dict]]:
   """``config.variants``: a sequence of ``{'tag': str, 'overrides': {dotted field: value}}``."""
   out, seen = [], set()
   if not isinstance(value, (tuple, list)):
@@ -544,16 +528,16 @@ def _variants(p: _Problems, value) -> list[tuple[str, dict]]:
 def build(config) -> list[Spec]:
   """One validated `Spec` per variant (one without variants). Raises `ConfigError` listing
   every problem: those of the base config once, then each variant's own."""
-  top = _Problems()
+  top = Problems()
   job = _str(top, "job", config.job, JOBS)
   variants = _variants(top, config.get("variants", ()))
-  base = _Problems()
+  base = Problems()
   specs = [_build_one(base, config, job, "")]
   lines = top.lines + base.lines
   if variants:
     specs = []
     for tag, overrides in variants:
-      p = _Problems()
+      p = Problems()
       specs.append(_build_one(p, with_overrides(config, overrides, p), job, tag))
       lines += [f"variant {tag!r}: {line}" for line in p.lines if line not in base.lines]
   if lines:
@@ -561,7 +545,7 @@ def build(config) -> list[Spec]:
   return specs
 
 
-def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
+def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
   seed = _int(p, "seed", c.seed, 0, 2 ** 31 - 1)
   model_names = _names(p, "models", c.models, models.names(), "model")
   if not model_names:
@@ -589,7 +573,7 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
   pretraining = job == "pretrain" or any(_starts_from_pretraining(pc.enabled, b)
                                          for b in backbones)
   optim = _optim(p, "optim", c.optim)
-  pre_p = p if pretraining else _Problems()  # pre-training fields matter only when used
+  pre_p = p if pretraining else Problems()  # pre-training fields matter only when used
   try:
     pre_classes = parse_classes(pc.classes)
   except (ValueError, TypeError) as e:
@@ -644,7 +628,7 @@ def _build_one(p: _Problems, c, job: str, tag: str) -> Spec | None:
   return None if p.lines else spec
 
 
-def _positive_ints(p: _Problems, field: str, value, why: str, *, distinct: bool = False,
+def _positive_ints(p: Problems, field: str, value, why: str, *, distinct: bool = False,
                    nonempty: bool = False) -> tuple[int, ...] | None:
   """A tuple of positive ints from a tuple field, where the command line's comma list
   (``--config.train_sizes=10,40``) arrives as strings; None after reporting `why`."""
@@ -660,15 +644,14 @@ def _positive_ints(p: _Problems, field: str, value, why: str, *, distinct: bool 
     return None
 
 
-def _estimators(p: _Problems, value) -> tuple[str, ...]:
-  from ncjax.transferability import ESTIMATORS
+def _estimators(p: Problems, value) -> tuple[str, ...]:
   out = _names(p, "rank.estimators", value, ESTIMATORS, "estimator")
   if not out:
     p.add("rank.estimators", value, f"must name at least one of {', '.join(ESTIMATORS)}")
   return out
 
 
-def _fewshot(p: _Problems, f) -> Fewshot:
+def _fewshot(p: Problems, f) -> Fewshot:
   shots = _positive_ints(p, "fewshot.shots", f.shots, "must be distinct positive integers",
                          distinct=True, nonempty=True) or (1,)
   return Fewshot(ways=_int(p, "fewshot.ways", f.ways, 2),
@@ -691,99 +674,24 @@ def not_creatable(path: str) -> str | None:
   return None
 
 
-# ----------------------------------------------------------------------------- assets
+# ----------------------------------------------------------------------------- job metrics
 
-def assets(specs: list[Spec]) -> Iterator[tuple[str, str, tuple]]:
-  """``(field, what, key)`` for every dataset split and weights file the grid reads, once:
-  ``key`` is ``('data', source, split, image_size, data_dir)`` or
-  ``('weights', path, model, spec, backbone)``."""
-  seen = set()
-  for spec in specs:
-    for bb in spec.backbones:
-      wanted = []
-      if spec.job == "pretrain" or spec.uses_pretraining(bb):
-        wanted += [("pretrain.dataset", spec.pretrain.dataset, s) for s in ("train", "test")]
-      if spec.job != "pretrain":
-        splits = (spec.fewshot.split,) if spec.job == "fewshot" else ("train", spec.test_split)
-        wanted += [("datasets" if bb.datasets == spec.datasets else
-                    f"backbone.{bb.model}.datasets", d, s)
-                   for d in bb.datasets for s in splits]
-      for field, name, split in wanted:
-        key = ("data", spec.source(name), split, bb.image_size or None, spec.data_dir)
-        if key not in seen:
-          seen.add(key)
-          yield field, f"{name}:{split}", key
-      if bb.weights_path and ("weights", bb.weights_path, bb.model) not in seen:
-        seen.add(("weights", bb.weights_path, bb.model))
-        yield (bb.origin.get("weights", f"backbone.{bb.model}.weights"), bb.weights,
-               ("weights", bb.weights_path, bb.model, spec, bb))
+@dataclasses.dataclass(frozen=True)
+class DigitsMetrics:
+  """Job ``metrics``: the NC metrics of scikit-learn's digits, raw and through a fixed random
+  ReLU map of `random_features` units drawn with `seed`."""
+  split: str            # train | test | all
+  random_features: int
+  seed: int
 
 
-def check_assets(specs: list[Spec], progress=print) -> None:
-  """Opens every dataset split (lazily: labels only) and weights file the grid needs, and
-  loads each weights file against its architecture's shapes (for the input the backbone will
-  see: its `image_size` / `channels`, else its data's). Raises `ConfigError` listing every
-  missing or unfit asset, each under the field the user set (`_set_by`)."""
-  from ncjax import data, weights
-  from ncjax import telemetry  # TFDS label passes over large splits take a while
-  p = _Problems()
-  todo, failed, shapes = list(assets(specs)), set(), {}
-  for field, what, key in telemetry.progress(todo, total=len(todo), desc="checking assets"):
-    progress(f"checking {what}")
-    if key[:2] in failed:
-      continue  # one line per missing dataset, not one per split
-    try:
-      if key[0] == "data":
-        _, source, split, size, data_dir = key
-        shapes[key] = data.load(source, split, data_dir=data_dir,
-                                decode_size=size).images.shape[1:]
-      else:
-        _, path, model, spec, bb = key
-        # This backbone's data splits came first in `assets`: one check per input shape.
-        data_keys = [("data", spec.source(d), "train", bb.image_size or None, spec.data_dir)
-                     for d in (bb.datasets if spec.job != "pretrain" else
-                               (spec.pretrain.dataset,))]
-        for data_shape in dict.fromkeys(shapes[k] for k in data_keys if k in shapes) or (None,):
-          weights.load(path, model, abstract_variables(spec, bb, 2, data_shape))
-    except (OSError, ValueError, ImportError, KeyError) as e:
-      failed.add(key[:2])
-      why, value = " ".join(str(e).split()), key[1] if key[0] == "data" else what
-      set_by = _set_by(specs, value)
-      if set_by:  # a data source is shown with its field; the split goes with the reason
-        p.add(set_by, value, f"{what}: {why}" if key[0] == "data" else why)
-      else:
-        p.add(field, what, why)
+def build_metrics(config) -> DigitsMetrics:
+  """The typed job ``metrics`` of `config` (`ConfigError` listing every problem)."""
+  p = Problems()
+  out = DigitsMetrics(
+      split=_str(p, "split", config.get("split", "train"), ("train", "test", "all")),
+      random_features=_int(p, "random_features", config.get("random_features", 2048), 1),
+      seed=_int(p, "seed", config.seed, 0, 2 ** 31 - 1))
   if p.lines:
-    raise ConfigError("missing or unusable assets:\n  " + "\n  ".join(p.lines))
-
-
-# Top-level config fields `build` reads. Any other top-level field can only matter by reference
-# (an ml_collections FieldReference, as configs/custom.py's `data`, `weights` and `model`).
-_READ_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec)) | {"models", "backbone",
-                                                                        "variants"}
-
-
-def _set_by(specs: list[Spec], value: str) -> str | None:
-  """The field to name for an asset problem, when not the field that read it: a top-level
-  field `build` never reads whose value is the asset's, so that it feeds that field by
-  reference (``--config.weights`` rather than ``backbone.default.weights``); else None."""
-  for spec in specs:
-    for name, v in spec.resolved.items():
-      if name not in _READ_FIELDS and isinstance(v, str) and v and v == value:
-        return name
-  return None
-
-
-def abstract_variables(spec: Spec, bb: Backbone, num_classes: int,
-                       data_shape: tuple[int, int, int] | None = None) -> dict:
-  """Shapes and dtypes of `bb`'s variables (no computation) for the input the model will
-  see: (image_size, image_size) and `channels` where the backbone sets them, else the data's
-  own `data_shape` (H, W, C) (32 x 32 x 3 when unknown)."""
-  import jax
-  import jax.numpy as jnp
-  model = models.get(bb.model, num_classes, **bb.options)
-  h, w, c = data_shape or (32, 32, 3)
-  hw = (bb.image_size, bb.image_size) if bb.image_size else (h, w)
-  x = jax.ShapeDtypeStruct((1, *hw, bb.channels or c), jnp.float32)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype),
-                                           train=False))
+    raise ConfigError("invalid config:\n  " + "\n  ".join(p.lines))
+  return out

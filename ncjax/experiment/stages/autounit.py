@@ -28,9 +28,12 @@ import time
 
 from absl import logging
 
-from ncjax import assemble, data, methods, models, records
+from ncjax import data, methods, models, train
 from ncjax.errors import ConfigError
-from ncjax.spec import AUTO_UNIT, Run, Spec
+from ncjax.experiment import assemble, records
+from ncjax.experiment.spec import AUTO_UNIT, Run, Spec
+from ncjax.experiment.stages import finetune as finetune_stage
+from ncjax.experiment.stages.base import Context
 
 
 def unit_fractions(model, params) -> dict[str, float]:
@@ -92,7 +95,6 @@ def step_flops(spec: Spec, run: Run, unit: str, train_ds: data.ArrayDataset, bat
   run: the programs are only lowered, on abstract inputs."""
   import jax
   import jax.numpy as jnp
-  from ncjax import train
   model, variables = _abstract(spec, run, train_ds, unit)
   params, stats = variables["params"], variables.get("batch_stats", {})
   mask = methods.trainable_mask(params, run.method, unit)
@@ -122,10 +124,10 @@ def _sweep_runs(spec: Spec, run: Run) -> dict[str, Run]:
 
 def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
                         test_ds: data.ArrayDataset, pretrained: dict | None,
-                        workdir: str | None, mesh, finetune, on_log=None,
+                        workdir: str | None, mesh, on_log=None,
                         primary: bool = True) -> records.Record:
   """Probes every candidate unit, fine-tunes the one with the lowest probe NC1 and returns
-  its record with the choice (module docstring). `finetune` is `ncjax.transfer.finetune`.
+  its record with the choice (module docstring).
 
   Probes keep their checkpoints and records under ``runs/<run id>/probe-<unit>/``, so a
   killed job resumes them; when the job's sweep already fine-tuned the chosen unit (same
@@ -149,8 +151,8 @@ def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
     probe_id = f"{run.id}/probe-{unit}"
     rec = workdir and records.load_record(workdir, probe_id)
     if not rec:
-      rec, _ = finetune(probe_spec, dataclasses.replace(run, id=probe_id, unit=unit), train_ds,
-                        None, pretrained, workdir, mesh, on_log)
+      rec, _ = finetune_stage.finetune(probe_spec, dataclasses.replace(run, id=probe_id, unit=unit),
+                                       train_ds, None, pretrained, workdir, mesh, on_log)
       rec.stage = "unit_probe"
       if workdir and primary:
         records.save_record(workdir, rec)
@@ -172,8 +174,8 @@ def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
   if done:
     rec = dataclasses.replace(done, run=run.id)
   else:
-    rec, _ = finetune(spec, dataclasses.replace(run, unit=chosen), train_ds, test_ds, pretrained,
-                      workdir, mesh, on_log)
+    rec, _ = finetune_stage.finetune(spec, dataclasses.replace(run, unit=chosen), train_ds,
+                                     test_ds, pretrained, workdir, mesh, on_log)
   sweep_flops = sum(full_flops.values())
   rec.unit_choice = choice
   rec.probe_cost_fraction = probe_flops / sweep_flops
@@ -183,3 +185,9 @@ def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
   # A reused run's time counts: wall_s is what the choice costs without the sweep.
   rec.wall_s = time.time() - t0 + (done.wall_s if done else 0.0)
   return rec
+
+
+def run(ctx: Context, run: Run, done: records.Record | None = None) -> records.Record:
+  return choose_and_finetune(ctx.spec, run, *finetune_stage.split(ctx, run),
+                             ctx.pretrained_for(run), ctx.workdir, ctx.mesh, ctx.log(run.id),
+                             ctx.primary)

@@ -1,5 +1,5 @@
-"""Job ``rank``: rank candidate pre-trained models for a downstream dataset without
-fine-tuning them, and measure how well each transferability estimator ranks them.
+"""Stage ``score`` of job ``rank``: rank candidate pre-trained models for a downstream dataset
+without fine-tuning them, and measure how well each transferability estimator ranks them.
 
 A candidate is one backbone of one variant: a pre-training variant the config produces
 (Table 1 / Figs. 3-5 machinery) or a weights file (``backbone.<model>.weights``). For each
@@ -28,8 +28,10 @@ import time
 import numpy as np
 from absl import logging
 
-from ncjax import assemble, records, transferability
-from ncjax.spec import Run, Spec
+from ncjax import train, transferability, weights
+from ncjax.experiment import assemble, records
+from ncjax.experiment.spec import Run, Spec
+from ncjax.experiment.stages.base import Context
 
 NCTI_TERMS = tuple(f"ncti_{t}" for t in transferability.NCTITerms._fields)
 
@@ -42,7 +44,6 @@ def candidate(spec: Spec, run: Run) -> str:
 def source_probs(spec: Spec, run: Run, pretrained: dict | None, ds, mesh) -> np.ndarray | None:
   """(N, C_s) float64 softmax of the candidate's source classifier on `ds`'s images (eval
   mode), or None when the candidate has no source classifier (module docstring)."""
-  from ncjax import train, weights
   bb = run.backbone
   if bb.weights_path:
     classes = weights.head_classes(bb.weights_path, bb.model)
@@ -72,9 +73,8 @@ def score(spec: Spec, run: Run, pretrained: dict | None, mesh) -> records.Record
   """The ``score`` run: every estimator of ``rank.estimators`` on the candidate's frozen
   penultimate features of the downstream training split, each timed (``score_wall_s``; the
   embedding pass, shared by all, is in ``wall_s``)."""
-  from ncjax import transfer
   t0 = time.time()
-  emb, ds, origin = transfer.embed(spec, run, pretrained, mesh, split="train")
+  emb, ds, origin = assemble.embed(spec, run, pretrained, mesh, split="train")
   feats, labels = np.asarray(emb), np.asarray(ds.labels)
   scores, seconds = {}, {}
   for name in spec.rank_estimators:
@@ -155,3 +155,7 @@ def summarize(results: list[dict]) -> list[dict]:
           r[f"kendall_tau_{e}"], r[f"weighted_tau_{e}"] = tau, weighted
       out += rows
   return out
+
+
+def run(ctx: Context, run: Run, done: records.Record | None = None) -> records.Record:
+  return score(ctx.spec, run, ctx.pretrained_for(run), ctx.mesh)

@@ -1,0 +1,108 @@
+"""The assets a grid reads: every dataset split and weights file, listed (`assets`) and opened
+(`check_assets`) before any work, each problem under the config field that set it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from ncjax import data, models, telemetry, weights
+from ncjax.errors import ConfigError
+from ncjax.experiment import spec as spec_lib
+from ncjax.experiment.spec import Backbone, Spec
+
+
+def assets(specs: list[Spec]) -> Iterator[tuple[str, str, tuple]]:
+  """``(field, what, key)`` for every dataset split and weights file the grid reads, once:
+  ``key`` is ``('data', source, split, image_size, data_dir)`` or
+  ``('weights', path, model, spec, backbone)``."""
+  seen = set()
+  for spec in specs:
+    for bb in spec.backbones:
+      wanted = []
+      if spec.job == "pretrain" or spec.uses_pretraining(bb):
+        wanted += [("pretrain.dataset", spec.pretrain.dataset, s) for s in ("train", "test")]
+      if spec.job != "pretrain":
+        splits = (spec.fewshot.split,) if spec.job == "fewshot" else ("train", spec.test_split)
+        wanted += [("datasets" if bb.datasets == spec.datasets else
+                    f"backbone.{bb.model}.datasets", d, s)
+                   for d in bb.datasets for s in splits]
+      for field, name, split in wanted:
+        key = ("data", spec.source(name), split, bb.image_size or None, spec.data_dir)
+        if key not in seen:
+          seen.add(key)
+          yield field, f"{name}:{split}", key
+      if bb.weights_path and ("weights", bb.weights_path, bb.model) not in seen:
+        seen.add(("weights", bb.weights_path, bb.model))
+        yield (bb.origin.get("weights", f"backbone.{bb.model}.weights"), bb.weights,
+               ("weights", bb.weights_path, bb.model, spec, bb))
+
+
+def check_assets(specs: list[Spec], progress=print) -> None:
+  """Opens every dataset split (lazily: labels only) and weights file the grid needs, and
+  loads each weights file against its architecture's shapes (for the input the backbone will
+  see: its `image_size` / `channels`, else its data's). Raises `ConfigError` listing every
+  missing or unfit asset, each under the field the user set (`_set_by`)."""
+  p = spec_lib.Problems()
+  todo, failed, shapes = list(assets(specs)), set(), {}
+  # TFDS label passes over large splits take a while.
+  for field, what, key in telemetry.progress(todo, total=len(todo), desc="checking assets"):
+    progress(f"checking {what}")
+    if key[:2] in failed:
+      continue  # one line per missing dataset, not one per split
+    try:
+      if key[0] == "data":
+        _, source, split, size, data_dir = key
+        shapes[key] = data.load(source, split, data_dir=data_dir,
+                                decode_size=size).images.shape[1:]
+      else:
+        _, path, model, spec, bb = key
+        # This backbone's data splits came first in `assets`: one check per input shape.
+        data_keys = [("data", spec.source(d), "train", bb.image_size or None, spec.data_dir)
+                     for d in (bb.datasets if spec.job != "pretrain" else
+                               (spec.pretrain.dataset,))]
+        for data_shape in dict.fromkeys(shapes[k] for k in data_keys if k in shapes) or (None,):
+          weights.load(path, model, abstract_variables(spec, bb, 2, data_shape))
+    except (OSError, ValueError, ImportError, KeyError) as e:
+      failed.add(key[:2])
+      why, value = " ".join(str(e).split()), key[1] if key[0] == "data" else what
+      set_by = _set_by(specs, value)
+      if set_by:  # a data source is shown with its field; the split goes with the reason
+        p.add(set_by, value, f"{what}: {why}" if key[0] == "data" else why)
+      else:
+        p.add(field, what, why)
+  if p.lines:
+    raise ConfigError("missing or unusable assets:\n  " + "\n  ".join(p.lines))
+
+
+# Top-level config fields `build` reads. Any other top-level field can only matter by reference
+# (an ml_collections FieldReference, as configs/custom.py's `data`, `weights` and `model`).
+_READ_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec)) | {"models", "backbone",
+                                                                        "variants"}
+
+
+def _set_by(specs: list[Spec], value: str) -> str | None:
+  """The field to name for an asset problem, when not the field that read it: a top-level
+  field `build` never reads whose value is the asset's, so that it feeds that field by
+  reference (``--config.weights`` rather than ``backbone.default.weights``); else None."""
+  for spec in specs:
+    for name, v in spec.resolved.items():
+      if name not in _READ_FIELDS and isinstance(v, str) and v and v == value:
+        return name
+  return None
+
+
+def abstract_variables(spec: Spec, bb: Backbone, num_classes: int,
+                       data_shape: tuple[int, int, int] | None = None) -> dict:
+  """Shapes and dtypes of `bb`'s variables (no computation) for the input the model will
+  see: (image_size, image_size) and `channels` where the backbone sets them, else the data's
+  own `data_shape` (H, W, C) (32 x 32 x 3 when unknown)."""
+  model = models.get(bb.model, num_classes, **bb.options)
+  h, w, c = data_shape or (32, 32, 3)
+  hw = (bb.image_size, bb.image_size) if bb.image_size else (h, w)
+  x = jax.ShapeDtypeStruct((1, *hw, bb.channels or c), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype),
+                                           train=False))
