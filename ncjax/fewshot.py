@@ -29,21 +29,18 @@ support embeddings), so the JAX solver works on ``A`` and the support Gram matri
 """
 from __future__ import annotations
 
-import csv
 import functools
 import inspect
-import os
-import warnings
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['Episodes', 'sample_episodes', 'l2_normalize', 'logistic_regression', 'predict',
-           'evaluate', 'ci95', 'embedding_nc1', 'CIFAR100_LABEL_NAMES', 'CIFAR_FS_CLASSES',
-           'cifar_fs_class_ids', 'MiniImageNetSplit', 'load_mini_imagenet',
-           'MINI_IMAGENET_HOWTO']
+from ncjax import metrics, telemetry
+
+__all__ = ["Episodes", "sample_episodes", "l2_normalize", "logistic_regression", "predict",
+           "evaluate", "ci95", "embedding_nc1"]
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -78,24 +75,24 @@ def sample_episodes(labels, *, ways: int, shots: int, queries: int, episodes: in
   """
   labels = np.asarray(labels)
   if labels.ndim != 1:
-    raise ValueError(f'labels must be 1-D, got shape {labels.shape}')
-  for name, v, low in (('ways', ways, 1), ('shots', shots, 1), ('queries', queries, 0),
-                       ('episodes', episodes, 0)):
+    raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+  for name, v, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0),
+                       ("episodes", episodes, 0)):
     if int(v) != v or v < low:
-      raise ValueError(f'{name} must be an integer >= {low}, got {v!r}')
+      raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
   classes, counts = np.unique(labels, return_counts=True)
   if len(classes) < ways:
-    raise ValueError(f'{ways}-way episodes need {ways} classes; labels have {len(classes)}')
+    raise ValueError(f"{ways}-way episodes need {ways} classes; labels have {len(classes)}")
   per_class = shots + queries
   short = classes[counts < per_class]
   if len(short):
     c = short[0]
-    raise ValueError(f'class {c.item()!r} has {counts[classes == c][0]} images, fewer than '
-                     f'shots + queries = {shots} + {queries}'
-                     + (f' ({len(short)} classes are short)' if len(short) > 1 else ''))
+    raise ValueError(f"class {c.item()!r} has {counts[classes == c][0]} images, fewer than "
+                     f"shots + queries = {shots} + {queries}"
+                     + (f" ({len(short)} classes are short)" if len(short) > 1 else ""))
   # Stable sort: members of each class in their original order, so draws do not depend on
   # the sort algorithm.
-  order = np.argsort(labels, kind='stable')
+  order = np.argsort(labels, kind="stable")
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
   rng = np.random.default_rng(seed)
   picked_classes = np.empty((episodes, ways), np.int64)
@@ -153,10 +150,10 @@ def _newton_direction(gram, onehot, a, b, inv_c):
   r_b = jnp.sum(p - onehot, axis=0)                                     # (K,)
   s = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]             # (n, K, K)
   # Block rows/columns ordered (i, k) row-major, then the K intercept entries.
-  m_aa = jnp.einsum('ikl,ij->ikjl', s, gram).reshape(n * k, n * k)
+  m_aa = jnp.einsum("ikl,ij->ikjl", s, gram).reshape(n * k, n * k)
   m_aa = m_aa + inv_c * jnp.eye(n * k, dtype=gram.dtype)
   m_ab = s.reshape(n * k, k)
-  m_ba = jnp.einsum('ikl,ij->kjl', s, gram).reshape(k, n * k)
+  m_ba = jnp.einsum("ikl,ij->kjl", s, gram).reshape(k, n * k)
   m_bb = jnp.sum(s, axis=0) + 1.0
   m = jnp.block([[m_aa, m_ab], [m_ba, m_bb]])
   rhs = -jnp.concatenate([r_a.reshape(-1), r_b])
@@ -194,11 +191,11 @@ def _newton_update(gram, onehot, a, b, inv_c):
   return a + t * da, b + t * db, grad2
 
 
-@functools.partial(jax.jit, static_argnames=('ways', 'max_iter'))
+@functools.partial(jax.jit, static_argnames=("ways", "max_iter"))
 def _fit_jax(support, support_labels, inv_c, tol, *, ways: int, max_iter: int):
   """support (E, n, d) float32, support_labels (E, n) -> (W (E, d, ways), b (E, ways),
   iterations, max over episodes of the final gradient norm)."""
-  gram = jnp.einsum('eid,ejd->eij', support, support, precision=jax.lax.Precision.HIGHEST)
+  gram = jnp.einsum("eid,ejd->eij", support, support, precision=jax.lax.Precision.HIGHEST)
   onehot = jax.nn.one_hot(support_labels, ways, dtype=support.dtype)
   e, n = support_labels.shape
   update = jax.vmap(_newton_update, in_axes=(0, 0, 0, 0, None))
@@ -218,7 +215,7 @@ def _fit_jax(support, support_labels, inv_c, tol, *, ways: int, max_iter: int):
   a, b, it, _ = jax.lax.while_loop(cond, body, (a0, b0, 0, jnp.asarray(jnp.inf, support.dtype)))
   _, _, grad2 = jax.vmap(_newton_direction, in_axes=(0, 0, 0, 0, None))(gram, onehot, a, b,
                                                                         inv_c)
-  w = jnp.einsum('eid,eik->edk', support, a, precision=jax.lax.Precision.HIGHEST)
+  w = jnp.einsum("eid,eik->edk", support, a, precision=jax.lax.Precision.HIGHEST)
   return w, b, it, jnp.sqrt(jnp.max(grad2))
 
 
@@ -228,15 +225,15 @@ def _sklearn_lr(c: float, max_iter: int):
   here) has no `multi_class` (lbfgs is multinomial for >= 3 classes); it is passed where it
   exists."""
   from sklearn.linear_model import LogisticRegression
-  kw = dict(C=c, solver='lbfgs', max_iter=max_iter, random_state=0)
-  if 'multi_class' in inspect.signature(LogisticRegression).parameters:
-    kw['multi_class'] = 'multinomial'
+  kw = dict(C=c, solver="lbfgs", max_iter=max_iter, random_state=0)
+  if "multi_class" in inspect.signature(LogisticRegression).parameters:
+    kw["multi_class"] = "multinomial"
   return LogisticRegression(**kw)
 
 
 def logistic_regression(support, support_labels, *, ways: int, C: float = 1.0,
-                        solver: str = 'jax', max_iter: Optional[int] = None,
-                        tol: Optional[float] = None) -> Tuple[Any, Any]:
+                        solver: str = "jax", max_iter: int | None = None,
+                        tol: float | None = None) -> tuple[Any, Any]:
   """Fits the L2-regularised multinomial logistic regression of each episode.
 
   support: (E, n, d) features (used as given: :func:`evaluate` L2-normalises them first, as
@@ -255,8 +252,8 @@ def logistic_regression(support, support_labels, *, ways: int, C: float = 1.0,
   model at 2C, so `ways=2` is where the two solvers differ.
   """
   if not C > 0:
-    raise ValueError(f'C must be > 0, got {C}')
-  if solver == 'sklearn':
+    raise ValueError(f"C must be > 0, got {C}")
+  if solver == "sklearn":
     support = np.asarray(support, np.float64)
     labels = np.asarray(support_labels)
     e, _, d = support.shape
@@ -272,7 +269,7 @@ def logistic_regression(support, support_labels, *, ways: int, C: float = 1.0,
       else:
         w[i][:, clf.classes_], b[i][clf.classes_] = clf.coef_.T, clf.intercept_
     return w, b
-  if solver == 'jax':
+  if solver == "jax":
     w, b, _, _ = _fit_jax(jnp.asarray(support, jnp.float32), jnp.asarray(support_labels),
                           jnp.float32(1.0 / C), jnp.float32(1e-4 if tol is None else tol),
                           ways=ways, max_iter=max_iter or 50)
@@ -284,17 +281,17 @@ def predict(weights, bias, query):
   """Predicted class (argmax of the logits; the first on ties, like scikit-learn) of each
   query: weights (E, d, K), bias (E, K), query (E, m, d) -> (E, m) ints."""
   xp = jnp if isinstance(weights, jax.Array) else np
-  return xp.argmax(xp.einsum('emd,edk->emk', query, weights) + bias[:, None, :], axis=-1)
+  return xp.argmax(xp.einsum("emd,edk->emk", query, weights) + bias[:, None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=('ways', 'max_iter'))
+@functools.partial(jax.jit, static_argnames=("ways", "max_iter"))
 def _episode_accuracy(emb, support, query, support_labels, query_labels, inv_c, tol, *,
                       ways: int, max_iter: int):
   """emb (N, d) L2-normalised, on device; support/query (E, .) indices -> accuracy (E,)
   fraction, iterations, worst gradient norm."""
   w, b, it, gmax = _fit_jax(emb[support], support_labels, inv_c, tol, ways=ways,
                             max_iter=max_iter)
-  logits = jnp.einsum('emd,edk->emk', emb[query], w,
+  logits = jnp.einsum("emd,edk->emk", emb[query], w,
                       precision=jax.lax.Precision.HIGHEST) + b[:, None, :]
   hit = jnp.argmax(logits, axis=-1) == query_labels
   return jnp.mean(hit.astype(jnp.float32), axis=-1), it, gmax
@@ -310,7 +307,7 @@ def ci95(accuracies, confidence: float = 0.95) -> float:
   from scipy import stats
   a = np.asarray(accuracies, np.float64).reshape(-1)
   if a.size < 2:
-    return float('nan')
+    return float("nan")
   return float(stats.t.ppf((1.0 + confidence) / 2.0, a.size - 1) * np.std(a, ddof=1)
                / np.sqrt(a.size))
 
@@ -318,14 +315,13 @@ def ci95(accuracies, confidence: float = 0.95) -> float:
 def embedding_nc1(embeddings, labels) -> float:
   """NC1 (`ncjax.metrics.nc1`) of (N, d) embeddings with (N,) labels of any ids (relabelled
   to 0..K-1): Table 2's NC1 of the meta-test split's penultimate features, not normalised."""
-  from ncjax import metrics
   _, y = np.unique(np.asarray(labels), return_inverse=True)
   return float(metrics.nc1(embeddings, y.astype(np.int32), int(y.max()) + 1))
 
 
 def evaluate(embeddings, labels, *, ways: int = 5, shots: int = 1, queries: int = 15,
-             episodes: int = 600, seed: int = 0, solver: str = 'jax', C: float = 1.0,
-             chunk: int = 200, nc1: bool = False) -> Dict[str, object]:
+             episodes: int = 600, seed: int = 0, solver: str = "jax", C: float = 1.0,
+             chunk: int = 200, nc1: bool = False) -> dict[str, object]:
   """RFS few-shot evaluation of frozen embeddings.
 
   embeddings: (N, d), one row per image of the split, computed once by the caller (a jax
@@ -341,13 +337,13 @@ def evaluate(embeddings, labels, *, ways: int = 5, shots: int = 1, queries: int 
   """
   eps = sample_episodes(labels, ways=ways, shots=shots, queries=queries, episodes=episodes,
                         seed=seed)
-  if solver == 'sklearn':
+  if solver == "sklearn":
     emb = l2_normalize(np.asarray(embeddings, np.float64))
     w, b = logistic_regression(emb[eps.support], eps.support_labels, ways=ways, C=C,
-                               solver='sklearn')
+                               solver="sklearn")
     hit = predict(w, b, emb[eps.query]) == eps.query_labels
     acc = np.mean(hit, axis=-1)
-  elif solver == 'jax':
+  elif solver == "jax":
     emb = l2_normalize(jnp.asarray(embeddings, jnp.float32))
     chunk = max(1, min(chunk, episodes))
     acc = []
@@ -361,131 +357,14 @@ def evaluate(embeddings, labels, *, ways: int = 5, shots: int = 1, queries: int 
       acc.append(np.asarray(a)[:min(chunk, episodes - start)])
       worst = max(worst, float(gmax))
     if worst > 1e-2:  # 50 Newton steps not enough: a degenerate problem (e.g. C huge)
-      warnings.warn(f'few-shot logistic regression did not converge: gradient norm {worst:.3g}'
-                    f' after 50 Newton steps (C={C})')
+      telemetry.warn(f"few-shot logistic regression did not converge: gradient norm {worst:.3g}"
+                    f" after 50 Newton steps (C={C})")
     acc = np.concatenate(acc) if acc else np.zeros((0,))
   else:
     raise ValueError(f"solver must be 'jax' or 'sklearn', got {solver!r}")
   acc = 100.0 * np.asarray(acc, np.float64)
-  out = dict(accuracy=float(np.mean(acc)) if acc.size else float('nan'), ci95=ci95(acc),
+  out = dict(accuracy=float(np.mean(acc)) if acc.size else float("nan"), ci95=ci95(acc),
              episodes=int(acc.size), accuracies=acc)
   if nc1:
-    out['nc1'] = embedding_nc1(embeddings, labels)
-  return out
-
-
-# ----------------------------------------------------------------------------- CIFAR-FS
-
-# CIFAR-100's 100 fine label names in label-id order, which is alphabetical: the order of
-# `fine_label_names` in the dataset's `meta` file, which TFDS `cifar100` (its
-# `fine_label_names.txt`) and torchvision's `CIFAR100.classes` keep.
-CIFAR100_LABEL_NAMES: Tuple[str, ...] = (
-    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle',
-    'bottle', 'bowl', 'boy', 'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle',
-    'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock', 'cloud', 'cockroach', 'couch',
-    'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin', 'elephant', 'flatfish', 'forest', 'fox',
-    'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower', 'leopard', 'lion',
-    'lizard', 'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain', 'mouse', 'mushroom',
-    'oak_tree', 'orange', 'orchid', 'otter', 'palm_tree', 'pear', 'pickup_truck', 'pine_tree',
-    'plain', 'plate', 'poppy', 'porcupine', 'possum', 'rabbit', 'raccoon', 'ray', 'road',
-    'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper', 'snail', 'snake',
-    'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank',
-    'telephone', 'television', 'tiger', 'tractor', 'train', 'trout', 'tulip', 'turtle',
-    'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman', 'worm')
-
-# CIFAR-FS (Bertinetto, Henriques, Torr, Vedaldi, ICLR 2019) class split, 64/16/20 classes,
-# sorted by name. Source: the split of bertinetto/r2d2 (data/cifar-fs/splits/bertinetto/
-# {train,val,test}.txt, not in that repository's public snapshot) as shipped in
-# tristandeleu/pytorch-meta torchmeta/datasets/assets/cifar100/cifar-fs/{train,val,test}.json;
-# the val and test lists agree name for name with two further public copies of the split
-# (a `cls_name['valid'/'test']` preparation script and a `novel_classes` list).
-CIFAR_FS_CLASSES: Dict[str, Tuple[str, ...]] = {
-    'train': (
-        'apple', 'aquarium_fish', 'bear', 'bee', 'bottle', 'bowl', 'boy', 'bridge', 'bus',
-        'can', 'castle', 'caterpillar', 'chair', 'clock', 'cloud', 'cockroach', 'couch', 'cup',
-        'dinosaur', 'dolphin', 'elephant', 'forest', 'girl', 'hamster', 'house', 'kangaroo',
-        'keyboard', 'lawn_mower', 'lion', 'lizard', 'lobster', 'mountain', 'mouse', 'mushroom',
-        'oak_tree', 'orange', 'orchid', 'palm_tree', 'pear', 'pine_tree', 'plate', 'porcupine',
-        'possum', 'rabbit', 'raccoon', 'ray', 'road', 'seal', 'shrew', 'skunk', 'skyscraper',
-        'snake', 'spider', 'squirrel', 'streetcar', 'sunflower', 'tank', 'tiger', 'train',
-        'trout', 'tulip', 'turtle', 'willow_tree', 'wolf'),
-    'val': (
-        'beaver', 'beetle', 'butterfly', 'camel', 'cattle', 'crab', 'crocodile', 'flatfish',
-        'lamp', 'maple_tree', 'motorcycle', 'otter', 'sea', 'shark', 'television', 'tractor'),
-    'test': (
-        'baby', 'bed', 'bicycle', 'chimpanzee', 'fox', 'leopard', 'man', 'pickup_truck',
-        'plain', 'poppy', 'rocket', 'rose', 'snail', 'sweet_pepper', 'table', 'telephone',
-        'wardrobe', 'whale', 'woman', 'worm'),
-}
-
-
-def cifar_fs_class_ids(split: str,
-                       label_names: Sequence[str] = CIFAR100_LABEL_NAMES) -> np.ndarray:
-  """CIFAR-100 label ids (sorted, int64) of CIFAR-FS split 'train' (64), 'val' (16) or
-  'test' (20), given CIFAR-100's fine label names in id order (a dataset's own names, e.g.
-  TFDS `info.features['label'].names`, or :data:`CIFAR100_LABEL_NAMES`). The meta-train
-  set is both CIFAR-100 splits' images of the 'train' classes, the meta-test set theirs of
-  the 'test' classes (600 images per class)."""
-  if split not in CIFAR_FS_CLASSES:
-    raise ValueError(f"split must be one of {', '.join(CIFAR_FS_CLASSES)}, got {split!r}")
-  index = {name: i for i, name in enumerate(label_names)}
-  missing = [c for c in CIFAR_FS_CLASSES[split] if c not in index]
-  if missing:
-    raise ValueError(f'CIFAR-FS {split} classes missing from the label names: {missing}')
-  return np.sort(np.asarray([index[c] for c in CIFAR_FS_CLASSES[split]], np.int64))
-
-
-# ----------------------------------------------------------------------------- miniImageNet
-
-class MiniImageNetSplit(NamedTuple):
-  """One split: paths (list of N image paths), labels (N,) int32 in 0..K-1, classes (K,
-  WordNet ids, sorted; label j is classes[j])."""
-  paths: List[str]
-  labels: np.ndarray
-  classes: Tuple[str, ...]
-
-
-MINI_IMAGENET_HOWTO = (
-    'miniImageNet (Ravi & Larochelle, ICLR 2017) is not downloadable automatically: put the '
-    "split files train.csv, val.csv, test.csv (rows 'filename,label', e.g. "
-    "'n0153282900000005.jpg,n01532829'; twitter/meta-learning-lstm data/miniImagenet) in the "
-    'data directory and the 60,000 84x84 images (made from ImageNet with that repository\'s '
-    "or a common 'images.zip' preparation) in <data dir>/images/<filename>; name the directory "
-    "as 'mini_imagenet:<data dir>' (configs: dataset_sources.mini_imagenet)")
-
-
-def load_mini_imagenet(root, splits: Sequence[str] = ('train', 'val', 'test'), *,
-                       csv_dir=None, check_files: bool = True) -> Dict[str, MiniImageNetSplit]:
-  """Reads miniImageNet's Ravi & Larochelle split: `<csv_dir or root>/<split>.csv` rows
-  `filename,label` (a header row `filename,label` is skipped) and images
-  `<root>/images/<filename>`. Returns {split: MiniImageNetSplit} with labels numbered per
-  split over its sorted WordNet ids (64/16/20 classes, 600 images each in the real data).
-  Pure: reads the CSV files (and, with `check_files`, stats every image); decodes nothing.
-  Raises FileNotFoundError, saying how to get the data, for a missing CSV or image.
-  """
-  root = os.fspath(root)
-  csv_dir = root if csv_dir is None else os.fspath(csv_dir)
-  out = {}
-  for split in splits:
-    path = os.path.join(csv_dir, f'{split}.csv')
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f'{path} not found. {MINI_IMAGENET_HOWTO}')
-    with open(path, newline='') as f:
-      rows = [r for r in csv.reader(f) if r]
-    if rows and [c.strip() for c in rows[0][:2]] == ['filename', 'label']:
-      rows = rows[1:]
-    bad = [r for r in rows if len(r) != 2]
-    if bad:
-      raise ValueError(f"{path}: expected rows 'filename,label', got {bad[0]!r}")
-    names = [r[0].strip() for r in rows]
-    wnids = [r[1].strip() for r in rows]
-    classes, labels = np.unique(np.asarray(wnids, dtype=str), return_inverse=True)
-    paths = [os.path.join(root, 'images', n) for n in names]
-    if check_files:
-      missing = [p for p in paths if not os.path.isfile(p)]
-      if missing:
-        raise FileNotFoundError(f'{len(missing)} of the {len(paths)} {split} images are '
-                                f'missing, e.g. {missing[0]}. {MINI_IMAGENET_HOWTO}')
-    out[split] = MiniImageNetSplit(paths, labels.astype(np.int32).reshape(-1),
-                                   tuple(str(c) for c in classes))
+    out["nc1"] = embedding_nc1(embeddings, labels)
   return out

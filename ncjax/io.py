@@ -90,13 +90,16 @@ def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
       todo += [x for x in inner if isinstance(x, BaseException)]
 
 
-def disk_full(exc: BaseException | None) -> BaseException | None:
-  """The full-disk error in `exc`'s chain, or None. An ENOSPC `OSError` that names its file
-  wins (a cleanup that failed on the same disk later may not); tensorstore raises ValueError
-  and keeps only the text ("[OS error 28: No space left on device]")."""
+def disk_full(exc: BaseException | None, *, by_message: bool = False) -> BaseException | None:
+  """The ENOSPC `OSError` in `exc`'s chain, or None; one that names its file wins (a cleanup
+  that failed on the same disk later may not). `by_message`: also an error whose text says so
+  (tensorstore raises ValueError and keeps only "[OS error 28: No space left on device]"),
+  for a caller that knows it was writing to disk."""
   chain = list(exception_chain(exc))
   full = [e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC]
   if full:
     return next((e for e in full if e.filename), full[0])
-  return next((e for e in chain
-               if "no space left on device" in str(e).lower() or "ENOSPC" in str(e)), None)
+  if by_message:
+    return next((e for e in chain
+                 if "no space left on device" in str(e).lower() or "ENOSPC" in str(e)), None)
+  return None

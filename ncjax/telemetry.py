@@ -25,9 +25,17 @@ import sys
 import time
 
 import jax
+from absl import logging as absl_logging
 from tqdm.auto import tqdm
 
 from ncjax import io
+
+def warn(message: str) -> None:
+  """ncjax's one warning path: the absl log (cluster and file logs) and stderr (the terminal,
+  whatever the absl verbosity)."""
+  absl_logging.warning("%s", message)
+  print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"

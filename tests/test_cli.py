@@ -15,7 +15,7 @@ import time
 import ml_collections
 import pytest
 
-from ncjax import main
+from ncjax import io, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What --config=configs/<name>.py finds from the repository root.
@@ -187,14 +187,14 @@ def test_disk_full_error_is_found_through_the_exception_chain():
     except ValueError:
       raise RuntimeError("cleanup failed")
 
-  assert main.disk_full_error(full) is full
-  assert main.disk_full_error(_raised(explicit)) is full
-  assert main.disk_full_error(_raised(implicit)) is full
-  assert main.disk_full_error(OSError(errno.EACCES, "Permission denied", "/w")) is None
-  assert main.disk_full_error(ValueError("No space left on device")) is None
+  assert io.disk_full(full) is full
+  assert io.disk_full(_raised(explicit)) is full
+  assert io.disk_full(_raised(implicit)) is full
+  assert io.disk_full(OSError(errno.EACCES, "Permission denied", "/w")) is None
+  assert io.disk_full(ValueError("No space left on device")) is None
   a, b = ValueError("a"), ValueError("b")
   a.__context__, b.__context__ = b, a  # a cycle ends the walk
-  assert main.disk_full_error(a) is None
+  assert io.disk_full(a) is None
 
 
 def test_a_full_disk_is_one_line_naming_the_file(capsys):

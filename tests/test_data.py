@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import fig11
 from ncjax import data
+from ncjax.data import sources
 
 
 def _ds(n_per_class, k=3, hw=(4, 4), c=1, seed=0):
@@ -240,7 +242,7 @@ def test_digits_split():
 def test_balanced_subset_counts_determinism_and_nesting():
     ds = _ds(600, k=10)
     prev = None
-    for size in data.FIG11_SIZES:
+    for size in fig11.TRAIN_SIZES:
         sub = data.balanced_subset(ds, size, seed=3)
         counts = data.class_counts(sub)
         assert len(sub) == size and counts.sum() == size
@@ -495,8 +497,8 @@ def _folder(tmp_path, n_per_class=6, size=(12, 10)):
 def test_subsets_are_taken_before_any_image_is_decoded(tmp_path, monkeypatch):
     name = _folder(tmp_path)
     decoded = []
-    real = data._read_image
-    monkeypatch.setattr(data, "_read_image", lambda p: decoded.append(p) or real(p))
+    real = sources._read_image
+    monkeypatch.setattr(sources, "_read_image", lambda p: decoded.append(p) or real(p))
     ds = data.load(name, "train", decode_size=8)
     ds = data.select_classes(ds, [2, 0])
     sub = data.balanced_subset(ds, 4, seed=0)
@@ -602,9 +604,9 @@ def _fake_cifar100(monkeypatch, per_split=(5, 1)):
         images = np.zeros((len(labels), 4, 4, 3), np.uint8)
         images[:, 0, 0, 0], images[:, 0, 1, 0] = labels, split == "test"
         images[:, 0, 2, 0] = np.arange(len(labels)) % 256
-        return _counting_source(images, labels, fewshot.CIFAR100_LABEL_NAMES, reads,
+        return _counting_source(images, labels, data.CIFAR100_LABEL_NAMES, reads,
                                 f"cifar100:{split}")
-    monkeypatch.setattr(data, "_load_tfds", load_tfds)
+    monkeypatch.setattr(sources, "_load_tfds", load_tfds)
     return reads
 
 
@@ -616,11 +618,11 @@ def test_cifar_fs_pools_both_cifar100_splits_lazily(monkeypatch):
     reads = _fake_cifar100(monkeypatch)
     meta_test = data.load("cifar_fs", "meta_test")
     assert not reads and isinstance(meta_test.images, data.ImageSource)
-    assert meta_test.class_names == sorted(fewshot.CIFAR_FS_CLASSES["test"])
+    assert meta_test.class_names == sorted(data.CIFAR_FS_CLASSES["test"])
     np.testing.assert_array_equal(np.bincount(meta_test.labels), [6] * 20)
     ds = data.materialize(meta_test)
     assert len(reads) == 120  # only the 20 classes' rows
-    ids = fewshot.cifar_fs_class_ids("test")
+    ids = data.cifar_fs_class_ids("test")
     np.testing.assert_array_equal(ds.images[:, 0, 0, 0], ids[ds.labels])  # labels match images
     assert sorted(ds.images[:, 0, 1, 0]) == [0] * 100 + [1] * 20  # both splits' images
     assert len(data.load("cifar_fs", "meta_val").class_names) == 16
@@ -644,7 +646,7 @@ def test_cifar_fs_through_tfds_mock_data():
         labels = np.concatenate([[int(x[i]["label"]) for i in range(len(x))] for x in src])
         first = data.materialize(ds.take([0])).images[0]
     from ncjax import fewshot
-    ids = fewshot.cifar_fs_class_ids("test")
+    ids = data.cifar_fs_class_ids("test")
     assert len(ds) == np.isin(labels, ids).sum() and ds.num_classes == 20
     assert first.shape == (32, 32, 3)
 

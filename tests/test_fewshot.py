@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ncjax import fewshot, metrics, models
+from ncjax import data, fewshot, metrics, models
 from ncjax.models.small import SqueezeExcite
 
 
@@ -378,7 +378,7 @@ def test_fewshot_embedding_nc1(blobs):
 # ----------------------------------------------------------------------------- class splits
 
 def test_fewshot_cifar_fs_split():
-  names = fewshot.CIFAR100_LABEL_NAMES
+  names = data.CIFAR100_LABEL_NAMES
   assert len(names) == 100 == len(set(names)) and list(names) == sorted(names)
   # Label ids seen in independent public CIFAR-100 code (vehicle and tree subsets).
   for name, i in [('bicycle', 8), ('bus', 13), ('lawn_mower', 41), ('maple_tree', 47),
@@ -387,12 +387,12 @@ def test_fewshot_cifar_fs_split():
                   ('streetcar', 81), ('tank', 85), ('tractor', 89), ('train', 90),
                   ('willow_tree', 96), ('apple', 0), ('worm', 99)]:
     assert names[i] == name
-  split = fewshot.CIFAR_FS_CLASSES
+  split = data.CIFAR_FS_CLASSES
   sizes = {k: len(v) for k, v in split.items()}
   assert sizes == {'train': 64, 'val': 16, 'test': 20}
   every = split['train'] + split['val'] + split['test']
   assert len(set(every)) == 100 and set(every) == set(names)
-  ids = {k: fewshot.cifar_fs_class_ids(k) for k in split}
+  ids = {k: data.cifar_fs_class_ids(k) for k in split}
   assert sorted(np.concatenate(list(ids.values())).tolist()) == list(range(100))
   np.testing.assert_array_equal(
       ids['test'], [2, 5, 8, 21, 34, 42, 46, 58, 60, 62, 69, 70, 77, 83, 84, 86, 94, 95, 98, 99])
@@ -400,11 +400,11 @@ def test_fewshot_cifar_fs_split():
       ids['val'], [4, 7, 14, 15, 19, 26, 27, 32, 40, 47, 48, 55, 71, 73, 87, 89])
   # Another dataset's label order is honoured.
   rev = tuple(reversed(names))
-  np.testing.assert_array_equal(fewshot.cifar_fs_class_ids('test', rev), np.sort(99 - ids['test']))
+  np.testing.assert_array_equal(data.cifar_fs_class_ids('test', rev), np.sort(99 - ids['test']))
   with pytest.raises(ValueError, match='missing'):
-    fewshot.cifar_fs_class_ids('val', names[:50])
+    data.cifar_fs_class_ids('val', names[:50])
   with pytest.raises(ValueError, match='split must be one of'):
-    fewshot.cifar_fs_class_ids('meta-test')
+    data.cifar_fs_class_ids('meta-test')
 
 
 def _write_mini(root, rows_by_split, header=True):
@@ -422,7 +422,7 @@ def test_fewshot_load_mini_imagenet(tmp_path):
                     ('n02000000002.png', 'n02000000')],
           'test': [('n03000000001.png', 'n03000000'), ('n04000000001.png', 'n04000000')]}
   _write_mini(tmp_path, rows)
-  out = fewshot.load_mini_imagenet(tmp_path, splits=('train', 'test'))
+  out = data.load_mini_imagenet(tmp_path, splits=('train', 'test'))
   tr = out['train']
   assert tr.classes == ('n01000000', 'n02000000')
   np.testing.assert_array_equal(tr.labels, [1, 0, 1])
@@ -433,17 +433,17 @@ def test_fewshot_load_mini_imagenet(tmp_path):
   other = tmp_path / 'csv'
   other.mkdir()
   (other / 'val.csv').write_text('n01000000001.png,n01000000\n')
-  val = fewshot.load_mini_imagenet(tmp_path, splits=('val',), csv_dir=other)['val']
+  val = data.load_mini_imagenet(tmp_path, splits=('val',), csv_dir=other)['val']
   assert val.classes == ('n01000000',) and list(val.labels) == [0]
 
 
 def test_fewshot_load_mini_imagenet_missing(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'train\.csv not found.*miniImageNet.*images'):
-    fewshot.load_mini_imagenet(tmp_path)
+    data.load_mini_imagenet(tmp_path)
   (tmp_path / 'train.csv').write_text('filename,label\nmissing.jpg,n01000000\n')
   with pytest.raises(FileNotFoundError, match=r'1 of the 1 train images are missing'):
-    fewshot.load_mini_imagenet(tmp_path, splits=('train',))
-  got = fewshot.load_mini_imagenet(tmp_path, splits=('train',), check_files=False)
+    data.load_mini_imagenet(tmp_path, splits=('train',))
+  got = data.load_mini_imagenet(tmp_path, splits=('train',), check_files=False)
   assert got['train'].paths == [str(tmp_path / 'images' / 'missing.jpg')]
 
 

@@ -17,6 +17,7 @@ import pytest
 import orbax.checkpoint as ocp
 
 from ncjax import methods, models, train
+from ncjax.train import checkpoint as train_checkpoint
 from ncjax.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,7 +289,7 @@ def test_killed_and_resumed_run_returns_the_uninterrupted_history(tmp_path):
   d = str(tmp_path / "b")
   with pytest.raises(_Killed):
     _fit_tiny(d, on_log=kill_at_8, **kw)
-  assert train._checkpoint_manager(d).latest_step() == 6
+  assert train_checkpoint._checkpoint_manager(d).latest_step() == 6
   resumed, resumed_history = _fit_tiny(d, **kw)
   assert resumed_history == history
   assert all(type(h["loss"]) is float and type(h["step"]) is int for h in resumed_history)
@@ -349,7 +350,7 @@ def finished_run(tmp_path_factory):
   """A 6-step run checkpointed every 2 steps (orbax keeps 4 and 6): dir, state, history."""
   d = str(tmp_path_factory.mktemp("finished") / "ckpt")
   state, history = _fit_tiny(d, total=6)
-  assert train._checkpoint_manager(d).all_steps() == [4, 6]
+  assert train_checkpoint._checkpoint_manager(d).all_steps() == [4, 6]
   return d, state, history
 
 
@@ -370,7 +371,7 @@ def test_unreadable_newest_checkpoint_falls_back_with_a_warning(finished_run, tm
   assert any(r.levelno == logging.WARNING and "6.unreadable" in r.getMessage()
              for r in caplog.records)
   assert os.path.isdir(os.path.join(d, "6.unreadable"))  # set aside, not deleted
-  assert train._checkpoint_manager(d).all_steps() == [4, 6]
+  assert train_checkpoint._checkpoint_manager(d).all_steps() == [4, 6]
   assert resumed_history == history
   _assert_same_state(full, state)
 
@@ -463,9 +464,9 @@ def test_divergence_keeps_the_last_finite_checkpoint(tmp_path):
   d = str(tmp_path / "ckpt")
   with pytest.raises(FloatingPointError, match=r"non-finite .* step \d+"):
     _fit_tiny(d, total=12, lr=1e8)
-  mngr = train._checkpoint_manager(d)
+  mngr = train_checkpoint._checkpoint_manager(d)
   assert mngr.all_steps(), "the finite checkpoint written before the divergence is kept"
-  like = train._abstract(_tiny_like(lr=1e8, total=12))
+  like = train_checkpoint._abstract(_tiny_like(lr=1e8, total=12))
   for s in mngr.all_steps():
     restored = mngr.restore(s, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(like), history=ocp.args.JsonRestore()))

@@ -740,8 +740,9 @@ def _ncjax_run(workdir, run_id, variables, steps=(2, 4), fingerprint=None, proje
   parameters of step s are `variables`' plus s. Returns (run dir, {step: TrainState})."""
   from ncjax import methods, train
   from ncjax.experiment import records
+  from ncjax.train import checkpoint as train_checkpoint
   run_dir = records.run_dir(str(workdir), run_id)
-  mngr = train._checkpoint_manager(records.checkpoint_dir(str(workdir), run_id))
+  mngr = train_checkpoint._checkpoint_manager(records.checkpoint_dir(str(workdir), run_id))
   states = {}
   for s in steps:
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a) + s, variables['params'])
@@ -752,7 +753,7 @@ def _ncjax_run(workdir, run_id, variables, steps=(2, 4), fingerprint=None, proje
     tx = train.make_optimizer(train.OptimConfig(), 10, mask)
     state = train.init_state(params, variables.get('batch_stats', {}), tx).replace(
         step=jnp.asarray(s, jnp.int32))
-    train._save_checkpoint(mngr, s, state, [{'step': s, 'loss': 1.0, 'accuracy': 0.5}])
+    train_checkpoint._save_checkpoint(mngr, s, state, [{'step': s, 'loss': 1.0, 'accuracy': 0.5}])
     states[s] = state
   mngr.close()
   records.write_fingerprint(str(workdir), run_id, fingerprint or {})

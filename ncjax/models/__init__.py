@@ -12,7 +12,7 @@ ViT layers, (N, width) for MLP layers; `unit_filter(model)` captures the units o
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,29 +30,29 @@ from ncjax.models.small import MLP, ConvNet4, ResNet12, SEResNet12
 from ncjax.models.vit import ViT
 from ncjax.models.vit import CONFIGS as _VIT_CONFIGS
 
-__all__ = ['get', 'units', 'features', 'unit_filter', 'pool_units', 'count_params',
-           'finetune_percent', 'names', 'param_shapes', 'ResNet', 'ViT', 'MLP', 'ConvNet4',
-           'ResNet12', 'SEResNet12', 'DenseNet', 'MobileNetV2', 'BatchNorm', 'ProjectionHead']
+__all__ = ["get", "units", "features", "unit_filter", "pool_units", "count_params",
+           "finetune_percent", "names", "param_shapes", "ResNet", "ViT", "MLP", "ConvNet4",
+           "ResNet12", "SEResNet12", "DenseNet", "MobileNetV2", "BatchNorm", "ProjectionHead"]
 
 # name -> (class, fixed config, allowed user options)
-_COMMON = ('scl_unit', 'dtype')
-_REGISTRY: Dict[str, Tuple[type, Dict[str, Any], Tuple[str, ...]]] = {}
+_COMMON = ("scl_unit", "dtype")
+_REGISTRY: dict[str, tuple[type, dict[str, Any], tuple[str, ...]]] = {}
 for _n, (_stages, _block) in _RESNET_CONFIGS.items():
   _REGISTRY[_n] = (ResNet, dict(stage_sizes=_stages, block=_block),
-                   _COMMON + ('stem', 'width'))
+                   _COMMON + ("stem", "width"))
 for _n, (_p, _d, _l, _h, _m) in _VIT_CONFIGS.items():
   _REGISTRY[_n] = (ViT, dict(patch_size=_p, hidden_size=_d, num_layers=_l, num_heads=_h,
-                             mlp_dim=_m), _COMMON + ('pool', 'representation_size'))
+                             mlp_dim=_m), _COMMON + ("pool", "representation_size"))
 for _n, (_g, _b, _w) in _DENSENET_CONFIGS.items():
   _REGISTRY[_n] = (DenseNet, dict(growth_rate=_g, block_config=_b, num_init_features=_w), _COMMON)
-_REGISTRY['mobilenet_v2'] = (MobileNetV2, {}, _COMMON)
-_REGISTRY['mlp'] = (MLP, {}, _COMMON + ('depth', 'width', 'batch_norm'))
-_REGISTRY['convnet4'] = (ConvNet4, {}, _COMMON + ('width', 'flatten'))
-_REGISTRY['resnet12'] = (ResNet12, {}, _COMMON + ('widths',))
-_REGISTRY['seresnet12'] = (SEResNet12, {}, _COMMON + ('widths', 'se_reduction'))
+_REGISTRY["mobilenet_v2"] = (MobileNetV2, {}, _COMMON)
+_REGISTRY["mlp"] = (MLP, {}, _COMMON + ("depth", "width", "batch_norm"))
+_REGISTRY["convnet4"] = (ConvNet4, {}, _COMMON + ("width", "flatten"))
+_REGISTRY["resnet12"] = (ResNet12, {}, _COMMON + ("widths",))
+_REGISTRY["seresnet12"] = (SEResNet12, {}, _COMMON + ("widths", "se_reduction"))
 
 
-def names() -> Tuple[str, ...]:
+def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
@@ -79,17 +79,17 @@ def get(name: str, num_classes: int, **options) -> nn.Module:
   if bad:
     raise ValueError(f'unknown option(s) {bad} for model {name!r}; allowed: {", ".join(allowed)}')
   kwargs = dict(config)
-  kwargs.update({k: v for k, v in options.items() if v is not None or k == 'representation_size'})
-  if kwargs.get('dtype') is not None:
-    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+  kwargs.update({k: v for k, v in options.items() if v is not None or k == "representation_size"})
+  if kwargs.get("dtype") is not None:
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
   model = cls(num_classes=num_classes, **kwargs)
   if model.scl_unit is not None and model.scl_unit not in model.units:
-    raise ValueError(f'unknown unit {model.scl_unit!r} for scl_unit of {name!r}; '
+    raise ValueError(f"unknown unit {model.scl_unit!r} for scl_unit of {name!r}; "
                      f'valid units: {", ".join(model.units)}')
   return model
 
 
-def units(name_or_model, **options) -> Tuple[str, ...]:
+def units(name_or_model, **options) -> tuple[str, ...]:
   """Fine-tuning units of a model (by registry name, or a model instance), in order."""
   if isinstance(name_or_model, nn.Module):
     return tuple(name_or_model.units)
@@ -106,10 +106,10 @@ def unit_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
   """
   paths = frozenset((u,) for u in model.units)
   # `mdl.path` is the submodule's name path from `model`: units are exactly the top-level ones.
-  return lambda mdl, method_name: method_name == '__call__' and mdl.path in paths
+  return lambda mdl, method_name: method_name == "__call__" and mdl.path in paths
 
 
-def pool_units(model: nn.Module, intermediates: Mapping[str, Any]) -> Dict[str, jax.Array]:
+def pool_units(model: nn.Module, intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
   """`{unit: (N, C_unit) float32, ..., 'penultimate': (N, D)}` in unit order, from the
   'intermediates' collection of an apply with `capture_intermediates=unit_filter(model)` (or
   True): each unit's raw output pooled by `model.unit_feature` (conv maps: mean over H, W; ViT
@@ -119,16 +119,16 @@ def pool_units(model: nn.Module, intermediates: Mapping[str, Any]) -> Dict[str, 
   out = {}
   for u in model.units:
     entry = intermediates.get(u)
-    if not isinstance(entry, Mapping) or '__call__' not in entry:
-      raise KeyError(f'intermediates have no {u}/__call__: apply the model with '
-                     f'capture_intermediates=ncjax.models.unit_filter(model)')
-    out[u] = model.unit_feature(entry['__call__'][0])
-  pen = intermediates['penultimate']
-  out['penultimate'] = pen[0] if isinstance(pen, tuple) else pen
+    if not isinstance(entry, Mapping) or "__call__" not in entry:
+      raise KeyError(f"intermediates have no {u}/__call__: apply the model with "
+                     f"capture_intermediates=ncjax.models.unit_filter(model)")
+    out[u] = model.unit_feature(entry["__call__"][0])
+  pen = intermediates["penultimate"]
+  out["penultimate"] = pen[0] if isinstance(pen, tuple) else pen
   return out
 
 
-def features(model: nn.Module, variables, x) -> Dict[str, jax.Array]:
+def features(model: nn.Module, variables, x) -> dict[str, jax.Array]:
   """Pooled output of every unit and the penultimate feature, eval mode.
 
   x (N, H, W, C) -> a flat dict `{unit: (N, C_unit) float32, ..., 'penultimate': (N, D)}` in
@@ -139,10 +139,10 @@ def features(model: nn.Module, variables, x) -> Dict[str, jax.Array]:
   the same optimized HLO as pooling inside the model did (`benchmarks/features.py`), so no
   unit map is kept beyond its pooling and nothing costs extra.
   """
-  v = {k: val for k, val in variables.items() if k != 'intermediates'}
+  v = {k: val for k, val in variables.items() if k != "intermediates"}
   _, state = model.apply(v, x, train=False, capture_intermediates=unit_filter(model),
-                         mutable=['intermediates'])
-  return pool_units(model, state['intermediates'])
+                         mutable=["intermediates"])
+  return pool_units(model, state["intermediates"])
 
 
 def count_params(params) -> int:
@@ -151,10 +151,10 @@ def count_params(params) -> int:
   A full variables dict (`{'params': ..., 'batch_stats': ...}`) counts its 'params'
   only: BatchNorm statistics are not parameters.
   """
-  if isinstance(params, dict) and 'params' in params and 'batch_stats' in params:
-    params = params['params']
-  elif isinstance(params, dict) and set(params) == {'params'}:
-    params = params['params']
+  if isinstance(params, dict) and "params" in params and "batch_stats" in params:
+    params = params["params"]
+  elif isinstance(params, dict) and set(params) == {"params"}:
+    params = params["params"]
   return int(sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(params)))
 
 
@@ -176,7 +176,7 @@ def param_shapes(name: str, num_classes: int, image_size: int = 224, channels: i
                               tuple(sorted(options.items())))
 
 
-def finetune_percent(name: str, method: str, unit: Optional[str], num_classes: int,
+def finetune_percent(name: str, method: str, unit: str | None, num_classes: int,
                      image_size: int = 224, *, channels: int = 3, **options) -> float:
   """Percentage of parameters fine-tuned (paper Table 3).
 
@@ -189,9 +189,9 @@ def finetune_percent(name: str, method: str, unit: Optional[str], num_classes: i
   the MLP on MNIST. `options` go to `get` (e.g. `stem='cifar'`, `depth=...`).
   """
   from ncjax import methods
-  params = param_shapes(name, num_classes, image_size, channels, **options)['params']
+  params = param_shapes(name, num_classes, image_size, channels, **options)["params"]
   if methods.needs_unit(method):
-    valid = units(name, **{k: v for k, v in options.items() if k in ('depth', 'widths')})
+    valid = units(name, **{k: v for k, v in options.items() if k in ("depth", "widths")})
     if unit not in valid:
       raise ValueError(f'unknown unit {unit!r} for {name!r}; valid units: {", ".join(valid)}')
   return methods.percent_trainable(params, methods.trainable_mask(params, method, unit))

@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,10 +51,10 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     c = x.shape[-1]
-    scale = self.param('scale', self.scale_init, (c,), jnp.float32)
-    bias = self.param('bias', self.bias_init, (c,), jnp.float32)
-    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+    bias = self.param("bias", self.bias_init, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     axes = tuple(range(x.ndim - 1))
     if train:
       xf = x.astype(jnp.float32)
@@ -76,7 +76,7 @@ class BatchNorm(nn.Module):
 
 
 # torchvision's init for ResNet and MobileNetV2 convs: kaiming normal, fan_out, relu gain.
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def torch_conv(features: int, k: int, stride: int, dtype, name: str, groups: int = 1,
@@ -97,7 +97,7 @@ def spatial_mean(x):
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-def check_unit(unit: Optional[str], valid: Sequence[str], what: str = 'scl_unit'):
+def check_unit(unit: str | None, valid: Sequence[str], what: str = "scl_unit"):
   if unit is not None and unit not in valid:
     raise ValueError(f'unknown unit {unit!r} for {what}; valid units: {", ".join(valid)}')
 
@@ -107,7 +107,7 @@ def add_skip(penultimate, unit_feature):
   d = penultimate.shape[-1]
   c = unit_feature.shape[-1]
   if c > d:
-    raise ValueError(f'SCL unit width {c} exceeds the penultimate width {d}')
+    raise ValueError(f"SCL unit width {c} exceeds the penultimate width {d}")
   u = unit_feature.astype(penultimate.dtype)
   if c < d:
     u = jnp.pad(u, ((0, 0),) * (u.ndim - 1) + ((0, d - c),))
@@ -125,8 +125,8 @@ def pooled_head(module: nn.Module, x, outputs, dtype):
   feat = spatial_mean(x)
   if module.scl_unit is not None:
     feat = add_skip(feat, module.unit_feature(outputs[module.scl_unit]))
-  module.sow('intermediates', 'penultimate', feat)
-  logits = nn.Dense(module.num_classes, dtype=dtype, name='head')(feat)
+  module.sow("intermediates", "penultimate", feat)
+  logits = nn.Dense(module.num_classes, dtype=dtype, name="head")(feat)
   return logits.astype(jnp.float32)
 
 

@@ -19,7 +19,7 @@ reproduced; `drop_rate` is 0 in every torchvision DenseNet.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
@@ -30,14 +30,14 @@ from ncjax.models.resnet import max_pool_torch
 Dtype = Any
 
 # torchvision's DenseNet init: kaiming normal with its default fan_in mode (relu gain).
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 # name -> (growth rate, layers per dense block, stem width), as in torchvision.
 CONFIGS = {
-    'densenet121': (32, (6, 12, 24, 16), 64),
-    'densenet161': (48, (6, 12, 36, 24), 96),
-    'densenet169': (32, (6, 12, 32, 32), 64),
-    'densenet201': (32, (6, 12, 48, 32), 64),
+    "densenet121": (32, (6, 12, 24, 16), 64),
+    "densenet161": (48, (6, 12, 36, 24), 96),
+    "densenet169": (32, (6, 12, 32, 32), 64),
+    "densenet201": (32, (6, 12, 48, 32), 64),
 }
 
 
@@ -52,8 +52,8 @@ class Stem(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = torch_conv(self.width, 7, 2, self.dtype, 'conv0', kernel_init=conv_init)(x)
-    x = nn.relu(BatchNorm(dtype=self.dtype, name='norm0')(x, train))
+    x = torch_conv(self.width, 7, 2, self.dtype, "conv0", kernel_init=conv_init)(x)
+    x = nn.relu(BatchNorm(dtype=self.dtype, name="norm0")(x, train))
     return max_pool_torch(x, 3, 2, 1)
 
 
@@ -66,10 +66,10 @@ class DenseLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = nn.relu(BatchNorm(dtype=self.dtype, name='norm1')(x, train))
-    y = _conv(self.bn_size * self.growth_rate, 1, self.dtype, 'conv1')(y)
-    y = nn.relu(BatchNorm(dtype=self.dtype, name='norm2')(y, train))
-    return _conv(self.growth_rate, 3, self.dtype, 'conv2')(y)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="norm1")(x, train))
+    y = _conv(self.bn_size * self.growth_rate, 1, self.dtype, "conv1")(y)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="norm2")(y, train))
+    return _conv(self.growth_rate, 3, self.dtype, "conv2")(y)
 
 
 class DenseStage(nn.Module):
@@ -87,20 +87,20 @@ class DenseStage(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     for i in range(self.num_layers):
-      new = DenseLayer(self.growth_rate, self.bn_size, self.dtype, name=f'denselayer{i + 1}')(
+      new = DenseLayer(self.growth_rate, self.bn_size, self.dtype, name=f"denselayer{i + 1}")(
           x, train)
       # torchvision concatenates [input, new_1, ..., new_i] in this order on the channel axis.
       x = jnp.concatenate([x, new], axis=-1)
     if self.last:
-      return nn.relu(BatchNorm(dtype=self.dtype, name='norm5')(x, train))
-    y = nn.relu(BatchNorm(dtype=self.dtype, name='transition_norm')(x, train))
-    y = _conv(x.shape[-1] // 2, 1, self.dtype, 'transition_conv')(y)
+      return nn.relu(BatchNorm(dtype=self.dtype, name="norm5")(x, train))
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="transition_norm")(x, train))
+    y = _conv(x.shape[-1] // 2, 1, self.dtype, "transition_conv")(y)
     # AvgPool2d(2, 2): no padding, floor output size, like 'VALID'.
-    return nn.avg_pool(y, (2, 2), strides=(2, 2), padding='VALID')
+    return nn.avg_pool(y, (2, 2), strides=(2, 2), padding="VALID")
 
 
-def densenet_units(block_config: Sequence[int]) -> Tuple[str, ...]:
-  return tuple(f'denseblock{i + 1}' for i in range(len(block_config)))
+def densenet_units(block_config: Sequence[int]) -> tuple[str, ...]:
+  return tuple(f"denseblock{i + 1}" for i in range(len(block_config)))
 
 
 class DenseNet(MapUnits, nn.Module):
@@ -115,17 +115,17 @@ class DenseNet(MapUnits, nn.Module):
   block_config: Sequence[int] = (6, 12, 24, 16)
   num_init_features: int = 64
   bn_size: int = 4
-  scl_unit: Optional[str] = None
+  scl_unit: str | None = None
   dtype: Dtype = jnp.float32
 
   @property
-  def units(self) -> Tuple[str, ...]:
+  def units(self) -> tuple[str, ...]:
     return densenet_units(self.block_config)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     units, dtype = self._start()
-    x = Stem(self.num_init_features, dtype, name='stem')(x.astype(dtype), train)
+    x = Stem(self.num_init_features, dtype, name="stem")(x.astype(dtype), train)
     out = {}  # unit -> its raw output; only the SCL unit's is read
     for i, (name, n) in enumerate(zip(units, self.block_config)):
       x = DenseStage(n, self.growth_rate, self.bn_size, last=i == len(units) - 1, dtype=dtype,

@@ -5,7 +5,6 @@ backbone is the encoder alone.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import flax.linen as nn
 
@@ -23,8 +22,8 @@ class ProjectionHead(nn.Module):
   """
   layers: int
   width: int
-  num_classes: Optional[int] = None
-  out_dim: Optional[int] = None
+  num_classes: int | None = None
+  out_dim: int | None = None
 
   @nn.compact
   def __call__(self, h):

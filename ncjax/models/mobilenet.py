@@ -16,7 +16,7 @@ mode, and ncjax trains without dropout (like its ViTs), so it is left out.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
@@ -49,8 +49,8 @@ class ConvBNReLU6(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = _conv(self.features, self.k, self.stride, self.dtype, 'conv', groups=self.groups)(x)
-    return nn.relu6(BatchNorm(dtype=self.dtype, name='bn')(x, train))
+    x = _conv(self.features, self.k, self.stride, self.dtype, "conv", groups=self.groups)(x)
+    return nn.relu6(BatchNorm(dtype=self.dtype, name="bn")(x, train))
 
 
 class InvertedResidual(nn.Module):
@@ -68,16 +68,16 @@ class InvertedResidual(nn.Module):
     hidden = int(round(c * self.expand_ratio))
     y = x
     if self.expand_ratio != 1:
-      y = ConvBNReLU6(hidden, 1, dtype=self.dtype, name='expand')(y, train)
+      y = ConvBNReLU6(hidden, 1, dtype=self.dtype, name="expand")(y, train)
     y = ConvBNReLU6(hidden, 3, self.stride, groups=hidden, dtype=self.dtype,
-                    name='depthwise')(y, train)
-    y = _conv(self.features, 1, 1, self.dtype, 'project_conv')(y)
-    y = BatchNorm(dtype=self.dtype, name='project_bn')(y, train)
+                    name="depthwise")(y, train)
+    y = _conv(self.features, 1, 1, self.dtype, "project_conv")(y)
+    y = BatchNorm(dtype=self.dtype, name="project_bn")(y, train)
     return x + y if self.stride == 1 and c == self.features else y
 
 
-def mobilenet_units(setting: Sequence[Sequence[int]] = SETTING) -> Tuple[str, ...]:
-  return tuple(f'block{i + 1}' for i in range(sum(n for _, _, n, _ in setting) + 1))
+def mobilenet_units(setting: Sequence[Sequence[int]] = SETTING) -> tuple[str, ...]:
+  return tuple(f"block{i + 1}" for i in range(sum(n for _, _, n, _ in setting) + 1))
 
 
 class MobileNetV2(MapUnits, nn.Module):
@@ -89,18 +89,18 @@ class MobileNetV2(MapUnits, nn.Module):
   """
   num_classes: int
   width_mult: float = 1.0
-  scl_unit: Optional[str] = None
+  scl_unit: str | None = None
   dtype: Dtype = jnp.float32
 
   @property
-  def units(self) -> Tuple[str, ...]:
+  def units(self) -> tuple[str, ...]:
     return mobilenet_units()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     units, dtype = self._start()
     w = self.width_mult
-    x = ConvBNReLU6(make_divisible(32 * w), 3, 2, dtype=dtype, name='stem')(x.astype(dtype), train)
+    x = ConvBNReLU6(make_divisible(32 * w), 3, 2, dtype=dtype, name="stem")(x.astype(dtype), train)
     out = {}  # unit -> its raw output; only the SCL unit's is read
     i = 0
     for t, c, n, s in SETTING:

@@ -10,7 +10,7 @@ Explicit symmetric paddings reproduce PyTorch's outputs exactly at every input s
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
@@ -31,21 +31,21 @@ def max_pool_torch(x, window: int = 3, stride: int = 2, pad: int = 1):
 
 
 class Stem(nn.Module):
-  kind: str = 'imagenet'  # 'imagenet' | 'cifar'
+  kind: str = "imagenet"  # 'imagenet' | 'cifar'
   width: int = 64
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if self.kind == 'imagenet':
-      x = _conv(self.width, 7, 2, self.dtype, 'conv')(x)
-    elif self.kind == 'cifar':
-      x = _conv(self.width, 3, 1, self.dtype, 'conv')(x)
+    if self.kind == "imagenet":
+      x = _conv(self.width, 7, 2, self.dtype, "conv")(x)
+    elif self.kind == "cifar":
+      x = _conv(self.width, 3, 1, self.dtype, "conv")(x)
     else:
       raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.kind!r}")
-    x = BatchNorm(dtype=self.dtype, name='bn')(x, train)
+    x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
     x = nn.relu(x)
-    if self.kind == 'imagenet':
+    if self.kind == "imagenet":
       x = max_pool_torch(x, 3, 2, 1)
     return x
 
@@ -59,13 +59,13 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     out_c = self.features * self.expansion
-    y = _conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
-    y = nn.relu(BatchNorm(dtype=self.dtype, name='bn1')(y, train))
-    y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
-    y = BatchNorm(dtype=self.dtype, name='bn2')(y, train)
+    y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+    y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
+    y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
     if self.stride != 1 or x.shape[-1] != out_c:
-      x = _conv(out_c, 1, self.stride, self.dtype, 'downsample_conv')(x)
-      x = BatchNorm(dtype=self.dtype, name='downsample_bn')(x, train)
+      x = _conv(out_c, 1, self.stride, self.dtype, "downsample_conv")(x)
+      x = BatchNorm(dtype=self.dtype, name="downsample_bn")(x, train)
     return nn.relu(y + x)
 
 
@@ -78,30 +78,30 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     out_c = self.features * self.expansion
-    y = _conv(self.features, 1, 1, self.dtype, 'conv1')(x)
-    y = nn.relu(BatchNorm(dtype=self.dtype, name='bn1')(y, train))
-    y = _conv(self.features, 3, self.stride, self.dtype, 'conv2')(y)
-    y = nn.relu(BatchNorm(dtype=self.dtype, name='bn2')(y, train))
-    y = _conv(out_c, 1, 1, self.dtype, 'conv3')(y)
-    y = BatchNorm(dtype=self.dtype, name='bn3')(y, train)
+    y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+    y = _conv(self.features, 3, self.stride, self.dtype, "conv2")(y)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
+    y = _conv(out_c, 1, 1, self.dtype, "conv3")(y)
+    y = BatchNorm(dtype=self.dtype, name="bn3")(y, train)
     if self.stride != 1 or x.shape[-1] != out_c:
-      x = _conv(out_c, 1, self.stride, self.dtype, 'downsample_conv')(x)
-      x = BatchNorm(dtype=self.dtype, name='downsample_bn')(x, train)
+      x = _conv(out_c, 1, self.stride, self.dtype, "downsample_conv")(x)
+      x = BatchNorm(dtype=self.dtype, name="downsample_bn")(x, train)
     return nn.relu(y + x)
 
 
-BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 CONFIGS = {
-    'resnet18': ((2, 2, 2, 2), 'basic'),
-    'resnet34': ((3, 4, 6, 3), 'basic'),
-    'resnet50': ((3, 4, 6, 3), 'bottleneck'),
-    'resnet101': ((3, 4, 23, 3), 'bottleneck'),
-    'resnet152': ((3, 8, 36, 3), 'bottleneck'),
+    "resnet18": ((2, 2, 2, 2), "basic"),
+    "resnet34": ((3, 4, 6, 3), "basic"),
+    "resnet50": ((3, 4, 6, 3), "bottleneck"),
+    "resnet101": ((3, 4, 23, 3), "bottleneck"),
+    "resnet152": ((3, 8, 36, 3), "bottleneck"),
 }
 
 
-def resnet_units(stage_sizes: Sequence[int]) -> Tuple[str, ...]:
-  return tuple(f'block{i + 1}' for i in range(sum(stage_sizes)))
+def resnet_units(stage_sizes: Sequence[int]) -> tuple[str, ...]:
+  return tuple(f"block{i + 1}" for i in range(sum(stage_sizes)))
 
 
 class ResNet(MapUnits, nn.Module):
@@ -113,21 +113,21 @@ class ResNet(MapUnits, nn.Module):
   """
   num_classes: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
-  block: str = 'basic'
-  stem: str = 'imagenet'
+  block: str = "basic"
+  stem: str = "imagenet"
   width: int = 64
-  scl_unit: Optional[str] = None
+  scl_unit: str | None = None
   dtype: Dtype = jnp.float32
 
   @property
-  def units(self) -> Tuple[str, ...]:
+  def units(self) -> tuple[str, ...]:
     return resnet_units(self.stage_sizes)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     units, dtype = self._start()
     block_cls = BLOCKS[self.block]
-    x = Stem(kind=self.stem, width=self.width, dtype=dtype, name='stem')(
+    x = Stem(kind=self.stem, width=self.width, dtype=dtype, name="stem")(
         x.astype(dtype), train)
     out = {}  # unit -> its raw output; only the SCL unit's is read
     i = 0

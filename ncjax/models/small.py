@@ -8,7 +8,7 @@ Its feature (`unit_feature`, (N, C) float32) is the output itself (MLP) or its s
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
@@ -16,7 +16,7 @@ import flax.linen as nn
 from ncjax.models.common import BatchNorm, add_skip, as_dtype, check_unit, spatial_mean
 
 Dtype = Any
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class DenseUnit(nn.Module):
@@ -26,9 +26,9 @@ class DenseUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Dense(self.width, dtype=self.dtype, name='dense')(x)
+    x = nn.Dense(self.width, dtype=self.dtype, name="dense")(x)
     if self.batch_norm:
-      x = BatchNorm(dtype=self.dtype, name='bn')(x, train)
+      x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
     return nn.relu(x)
 
 
@@ -42,12 +42,12 @@ class MLP(nn.Module):
   depth: int = 9
   width: int = 784
   batch_norm: bool = False
-  scl_unit: Optional[str] = None
+  scl_unit: str | None = None
   dtype: Dtype = jnp.float32
 
   @property
-  def units(self) -> Tuple[str, ...]:
-    return tuple(f'layer{i + 1}' for i in range(self.depth))
+  def units(self) -> tuple[str, ...]:
+    return tuple(f"layer{i + 1}" for i in range(self.depth))
 
   def unit_feature(self, y):
     """A unit's output (N, width) -> its feature (N, width) float32 (no pooling needed)."""
@@ -65,8 +65,8 @@ class MLP(nn.Module):
     feat = x.astype(jnp.float32)
     if self.scl_unit is not None:
       feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
-    self.sow('intermediates', 'penultimate', feat)
-    return nn.Dense(self.num_classes, dtype=dtype, name='head')(feat).astype(jnp.float32)
+    self.sow("intermediates", "penultimate", feat)
+    return nn.Dense(self.num_classes, dtype=dtype, name="head")(feat).astype(jnp.float32)
 
 
 class ConvUnit(nn.Module):
@@ -76,9 +76,9 @@ class ConvUnit(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                kernel_init=conv_init, name='conv')(x)
-    x = nn.relu(BatchNorm(dtype=self.dtype, name='bn')(x, train))
-    return nn.max_pool(x, (2, 2), (2, 2), 'VALID')
+                kernel_init=conv_init, name="conv")(x)
+    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn")(x, train))
+    return nn.max_pool(x, (2, 2), (2, 2), "VALID")
 
 
 class ConvNet4(nn.Module):
@@ -90,12 +90,12 @@ class ConvNet4(nn.Module):
   num_classes: int
   width: int = 64
   flatten: bool = False
-  scl_unit: Optional[str] = None
+  scl_unit: str | None = None
   dtype: Dtype = jnp.float32
 
   @property
-  def units(self) -> Tuple[str, ...]:
-    return tuple(f'block{i + 1}' for i in range(4))
+  def units(self) -> tuple[str, ...]:
+    return tuple(f"block{i + 1}" for i in range(4))
 
   def unit_feature(self, y):
     """A unit's output (N, H, W, C) -> its feature (N, C) float32: the spatial mean."""
@@ -116,8 +116,8 @@ class ConvNet4(nn.Module):
       feat = spatial_mean(x)
     if self.scl_unit is not None:
       feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
-    self.sow('intermediates', 'penultimate', feat)
-    return nn.Dense(self.num_classes, dtype=dtype, name='head')(feat).astype(jnp.float32)
+    self.sow("intermediates", "penultimate", feat)
+    return nn.Dense(self.num_classes, dtype=dtype, name="head")(feat).astype(jnp.float32)
 
 
 class SqueezeExcite(nn.Module):
@@ -135,8 +135,8 @@ class SqueezeExcite(nn.Module):
     c = x.shape[-1]
     # max(1, .): a narrow test model (C < reduction) would otherwise get a 0-wide layer.
     hidden = max(1, c // self.reduction)
-    s = nn.relu(nn.Dense(hidden, dtype=self.dtype, name='fc1')(spatial_mean(x)))
-    gate = nn.sigmoid(nn.Dense(c, dtype=self.dtype, name='fc2')(s))
+    s = nn.relu(nn.Dense(hidden, dtype=self.dtype, name="fc1")(spatial_mean(x)))
+    gate = nn.sigmoid(nn.Dense(c, dtype=self.dtype, name="fc2")(s))
     return x * gate[:, None, None, :].astype(x.dtype)
 
 
@@ -145,7 +145,7 @@ class ResNet12Block(nn.Module):
   the residual branch after bn3, before the addition (SENet's SE-ResNet module, RFS)."""
   features: int
   dtype: Dtype = jnp.float32
-  se_reduction: Optional[int] = None
+  se_reduction: int | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -154,15 +154,15 @@ class ResNet12Block(nn.Module):
       return nn.Conv(f, (k, k), padding=((p, p), (p, p)), use_bias=False,
                      kernel_init=conv_init, dtype=self.dtype, name=name)
     lrelu = lambda v: nn.leaky_relu(v, 0.1)
-    y = lrelu(BatchNorm(dtype=self.dtype, name='bn1')(conv(self.features, 3, 'conv1')(x), train))
-    y = lrelu(BatchNorm(dtype=self.dtype, name='bn2')(conv(self.features, 3, 'conv2')(y), train))
-    y = BatchNorm(dtype=self.dtype, name='bn3')(conv(self.features, 3, 'conv3')(y), train)
+    y = lrelu(BatchNorm(dtype=self.dtype, name="bn1")(conv(self.features, 3, "conv1")(x), train))
+    y = lrelu(BatchNorm(dtype=self.dtype, name="bn2")(conv(self.features, 3, "conv2")(y), train))
+    y = BatchNorm(dtype=self.dtype, name="bn3")(conv(self.features, 3, "conv3")(y), train)
     if self.se_reduction is not None:
-      y = SqueezeExcite(self.se_reduction, self.dtype, name='se')(y)
-    s = BatchNorm(dtype=self.dtype, name='downsample_bn')(
-        conv(self.features, 1, 'downsample_conv')(x), train)
+      y = SqueezeExcite(self.se_reduction, self.dtype, name="se")(y)
+    s = BatchNorm(dtype=self.dtype, name="downsample_bn")(
+        conv(self.features, 1, "downsample_conv")(x), train)
     y = lrelu(y + s)
-    return nn.max_pool(y, (2, 2), (2, 2), 'VALID')
+    return nn.max_pool(y, (2, 2), (2, 2), "VALID")
 
 
 class ResNet12(nn.Module):
@@ -171,18 +171,18 @@ class ResNet12(nn.Module):
   `block1`..`block4`). DropBlock is not implemented."""
   num_classes: int
   widths: Sequence[int] = (64, 160, 320, 640)
-  scl_unit: Optional[str] = None
+  scl_unit: str | None = None
   dtype: Dtype = jnp.float32
 
   @property
-  def units(self) -> Tuple[str, ...]:
-    return tuple(f'block{i + 1}' for i in range(len(self.widths)))
+  def units(self) -> tuple[str, ...]:
+    return tuple(f"block{i + 1}" for i in range(len(self.widths)))
 
   def unit_feature(self, y):
     """A unit's output (N, H, W, C) -> its feature (N, C) float32: the spatial mean."""
     return spatial_mean(y)
 
-  def _se_reduction(self) -> Optional[int]:
+  def _se_reduction(self) -> int | None:
     return None  # plain blocks; SEResNet12 overrides
 
   @nn.compact
@@ -197,8 +197,8 @@ class ResNet12(nn.Module):
     feat = spatial_mean(x)
     if self.scl_unit is not None:
       feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
-    self.sow('intermediates', 'penultimate', feat)
-    return nn.Dense(self.num_classes, dtype=dtype, name='head')(feat).astype(jnp.float32)
+    self.sow("intermediates", "penultimate", feat)
+    return nn.Dense(self.num_classes, dtype=dtype, name="head")(feat).astype(jnp.float32)
 
 
 class SEResNet12(ResNet12):
@@ -211,5 +211,5 @@ class SEResNet12(ResNet12):
   match it."""
   se_reduction: int = 16
 
-  def _se_reduction(self) -> Optional[int]:
+  def _se_reduction(self) -> int | None:
     return self.se_reduction

@@ -15,7 +15,7 @@ is the class token or the token mean, per `pool`.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import jax.numpy as jnp
 import flax.linen as nn
@@ -26,10 +26,10 @@ Dtype = Any
 
 CONFIGS = {
     # name: (patch, hidden, layers, heads, mlp)
-    'vit_b32': (32, 768, 12, 12, 3072),
-    'vit_b16': (16, 768, 12, 12, 3072),
-    'vit_s16': (16, 384, 12, 6, 1536),
-    'vit_ti16': (16, 192, 12, 3, 768),
+    "vit_b32": (32, 768, 12, 12, 3072),
+    "vit_b16": (16, 768, 12, 12, 3072),
+    "vit_s16": (16, 384, 12, 6, 1536),
+    "vit_ti16": (16, 192, 12, 3, 768),
 }
 
 
@@ -43,10 +43,10 @@ class MlpBlock(nn.Module):
     init = nn.initializers.xavier_uniform()
     binit = nn.initializers.normal(stddev=1e-6)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init, bias_init=binit,
-                 name='Dense_0')(x)
+                 name="Dense_0")(x)
     y = nn.gelu(y, approximate=True)
     return nn.Dense(d, dtype=self.dtype, kernel_init=init, bias_init=binit,
-                    name='Dense_1')(y)
+                    name="Dense_1")(y)
 
 
 class EncoderBlock(nn.Module):
@@ -56,14 +56,14 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(), deterministic=True,
-        name='MultiHeadDotProductAttention_1')(y, y)
+        name="MultiHeadDotProductAttention_1")(y, y)
     x = x + y
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, dtype=self.dtype, name='MlpBlock_3')(y)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
+    y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_3")(y)
     return x + y
 
 
@@ -76,23 +76,23 @@ class ViT(nn.Module):
   num_layers: int = 12
   num_heads: int = 12
   mlp_dim: int = 3072
-  representation_size: Optional[int] = None
+  representation_size: int | None = None
   # Per-layer feature (`unit_feature` of each `layer{i}`): 'cls' = the class token,
   # 'mean' = the mean over all 1 + g*g tokens (class token included; the paper's
   # layer-wise ViT features are 145 x 768 per layer at 384x384).
-  pool: str = 'cls'
-  scl_unit: Optional[str] = None
+  pool: str = "cls"
+  scl_unit: str | None = None
   dtype: Dtype = jnp.float32
 
   @property
-  def units(self) -> Tuple[str, ...]:
-    return tuple(f'layer{i + 1}' for i in range(self.num_layers))
+  def units(self) -> tuple[str, ...]:
+    return tuple(f"layer{i + 1}" for i in range(self.num_layers))
 
   def unit_feature(self, y):
     """A unit's output (N, T, D) tokens -> its feature (N, D) float32 (see `pool`)."""
-    if self.pool == 'cls':
+    if self.pool == "cls":
       return y[:, 0].astype(jnp.float32)
-    if self.pool == 'mean':
+    if self.pool == "mean":
       return jnp.mean(y.astype(jnp.float32), axis=1)
     raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
 
@@ -103,34 +103,34 @@ class ViT(nn.Module):
     check_unit(self.scl_unit, units)
     # `pool` is only read by `unit_feature` (outside the model unless SCL): check it here so a
     # bad value fails at the first call, as before.
-    if self.pool not in ('cls', 'mean'):
+    if self.pool not in ("cls", "mean"):
       raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
     dtype = as_dtype(self.dtype)
     n, h, w, _ = x.shape
     p = self.patch_size
     if h % p or w % p:
-      raise ValueError(f'image size {h}x{w} is not divisible by the patch size {p}')
-    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
-                dtype=dtype, name='embedding')(x.astype(dtype))
+      raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                dtype=dtype, name="embedding")(x.astype(dtype))
     x = jnp.reshape(x, (n, -1, self.hidden_size))
-    cls = self.param('cls', nn.initializers.zeros, (1, 1, self.hidden_size))
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.hidden_size)).astype(x.dtype), x],
                         axis=1)
-    pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                      (1, x.shape[1], self.hidden_size))
     x = x + pos.astype(x.dtype)
     out = {}  # unit -> its raw output; only the SCL unit's is read
     for name in units:
       x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=dtype, name=name)(x)
       out[name] = x
-    x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name='encoder_norm')(x)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name="encoder_norm")(x)
     feat = x[:, 0]
     if self.representation_size is not None:
-      feat = jnp.tanh(nn.Dense(self.representation_size, dtype=dtype, name='pre_logits')(feat))
+      feat = jnp.tanh(nn.Dense(self.representation_size, dtype=dtype, name="pre_logits")(feat))
     feat = feat.astype(jnp.float32)
     if self.scl_unit is not None:
       feat = add_skip(feat, self.unit_feature(out[self.scl_unit]))
-    self.sow('intermediates', 'penultimate', feat)
+    self.sow("intermediates", "penultimate", feat)
     logits = nn.Dense(self.num_classes, dtype=dtype, kernel_init=nn.initializers.zeros,
-                      name='head')(feat)
+                      name="head")(feat)
     return logits.astype(jnp.float32)

@@ -1,0 +1,90 @@
+"""Compilation: the jitted train step (and its XLA:CPU options), compile statistics and the
+persistent compilation cache.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from ncjax.train.sharding import batch_sharded, replicated
+
+
+# XLA:CPU (jaxlib >= 0.10) runs convolutions through YNNPACK by default, whose weight-gradient
+# convolutions measured 2-4x slower than XLA's own (Eigen) ones; YNNPACK stays on for dots and
+# reductions (BatchNorm statistics), where it is fast. ResNet-18 224x224 full-FT step, batch
+# 32, quiet 2-core CPU: 1.64x torch's eager time -> 0.95x (benchmarks/cpu_conv.py).
+CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                              "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_train_options() -> dict | None:
+  """`CPU_TRAIN_COMPILER_OPTIONS` where this jaxlib knows the option, else None."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_TRAIN_COMPILER_OPTIONS).lower(
+        jnp.zeros(2)).compile()
+    return CPU_TRAIN_COMPILER_OPTIONS
+  except Exception:  # noqa: BLE001 - an older or newer jaxlib without the option
+    return None
+
+
+def jit_train_step(step, mesh: Mesh):
+  """The jitted step: state replicated and donated, batch sharded over ``'data'``."""
+  rep, dat = replicated(mesh), batch_sharded(mesh)
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  return jax.jit(step, in_shardings=(rep, dat, dat, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,), compiler_options=_cpu_train_options() if on_cpu else None)
+
+
+class CompileStats:
+  """Counts XLA compilations and their wall time (from `jax.monitoring` events), and loads
+  from the persistent compilation cache. One process-wide instance: `compile_stats()`."""
+
+  def __init__(self):
+    self.count, self.seconds, self.cache_hits = 0, 0.0, 0
+    self._lock = threading.Lock()
+
+  def _on_duration(self, event: str, seconds: float, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      with self._lock:
+        self.count += 1
+        self.seconds += seconds
+
+  def _on_event(self, event: str, **_):
+    if event == "/jax/compilation_cache/cache_hits":
+      with self._lock:
+        self.cache_hits += 1
+
+  def snapshot(self) -> tuple[int, float, int]:
+    with self._lock:
+      return self.count, self.seconds, self.cache_hits
+
+  def summary(self, since: tuple[int, float, int] = (0, 0.0, 0)) -> str:
+    n, s, h = (a - b for a, b in zip(self.snapshot(), since))
+    return (f"{n} XLA compilations in {s:.1f} s"
+            + (f" ({h} loaded from the persistent cache)" if h else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def compile_stats() -> CompileStats:
+  stats = CompileStats()
+  jax.monitoring.register_event_duration_secs_listener(stats._on_duration)
+  jax.monitoring.register_event_listener(stats._on_event)
+  return stats
+
+
+def enable_compilation_cache(directory: str) -> str | None:
+  """Turns on JAX's persistent compilation cache in `directory` (``~`` expanded); '' leaves
+  it off. Programs that took over a second to compile are stored, so a rerun (or the next
+  config on the same machine) loads them instead of compiling. Returns the path used."""
+  if not directory:
+    return None
+  path = os.path.abspath(os.path.expanduser(directory))
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
