@@ -68,7 +68,7 @@ def trainable_top_level(method: str, unit: str | None, top_level: Sequence[str])
 
 def trainable_mask(params: Mapping[str, PyTree], method: str, unit: str | None = None) -> PyTree:
   """Pytree of bools shaped like `params`: ``True`` where the parameter trains."""
-  import jax
+  import jax  # here, not at the top: `ncjax.report` reads METHODS and must not load jax
   keep = trainable_top_level(method, unit, list(params.keys()))
   return {k: jax.tree.map(lambda _: k in keep, v) for k, v in params.items()}
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from ncjax import methods
 from ncjax.models.common import BatchNorm
 from ncjax.models.densenet import DenseNet
 from ncjax.models.densenet import CONFIGS as _DENSENET_CONFIGS
@@ -188,7 +189,6 @@ def finetune_percent(name: str, method: str, unit: str | None, num_classes: int,
   input is (1, image_size, image_size, channels): pass `image_size=28, channels=1` for
   the MLP on MNIST. `options` go to `get` (e.g. `stem='cifar'`, `depth=...`).
   """
-  from ncjax import methods
   params = param_shapes(name, num_classes, image_size, channels, **options)["params"]
   if methods.needs_unit(method):
     valid = units(name, **{k: v for k, v in options.items() if k in ("depth", "widths")})

@@ -26,6 +26,9 @@ import dataclasses
 import math
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from ncjax import data, methods, models, train
@@ -40,8 +43,6 @@ def unit_fractions(model, params) -> dict[str, float]:
   """Each unit of `model` (a Flax module) -> its parameters over the backbone's (every
   top-level module but the head), in unit order. `params` may be abstract
   (`jax.ShapeDtypeStruct` leaves)."""
-  import jax
-  import numpy as np
   size = lambda tree: int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
   total = sum(size(v) for k, v in params.items() if k != methods.HEAD)
   return {u: size(params[u]) / total for u in models.units(model)}
@@ -63,7 +64,6 @@ def candidates(spec: Spec, run: Run, model, params) -> dict[str, float]:
 def _abstract(spec: Spec, run: Run, ds: data.ArrayDataset, unit: str | None = None):
   """`run`'s model on `ds` (the plain backbone; with `unit`, its method's model for that
   unit) and the shapes of its initial variables (`jax.ShapeDtypeStruct` leaves)."""
-  import jax
   model = assemble.build_model(spec, run.backbone, ds.num_classes, run.method if unit else "",
                                unit)
   shape = assemble.input_shape(run.backbone, ds)
@@ -93,8 +93,6 @@ def step_flops(spec: Spec, run: Run, unit: str, train_ds: data.ArrayDataset, bat
   """XLA's flop estimates for `run`'s method on `unit`: one train step of `batch` examples,
   and one inference forward pass per example (the NC1 measurement). Nothing is compiled or
   run: the programs are only lowered, on abstract inputs."""
-  import jax
-  import jax.numpy as jnp
   model, variables = _abstract(spec, run, train_ds, unit)
   params, stats = variables["params"], variables.get("batch_stats", {})
   mask = methods.trainable_mask(params, run.method, unit)
