@@ -40,6 +40,15 @@ _TINY = np.finfo(np.float64).tiny
 # Rows widened to float64 at a time: 2**22 values (32 MiB) keep the temporary small while
 # each block product stays a large, BLAS-efficient matrix multiply.
 _BLOCK_VALUES = 1 << 22
+# Rows of "constant" features may differ by this many ulps of max |F| (rounding of a dead
+# layer's output computed in different batch positions; module docstring).
+_CONSTANT_ULPS = 16
+_CONSTANT_PROB_TOL = 1e-12
+# Feature scales nc1_score hands to metrics.nc1 (float32) without rescaling: squares and
+# their N-fold sums stay far inside float32's range (1e-38 .. 3e38).
+_NC1_SAFE = (2.0 ** -32, 2.0 ** 32)
+# The score of a degenerate candidate (module docstring): the worst, so it ranks last.
+WORST = -np.inf
 
 
 # ----------------------------------------------------------------------------- validation
@@ -77,41 +86,81 @@ def _check_labels(labels, n: int, name: str = "labels"):
   return y, k, counts
 
 
+# ----------------------------------------------------------------------------- degenerate inputs
+def _unit(x: np.ndarray) -> tuple[float, float]:
+  """``(amax, scale)``: ``amax = max |x|`` and the power of two ``scale`` with
+  ``amax / scale`` in [0.5, 1) (1.0 when x is all zero).
+
+  Every estimator works on ``x / scale``: a power of two rescales without rounding, so the
+  common case's numbers do not move, while features at 1e-200 or 1e200 neither underflow nor
+  overflow in their Gram (whose entries are squares).  Two flat reductions, no temporary.
+  """
+  amax = max(float(x.max()), -float(x.min()))
+  if amax == 0.0:
+    return 0.0, 1.0
+  return amax, float(np.ldexp(1.0, np.frexp(amax)[1]))
+
+
+def _is_constant(x: np.ndarray, amax: float) -> bool:
+  """Whether every row of x equals the first within ``_CONSTANT_ULPS`` ulps of ``max |x|``.
+
+  The tolerance is relative to the data's own scale and to its dtype's precision (exact
+  equality for integers); all-zero features are constant.  A strided sample of rows answers
+  for informative features at O(64 D) cost; only (near-)constant ones are read in full.
+  """
+  eps = np.finfo(x.dtype).eps if np.issubdtype(x.dtype, np.floating) else 0.0
+  tol = _CONSTANT_ULPS * eps * amax
+  ref = x[0].astype(np.float64)
+  if np.abs(x[:: max(1, x.shape[0] // 64)] - ref).max() > tol:
+    return False
+  return all(np.abs(x[i:j] - ref).max() <= tol for i, j in _row_blocks(*x.shape))
+
+
+def _constant_probs(p: np.ndarray) -> bool:
+  """Whether every row of the (N, C_s) probabilities equals the first within 1e-12 (absolute:
+  probabilities have a scale of their own, and this is well above float64 softmax rounding)."""
+  return bool(np.abs(p - p[0]).max() <= _CONSTANT_PROB_TOL)
+
+
 # ----------------------------------------------------------------------------- shared algebra
 def _row_blocks(n: int, d: int):
   step = max(1, _BLOCK_VALUES // max(d, 1))
   return ((i, min(i + step, n)) for i in range(0, n, step))
 
 
-def _column_mean(x: np.ndarray) -> np.ndarray:
+def _column_mean(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
+  """(D,) float64 column mean of ``x / scale``."""
   total = np.zeros(x.shape[1])
   for i, j in _row_blocks(*x.shape):
-    total += x[i:j].sum(0, dtype=np.float64)
+    total += np.multiply(x[i:j], 1.0 / scale, dtype=np.float64).sum(0)
   return total / x.shape[0]
 
 
-def _spectrum(x: np.ndarray, y: np.ndarray, k: int, mean=None):
-  """Thin SVD of ``F = x - mean`` through the Gram of its smaller side, plus its class sums.
+def _spectrum(x: np.ndarray, y: np.ndarray, k: int, mean=None, scale: float = 1.0):
+  """Thin SVD of ``F = x / scale - mean`` through the Gram of its smaller side, plus its
+  class sums (``scale`` a power of two from :func:`_unit`, ``mean`` in those units).
 
   Returns ``(sigma, basis, sums, side)``: ``sigma`` the eigenvalues ``S^2`` (>= 0, ascending),
   ``sums`` (K, D) the class sums of F's rows, and ``basis`` either V (D x r, ``side='d'``,
   when N >= D) or U (N x r, ``side='n'``).  float64 throughout.
   """
   n, d = x.shape
+  inv = 1.0 / scale
   sums = np.zeros((k, d))
   if n >= d:
     gram = np.zeros((d, d))
     for i, j in _row_blocks(n, d):
-      b = x[i:j].astype(np.float64)
+      # Widening and rescaling in one pass: no more memory traffic than astype alone.
+      b = np.multiply(x[i:j], inv, dtype=np.float64)
       if mean is not None:
         b -= mean
       gram += b.T @ b
       sums += _onehot(y[i:j], k).T @ b
     side = "d"
   else:
-    f = x.astype(np.float64)
+    f = np.multiply(x, inv, dtype=np.float64)
     if mean is not None:
-      f = f - mean
+      f -= mean
     gram = f @ f.T
     sums += _onehot(y, k).T @ f
     side = "n"
@@ -176,14 +225,24 @@ def logme(features, labels, *, tol: float = 1e-10, max_iter: int = 1000) -> floa
   """
   x = _check_features(features)
   y, k, counts = _check_labels(labels, x.shape[0])
-  evidence, _, _ = _logme_classes(x, y, k, counts, tol, max_iter)
+  amax, scale = _unit(x)
+  if _is_constant(x, amax):
+    return WORST
+  evidence, _, _ = _logme_classes(x, y, k, counts, tol, max_iter, scale)
   return float(np.mean(evidence))
 
 
-def _logme_classes(x, y, k, counts, tol, max_iter):
-  """Per-class maximised evidence / N, and the maximising alpha, beta; each (K,)."""
+def _logme_classes(x, y, k, counts, tol, max_iter, scale: float | None = None):
+  """Per-class maximised evidence / N, and the maximising alpha, beta; each (K,).
+
+  Runs on ``x / scale`` (``scale`` from :func:`_unit` unless given): the maximised evidence
+  is invariant to the scale of F (alpha absorbs it), so only the start alpha = beta = 1 is
+  taken in those units.  The alpha returned is in the units of x (``alpha_x = alpha scale^2``).
+  """
   n = x.shape[0]
-  sigma, basis, sums, side = _spectrum(x, y, k)
+  if scale is None:
+    scale = _unit(x)[1]
+  sigma, basis, sums, side = _spectrum(x, y, k, scale=scale)
   if side == "d":
     # g = V^T F^T y_k = S U^T y_k; the terms below are written in g, never dividing by a
     # singular value, so tiny sigma_i lose no precision.
@@ -208,7 +267,8 @@ def _logme_classes(x, y, k, counts, tol, max_iter):
   # eigenvalues of A equal to alpha cancel exactly, and log1p keeps small terms exact.
   evidence = (-0.5 * np.log1p(beta * terms.sigma / alpha).sum(0) + 0.5 * n * np.log(beta)
               - 0.5 * n * np.log(2 * np.pi) - 0.5 * beta * res - 0.5 * alpha * mm)
-  return evidence / n, alpha, beta
+  with np.errstate(over="ignore"):  # alpha_x of features near 1e200 is past float64: inf
+    return evidence / n, alpha * np.float64(scale) ** 2, beta
 
 
 class _LogMETerms(NamedTuple):
@@ -227,11 +287,13 @@ class _LogMETerms(NamedTuple):
       # m = V diag(beta / den) g;  ||F m - y||^2 = ||y||^2 - sum beta g^2 (2 alpha + beta s)/den^2
       mm = (beta ** 2 * c / den ** 2).sum(0)
       res = self.yy - (beta * c * (2 * alpha + beta * s) / den ** 2).sum(0)
-      # A perfect fit leaves a residual of rounding size; keep it positive.
-      res = np.maximum(res, self.n * _EPS * self.yy)
     else:
       mm = (beta ** 2 * s * c / den ** 2).sum(0)
       res = ((alpha / den) ** 2 * c).sum(0)
+    # A perfect fit (N <= rank F: the interpolating maximum, beta -> inf) leaves a residual of
+    # rounding size; one floor on both sides, so F (N x D, N < D) and F V (its N-dimensional
+    # span, N >= D there) iterate alike.  Without it the N < D side ran to alpha = 0: -inf.
+    res = np.maximum(res, self.n * _EPS * self.yy)
     return gamma, mm, res
 
 
@@ -268,7 +330,10 @@ def hscore(features, labels) -> float:
   x = _check_features(features)
   n, d = x.shape
   y, k, counts = _check_labels(labels, n)
-  sigma, basis, sums, side = _spectrum(x, y, k, mean=_column_mean(x))
+  amax, scale = _unit(x)
+  if _is_constant(x, amax):
+    return WORST
+  sigma, basis, sums, side = _spectrum(x, y, k, mean=_column_mean(x, scale), scale=scale)
   keep = _pinv_keep(sigma, n, d)
   if side == "d":
     # v_i^T (mu_k - mu) = s_i u_i^T y_k / n_k, so ||U^T y_k||^2 / n_k = n_k sum_i (v_i^T d_k)^2 / sigma_i.
@@ -305,6 +370,8 @@ def leep(source_probs, labels) -> float:
   row = p.sum(1)
   if np.abs(row - 1.0).max() > 1e-3:
     raise ValueError(f"source_probs rows must sum to 1 (max deviation {np.abs(row - 1).max():.3g})")
+  if _constant_probs(p):
+    return WORST
   joint = _onehot(y, k).T @ p / n                       # (K, C_s)
   marginal = joint.sum(0)
   cond = np.divide(joint, marginal, out=np.zeros_like(joint), where=marginal > 0)
@@ -323,7 +390,18 @@ def nc1_score(features, labels) -> float:
   from ncjax import metrics  # pylint: disable=import-outside-toplevel
   x = _check_features(features)
   y, k, _ = _check_labels(labels, x.shape[0])
-  return -float(metrics.nc1(x, y, num_classes=k))
+  amax, scale = _unit(x)
+  if _is_constant(x, amax):
+    # Decided here, not from metrics.nc1's 0/0 answer (0.0, NaN or an error, by version).
+    return WORST
+  if np.issubdtype(x.dtype, np.floating) and not _NC1_SAFE[0] <= scale <= _NC1_SAFE[1]:
+    # A power of two commutes with rounding to float32, so this changes no digit of NC1;
+    # it only keeps float32 sums of squares clear of underflow and overflow.  One copy,
+    # made only for such extreme scales.
+    x = x * x.dtype.type(1.0 / scale)
+  value = float(metrics.nc1(x, y, num_classes=k))
+  # +inf (classes inseparable) and NaN (0/0) both mean no usable class structure.
+  return WORST if not np.isfinite(value) else -value
 
 
 # ----------------------------------------------------------------------------- NCTI
@@ -379,24 +457,34 @@ def ncti_terms(features, labels, *, pca_dim: int = 64, shrinkage="auto") -> NCTI
   y, k, counts = _check_labels(labels, n)
   if not (isinstance(pca_dim, (int, np.integer)) and pca_dim >= 1):
     raise ValueError(f"pca_dim must be a positive integer, got {pca_dim!r}")
-  mean = _column_mean(x)
-  sigma, basis, _, side = _spectrum(x, y, k, mean=mean)
+  if isinstance(shrinkage, str):
+    if shrinkage != "auto":
+      raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {shrinkage!r}")
+  elif not 0.0 <= float(shrinkage) <= 1.0:
+    raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {shrinkage!r}")
+  amax, scale = _unit(x)
+  if _is_constant(x, amax):
+    # No direction to project on: S_w = 0 and the Cholesky factor below does not exist.
+    return NCTITerms(seli=WORST, ncc=WORST, vc=WORST)
+  # Everything below runs on x / scale; the posteriors and the whitened LDA features do not
+  # depend on that unit, and the 'auto' shrinkage is evaluated in the units of x.
+  mean = _column_mean(x, scale)
+  sigma, basis, _, side = _spectrum(x, y, k, mean=mean, scale=scale)
   p = min(int(pca_dim), d, n)
   top = np.argsort(sigma)[::-1][:p]
   if side == "d":
     xp = np.empty((n, p))
     for i, j in _row_blocks(n, d):
-      xp[i:j] = (x[i:j].astype(np.float64) - mean) @ basis[:, top]
+      xp[i:j] = (np.multiply(x[i:j], 1.0 / scale, dtype=np.float64) - mean) @ basis[:, top]
   else:
     xp = basis[:, top] * np.sqrt(sigma[top])            # PCA scores U S
   if isinstance(shrinkage, str):
-    if shrinkage != "auto":
-      raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {shrinkage!r}")
-    gam = max(np.exp(-np.sort(sigma)[::-1][:32].sum() / (n - 1)), 1e-10)
+    # The authors' rule on the variances in the units of x: exp(-inf) = 0 past float64's
+    # range (scale 1e200), exp(-0) = 1 below it (1e-200), as exact arithmetic gives.
+    top32 = float(np.sort(sigma)[::-1][:32].sum()) * scale / (n - 1) * scale
+    gam = max(float(np.exp(-top32)), 1e-10)
   else:
     gam = float(shrinkage)
-    if not 0.0 <= gam <= 1.0:
-      raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {shrinkage!r}")
   onehot = _onehot(y, k)
   means = onehot.T @ xp / counts[:, None]               # (K, p); xp is centred, so mu = 0
   resid = xp - means[y]
@@ -459,9 +547,17 @@ def ncti_from_terms(terms: Sequence[NCTITerms]) -> np.ndarray:
   """(M,) NCTI scores of M candidates from their :func:`ncti_terms` (the min-max
   normalisation of :func:`ncti`), for callers that compute each candidate's terms apart."""
   terms = np.array(terms, np.float64).reshape(len(terms), 3)       # (M, 3)
-  low, span = terms.min(0), terms.max(0) - terms.min(0)
+  # Degenerate candidates (terms -inf, ncti_terms) score -inf and do not take part in the
+  # normalisation of the others, which is then the same as without them.
+  worst = (terms == WORST).any(1)
+  ok = terms[~worst]
+  if not ok.size:
+    return np.full(len(terms), WORST)
+  low, span = ok.min(0), ok.max(0) - ok.min(0)
   normed = np.divide(terms - low, span, out=np.zeros_like(terms), where=span > 0)
-  return normed.sum(1)
+  out = normed.sum(1)
+  out[worst] = WORST
+  return out
 
 
 # ----------------------------------------------------------------------------- rank correlation
