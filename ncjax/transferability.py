@@ -547,16 +547,16 @@ def ncti_from_terms(terms: Sequence[NCTITerms]) -> np.ndarray:
   """(M,) NCTI scores of M candidates from their :func:`ncti_terms` (the min-max
   normalisation of :func:`ncti`), for callers that compute each candidate's terms apart."""
   terms = np.array(terms, np.float64).reshape(len(terms), 3)       # (M, 3)
-  # Degenerate candidates (terms -inf, ncti_terms) score -inf and do not take part in the
-  # normalisation of the others, which is then the same as without them.
-  worst = (terms == WORST).any(1)
-  ok = terms[~worst]
-  if not ok.size:
-    return np.full(len(terms), WORST)
-  low, span = ok.min(0), ok.max(0) - ok.min(0)
-  normed = np.divide(terms - low, span, out=np.zeros_like(terms), where=span > 0)
-  out = normed.sum(1)
-  out[worst] = WORST
+  # Degenerate candidates (terms -inf, see ncti_terms) score -inf, unscored ones (NaN terms)
+  # NaN; neither takes part in the normalisation, so the others score as without them.
+  # (A NaN used to make the min and max NaN and silently turn every score into 0.)
+  ok = np.isfinite(terms).all(1)
+  out = np.where(np.isnan(terms).any(1), np.nan, WORST)
+  if ok.any():
+    low = terms[ok].min(0)
+    span = terms[ok].max(0) - low
+    normed = np.divide(terms[ok] - low, span, out=np.zeros_like(terms[ok]), where=span > 0)
+    out[ok] = normed.sum(1)
   return out
 
 
