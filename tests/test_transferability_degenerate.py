@@ -8,14 +8,10 @@ import pytest
 
 from ncjax import metrics
 from ncjax import transferability as T
+# blobs(seed, n, d, k, sep) and the literal evidence _evidence(f, t, log alpha, log beta)
+from test_transferability import _evidence, blobs
 
 pytestmark = pytest.mark.filterwarnings("ignore:ncjax.metrics.nc1")
-
-
-def blobs(seed, n, d, k, sep):
-  rng = np.random.default_rng(seed)
-  y = np.arange(n) % k
-  return rng.normal(size=(n, d)) + sep * rng.normal(size=(k, d))[y], y
 
 
 FEATURE_SCORES = {
@@ -180,16 +176,6 @@ def test_nc1_score_power_of_two_scale_is_exact_in_float32():
 
 
 # ----------------------------------------------------------------------------- LogME, N < D
-def _evidence(f, t, alpha, beta):
-  """Literal log evidence of You et al. eq. (2) / N with explicit D x D matrices."""
-  n, d = f.shape
-  big_a = alpha * np.eye(d) + beta * f.T @ f
-  m = beta * np.linalg.solve(big_a, f.T @ t)
-  return (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - n / 2 * np.log(2 * np.pi)
-          - beta / 2 * np.sum((f @ m - t) ** 2) - alpha / 2 * m @ m
-          - 0.5 * np.linalg.slogdet(big_a)[1]) / n
-
-
 @pytest.mark.parametrize("rank", [20, 5])
 def test_logme_n_below_d_equals_its_span(rank):
   rng = np.random.default_rng(1)
@@ -208,6 +194,6 @@ def test_logme_n_below_d_equals_its_span(rank):
   ev, alpha, beta = T._logme_classes(f, y, 4, np.bincount(y), 1e-10, 1000)
   for c in range(4):
     t = (y == c).astype(float)
-    assert ev[c] == pytest.approx(_evidence(f, t, alpha[c], beta[c]), rel=1e-4, abs=1e-7)
-    assert _evidence(span, t, alpha[c], beta[c]) == pytest.approx(
-        _evidence(f, t, alpha[c], beta[c]), rel=1e-4, abs=1e-7)
+    assert ev[c] == pytest.approx(_evidence(f, t, np.log(alpha[c]), np.log(beta[c])), rel=1e-4, abs=1e-7)
+    assert _evidence(span, t, np.log(alpha[c]), np.log(beta[c])) == pytest.approx(
+        _evidence(f, t, np.log(alpha[c]), np.log(beta[c])), rel=1e-4, abs=1e-7)
