@@ -14,6 +14,37 @@ when N >= D; ``F F^T``, N x N, otherwise) and its eigendecomposition, which is t
 of ``F`` (``F = U S V^T``, ``sigma = S^2``) without the N x D factor; no D x D inverse is ever
 formed.  ``benchmarks/transferability.py`` times every estimator against one NC1 call.
 
+Degenerate candidates and scale
+-------------------------------
+* **Constant features** (every row equal to the first within 16 ulps of ``max |F|`` in the
+  input's dtype -- exact equality for integers; all-zero features, a dead layer, included)
+  carry no information about the labels.  Every estimator returns ``WORST = -inf`` for them,
+  never an error and never a value that could beat an informative model (before: -NC1 gave
+  -0.0, the best score; LogME a finite intercept-only fit; H-score 0; NCTI a LinAlgError).
+  The test is made here, relative to the data's own scale, not read off the estimator's
+  0/0: :func:`nc1_score` gives -inf whatever ``metrics.nc1`` does with such input, and maps
+  a non-finite NC1 (``+inf``: classes inseparable; NaN: 0/0) to -inf as well.
+* **LEEP** takes source probabilities, not features: the degenerate case is a head whose
+  output does not depend on the input, every row equal to the first within 1e-12
+  (absolute; constant features give exactly that).  Its LEEP would be the class prior's
+  log-likelihood; it is -inf instead, like the other estimators' dead candidates.
+* **NCTI**: a constant candidate's three terms are -inf, its combined score is -inf, and it
+  takes no part in the min-max normalisation, so the other candidates score exactly as
+  without it.  A candidate with NaN terms (not scored) gets NaN, likewise left out.
+* A ranking sorts -inf last.  The rank correlations (:func:`kendall_tau`) still require
+  finite scores: callers decide whether to drop such candidates or rank them last.
+* **Scale.**  Every estimator works on ``F / 2^e`` with ``max |F| / 2^e`` in [0.5, 1): a
+  power of two rescales without rounding, so ordinary features get the same numbers, while
+  float64 features at 1e-200 or 1e200 neither underflow nor overflow in the Gram.  H-score,
+  LogME and NC1 are scale-invariant in exact arithmetic and give the unscaled answer there
+  (to 1e-9 for H-score and LogME; NC1 to float32 accuracy unless x64 is on).  NCTI's terms are
+  scale-invariant for a fixed ``shrinkage``; the authors' ``'auto'`` rule depends on the
+  scale by design and is evaluated in the features' own units (shrinkage 1e-10 at 1e200,
+  1 at 1e-200).  LogME's fixed point starts from alpha = beta = 1 in the rescaled units.
+* **LogME with N < D** is computed on the N x N Gram (the authors' SVD of the smaller side)
+  and equals LogME on the features' coordinates in their N-dimensional row span; it is
+  finite (it was -inf when the fixed point ran to the interpolating maximum).
+
 References
 ----------
 * LogME: K. You, Y. Liu, J. Wang, M. Long, "LogME: Practical Assessment of Pre-trained
