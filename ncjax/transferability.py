@@ -33,8 +33,9 @@ Degenerate candidates and scale
   without it.  A candidate with NaN terms (not scored) gets NaN, likewise left out.
 * A ranking sorts -inf last.  The rank correlations (:func:`kendall_tau`) still require
   finite scores: callers decide whether to drop such candidates or rank them last.
-* **Scale.**  Every estimator works on ``F / 2^e`` with ``max |F| / 2^e`` in [0.5, 1): a
-  power of two rescales without rounding, so ordinary features get the same numbers, while
+* **Scale.**  Every estimator works on ``F / 2^e``, ``2^e`` the power of two just above
+  ``max |F|`` over a strided sample of 64 rows (O(64 D), no pass over the data): a power
+  of two rescales without rounding, so ordinary features get the same numbers, while
   float64 features at 1e-200 or 1e200 neither underflow nor overflow in the Gram.  H-score,
   LogME and NC1 are scale-invariant in exact arithmetic and give the unscaled answer there
   (to 1e-9 for H-score and LogME; NC1 to float32 accuracy unless x64 is on).  NCTI's terms are
@@ -119,38 +120,70 @@ def _check_labels(labels, n: int, name: str = "labels"):
 
 # ----------------------------------------------------------------------------- degenerate inputs
 def _unit(x: np.ndarray) -> tuple[float, float]:
-  """``(amax, scale)``: ``amax = max |x|`` and the power of two ``scale`` with
-  ``amax / scale`` in [0.5, 1) (1.0 when x is all zero).
+  """``(amax, scale)``: ``amax`` the largest ``|x|`` on a strided sample of about 64 rows
+  (all rows when those are all zero) and the power of two ``scale`` with ``amax / scale``
+  in [0.5, 1) (1.0 when x is all zero).
 
   Every estimator works on ``x / scale``: a power of two rescales without rounding, so the
   common case's numbers do not move, while features at 1e-200 or 1e200 neither underflow nor
-  overflow in their Gram (whose entries are squares).  Two flat reductions, no temporary.
+  overflow in their Gram (whose entries are squares; :func:`_block_units` leaves 2^400 of
+  room, so the sample need not hold the largest row).  The sample keeps this O(64 D): it
+  scales with x, as a unit must, and it is max |x| itself for constant features, where
+  :func:`_is_constant` uses it.
   """
-  amax = max(float(x.max()), -float(x.min()))
+  amax = 0.0
+  for rows in (x[:: max(1, x.shape[0] // 64)], x):
+    amax = max(float(rows.max()), -float(rows.min()))
+    if amax > 0.0:
+      break
   if amax == 0.0:
     return 0.0, 1.0
   return amax, float(np.ldexp(1.0, np.frexp(amax)[1]))
 
 
+def _block_units(scale: float) -> tuple[float, float]:
+  """``(pre, post)``: rows are widened as ``x * pre`` and products of them rescaled by
+  ``post`` per factor, so that results are in units of ``x / scale``.
+
+  Ordinary scales widen as given (``pre = 1``) and rescale the small results, which costs
+  nothing per row; beyond 2^+-400 a Gram entry (a sum of N squares) would under- or
+  overflow float64, so rows are rescaled as they are widened.  Powers of two either way:
+  both give the same numbers.
+  """
+  if 2.0 ** -400 <= scale <= 2.0 ** 400:
+    return 1.0, 1.0 / scale
+  return 1.0 / scale, 1.0
+
+
+def _widen(rows: np.ndarray, pre: float) -> np.ndarray:
+  """float64 ``rows * pre`` in one pass (astype alone when pre is 1, the common case)."""
+  return rows.astype(np.float64) if pre == 1.0 else np.multiply(rows, pre, dtype=np.float64)
+
+
 def _is_constant(x: np.ndarray, amax: float) -> bool:
-  """Whether every row of x equals the first within ``_CONSTANT_ULPS`` ulps of ``max |x|``.
+  """Whether every row of x equals the first within ``_CONSTANT_ULPS`` ulps of ``amax``
+  (:func:`_unit`; ``max |x|`` whenever the rows are that close).
 
   The tolerance is relative to the data's own scale and to its dtype's precision (exact
-  equality for integers); all-zero features are constant.  A strided sample of rows answers
-  for informative features at O(64 D) cost; only (near-)constant ones are read in full.
+  equality for integers); all-zero features are constant.
   """
   eps = np.finfo(x.dtype).eps if np.issubdtype(x.dtype, np.floating) else 0.0
-  tol = _CONSTANT_ULPS * eps * amax
-  ref = x[0].astype(np.float64)
-  if np.abs(x[:: max(1, x.shape[0] // 64)] - ref).max() > tol:
-    return False
-  return all(np.abs(x[i:j] - ref).max() <= tol for i, j in _row_blocks(*x.shape))
+  return _rows_equal_first(x, _CONSTANT_ULPS * eps * amax)
 
 
 def _constant_probs(p: np.ndarray) -> bool:
   """Whether every row of the (N, C_s) probabilities equals the first within 1e-12 (absolute:
   probabilities have a scale of their own, and this is well above float64 softmax rounding)."""
-  return bool(np.abs(p - p[0]).max() <= _CONSTANT_PROB_TOL)
+  return _rows_equal_first(p, _CONSTANT_PROB_TOL)
+
+
+def _rows_equal_first(x: np.ndarray, tol: float) -> bool:
+  """Whether ``max_ij |x_ij - x_0j| <= tol``.  A strided sample of 64 rows answers for
+  informative inputs at O(64 D) cost; only (near-)constant ones are read in full, by blocks."""
+  ref = x[0].astype(np.float64)
+  if np.abs(x[:: max(1, x.shape[0] // 64)] - ref).max() > tol:
+    return False
+  return all(np.abs(x[i:j] - ref).max() <= tol for i, j in _row_blocks(*x.shape))
 
 
 # ----------------------------------------------------------------------------- shared algebra
@@ -162,8 +195,12 @@ def _row_blocks(n: int, d: int):
 def _column_mean(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
   """(D,) float64 column mean of ``x / scale``."""
   total = np.zeros(x.shape[1])
+  inv = 1.0 / scale
   for i, j in _row_blocks(*x.shape):
-    total += np.multiply(x[i:j], 1.0 / scale, dtype=np.float64).sum(0)
+    if scale <= 2.0 ** 960:   # a block's sum cannot overflow: sum, then rescale (no temporary)
+      total += x[i:j].sum(0, dtype=np.float64) * inv
+    else:
+      total += np.multiply(x[i:j], inv, dtype=np.float64).sum(0)
   return total / x.shape[0]
 
 
@@ -176,25 +213,29 @@ def _spectrum(x: np.ndarray, y: np.ndarray, k: int, mean=None, scale: float = 1.
   when N >= D) or U (N x r, ``side='n'``).  float64 throughout.
   """
   n, d = x.shape
-  inv = 1.0 / scale
+  pre, post = _block_units(scale)
+  shift = None if mean is None else mean * (pre * scale)   # the mean in block units
+  widen = lambda rows: _widen(rows, pre)  # noqa: E731
   sums = np.zeros((k, d))
   if n >= d:
     gram = np.zeros((d, d))
     for i, j in _row_blocks(n, d):
-      # Widening and rescaling in one pass: no more memory traffic than astype alone.
-      b = np.multiply(x[i:j], inv, dtype=np.float64)
-      if mean is not None:
-        b -= mean
+      b = widen(x[i:j])
+      if shift is not None:
+        b -= shift
       gram += b.T @ b
       sums += _onehot(y[i:j], k).T @ b
     side = "d"
   else:
-    f = np.multiply(x, inv, dtype=np.float64)
-    if mean is not None:
-      f -= mean
+    f = widen(x)
+    if shift is not None:
+      f -= shift
     gram = f @ f.T
     sums += _onehot(y, k).T @ f
     side = "n"
+  if post != 1.0:
+    gram *= post * post
+    sums *= post
   sigma, basis = np.linalg.eigh(gram)
   # Rounding can leave eigenvalues of a PSD Gram slightly negative; they are zero.
   return np.maximum(sigma, 0.0), basis, sums, side
@@ -234,8 +275,10 @@ def logme(features, labels, *, tol: float = 1e-10, max_iter: int = 1000) -> floa
   ``gamma = sum_i beta sigma_i / (alpha + beta sigma_i)``, ``alpha <- gamma / m^T m``,
   ``beta <- (N - gamma) / ||F m - y_k||^2``, with ``sigma_i`` the eigenvalues of ``F^T F``.
   All K classes iterate together on the spectrum of one SVD of F, each step O(min(N,D) K).
-  The score is ``mean_k L_k / N``.  Features are used as given (no centring or scaling), as
-  in the paper.
+  The score is ``mean_k L_k / N``.  Features are not centred, as in the paper; they are
+  divided by a power of two (module docstring), which changes the maximised evidence not at
+  all and only puts the start alpha = beta = 1 in units where ``max |F|`` is about 1.
+  Constant features score -inf (module docstring).
 
   Differences from the authors' code (thuml/LogME), which change the value, not the method:
   the iteration runs to a relative change of alpha and beta below ``tol`` (theirs stops at
@@ -505,8 +548,10 @@ def ncti_terms(features, labels, *, pca_dim: int = 64, shrinkage="auto") -> NCTI
   top = np.argsort(sigma)[::-1][:p]
   if side == "d":
     xp = np.empty((n, p))
+    pre, post = _block_units(scale)
+    proj = basis[:, top] * post                         # folds x / scale into the D x p basis
     for i, j in _row_blocks(n, d):
-      xp[i:j] = (np.multiply(x[i:j], 1.0 / scale, dtype=np.float64) - mean) @ basis[:, top]
+      xp[i:j] = (_widen(x[i:j], pre) - mean * (pre * scale)) @ proj
   else:
     xp = basis[:, top] * np.sqrt(sigma[top])            # PCA scores U S
   if isinstance(shrinkage, str):
