@@ -14,6 +14,38 @@ when N >= D; ``F F^T``, N x N, otherwise) and its eigendecomposition, which is t
 of ``F`` (``F = U S V^T``, ``sigma = S^2``) without the N x D factor; no D x D inverse is ever
 formed.  ``benchmarks/transferability.py`` times every estimator against one NC1 call.
 
+Degenerate candidates and scale
+-------------------------------
+* **Constant features** (every row equal to the first within 16 ulps of ``max |F|`` in the
+  input's dtype -- exact equality for integers; all-zero features, a dead layer, included)
+  carry no information about the labels.  Every estimator returns ``WORST = -inf`` for them,
+  never an error and never a value that could beat an informative model (before: -NC1 gave
+  -0.0, the best score; LogME a finite intercept-only fit; H-score 0; NCTI a LinAlgError).
+  The test is made here, relative to the data's own scale, not read off the estimator's
+  0/0: :func:`nc1_score` gives -inf whatever ``metrics.nc1`` does with such input, and maps
+  a non-finite NC1 (``+inf``: classes inseparable; NaN: 0/0) to -inf as well.
+* **LEEP** takes source probabilities, not features: the degenerate case is a head whose
+  output does not depend on the input, every row equal to the first within 1e-12
+  (absolute; constant features give exactly that).  Its LEEP would be the class prior's
+  log-likelihood; it is -inf instead, like the other estimators' dead candidates.
+* **NCTI**: a constant candidate's three terms are -inf, its combined score is -inf, and it
+  takes no part in the min-max normalisation, so the other candidates score exactly as
+  without it.  A candidate with NaN terms (not scored) gets NaN, likewise left out.
+* A ranking sorts -inf last.  The rank correlations (:func:`kendall_tau`) still require
+  finite scores: callers decide whether to drop such candidates or rank them last.
+* **Scale.**  Every estimator works on ``F / 2^e``, ``2^e`` the power of two just above
+  ``max |F|`` over a strided sample of 64 rows (O(64 D), no pass over the data): a power
+  of two rescales without rounding, so ordinary features get the same numbers, while
+  float64 features at 1e-200 or 1e200 neither underflow nor overflow in the Gram.  H-score,
+  LogME and NC1 are scale-invariant in exact arithmetic and give the unscaled answer there
+  (to 1e-9 for H-score and LogME; NC1 to float32 accuracy unless x64 is on).  NCTI's terms are
+  scale-invariant for a fixed ``shrinkage``; the authors' ``'auto'`` rule depends on the
+  scale by design and is evaluated in the features' own units (shrinkage 1e-10 at 1e200,
+  1 at 1e-200).  LogME's fixed point starts from alpha = beta = 1 in the rescaled units.
+* **LogME with N < D** is computed on the N x N Gram (the authors' SVD of the smaller side)
+  and equals LogME on the features' coordinates in their N-dimensional row span; it is
+  finite (it was -inf when the fixed point ran to the interpolating maximum).
+
 References
 ----------
 * LogME: K. You, Y. Liu, J. Wang, M. Long, "LogME: Practical Assessment of Pre-trained
@@ -40,6 +72,15 @@ _TINY = np.finfo(np.float64).tiny
 # Rows widened to float64 at a time: 2**22 values (32 MiB) keep the temporary small while
 # each block product stays a large, BLAS-efficient matrix multiply.
 _BLOCK_VALUES = 1 << 22
+# Rows of "constant" features may differ by this many ulps of max |F| (rounding of a dead
+# layer's output computed in different batch positions; module docstring).
+_CONSTANT_ULPS = 16
+_CONSTANT_PROB_TOL = 1e-12
+# Feature scales nc1_score hands to metrics.nc1 (float32) without rescaling: squares and
+# their N-fold sums stay far inside float32's range (1e-38 .. 3e38).
+_NC1_SAFE = (2.0 ** -32, 2.0 ** 32)
+# The score of a degenerate candidate (module docstring): the worst, so it ranks last.
+WORST = -np.inf
 
 
 # ----------------------------------------------------------------------------- validation
@@ -77,44 +118,124 @@ def _check_labels(labels, n: int, name: str = "labels"):
   return y, k, counts
 
 
+# ----------------------------------------------------------------------------- degenerate inputs
+def _unit(x: np.ndarray) -> tuple[float, float]:
+  """``(amax, scale)``: ``amax`` the largest ``|x|`` on a strided sample of about 64 rows
+  (all rows when those are all zero) and the power of two ``scale`` with ``amax / scale``
+  in [0.5, 1) (1.0 when x is all zero).
+
+  Every estimator works on ``x / scale``: a power of two rescales without rounding, so the
+  common case's numbers do not move, while features at 1e-200 or 1e200 neither underflow nor
+  overflow in their Gram (whose entries are squares; :func:`_block_units` leaves 2^400 of
+  room, so the sample need not hold the largest row).  The sample keeps this O(64 D): it
+  scales with x, as a unit must, and it is max |x| itself for constant features, where
+  :func:`_is_constant` uses it.
+  """
+  amax = 0.0
+  for rows in (x[:: max(1, x.shape[0] // 64)], x):
+    amax = max(float(rows.max()), -float(rows.min()))
+    if amax > 0.0:
+      break
+  if amax == 0.0:
+    return 0.0, 1.0
+  return amax, float(np.ldexp(1.0, np.frexp(amax)[1]))
+
+
+def _block_units(scale: float) -> tuple[float, float]:
+  """``(pre, post)``: rows are widened as ``x * pre`` and products of them rescaled by
+  ``post`` per factor, so that results are in units of ``x / scale``.
+
+  Ordinary scales widen as given (``pre = 1``) and rescale the small results, which costs
+  nothing per row; beyond 2^+-400 a Gram entry (a sum of N squares) would under- or
+  overflow float64, so rows are rescaled as they are widened.  Powers of two either way:
+  both give the same numbers.
+  """
+  if 2.0 ** -400 <= scale <= 2.0 ** 400:
+    return 1.0, 1.0 / scale
+  return 1.0 / scale, 1.0
+
+
+def _widen(rows: np.ndarray, pre: float) -> np.ndarray:
+  """float64 ``rows * pre`` in one pass (astype alone when pre is 1, the common case)."""
+  return rows.astype(np.float64) if pre == 1.0 else np.multiply(rows, pre, dtype=np.float64)
+
+
+def _is_constant(x: np.ndarray, amax: float) -> bool:
+  """Whether every row of x equals the first within ``_CONSTANT_ULPS`` ulps of ``amax``
+  (:func:`_unit`; ``max |x|`` whenever the rows are that close).
+
+  The tolerance is relative to the data's own scale and to its dtype's precision (exact
+  equality for integers); all-zero features are constant.
+  """
+  eps = np.finfo(x.dtype).eps if np.issubdtype(x.dtype, np.floating) else 0.0
+  return _rows_equal_first(x, _CONSTANT_ULPS * eps * amax)
+
+
+def _constant_probs(p: np.ndarray) -> bool:
+  """Whether every row of the (N, C_s) probabilities equals the first within 1e-12 (absolute:
+  probabilities have a scale of their own, and this is well above float64 softmax rounding)."""
+  return _rows_equal_first(p, _CONSTANT_PROB_TOL)
+
+
+def _rows_equal_first(x: np.ndarray, tol: float) -> bool:
+  """Whether ``max_ij |x_ij - x_0j| <= tol``.  A strided sample of 64 rows answers for
+  informative inputs at O(64 D) cost; only (near-)constant ones are read in full, by blocks."""
+  ref = x[0].astype(np.float64)
+  if np.abs(x[:: max(1, x.shape[0] // 64)] - ref).max() > tol:
+    return False
+  return all(np.abs(x[i:j] - ref).max() <= tol for i, j in _row_blocks(*x.shape))
+
+
 # ----------------------------------------------------------------------------- shared algebra
 def _row_blocks(n: int, d: int):
   step = max(1, _BLOCK_VALUES // max(d, 1))
   return ((i, min(i + step, n)) for i in range(0, n, step))
 
 
-def _column_mean(x: np.ndarray) -> np.ndarray:
+def _column_mean(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
+  """(D,) float64 column mean of ``x / scale``."""
   total = np.zeros(x.shape[1])
+  inv = 1.0 / scale
   for i, j in _row_blocks(*x.shape):
-    total += x[i:j].sum(0, dtype=np.float64)
+    if scale <= 2.0 ** 960:   # a block's sum cannot overflow: sum, then rescale (no temporary)
+      total += x[i:j].sum(0, dtype=np.float64) * inv
+    else:
+      total += np.multiply(x[i:j], inv, dtype=np.float64).sum(0)
   return total / x.shape[0]
 
 
-def _spectrum(x: np.ndarray, y: np.ndarray, k: int, mean=None):
-  """Thin SVD of ``F = x - mean`` through the Gram of its smaller side, plus its class sums.
+def _spectrum(x: np.ndarray, y: np.ndarray, k: int, mean=None, scale: float = 1.0):
+  """Thin SVD of ``F = x / scale - mean`` through the Gram of its smaller side, plus its
+  class sums (``scale`` a power of two from :func:`_unit`, ``mean`` in those units).
 
   Returns ``(sigma, basis, sums, side)``: ``sigma`` the eigenvalues ``S^2`` (>= 0, ascending),
   ``sums`` (K, D) the class sums of F's rows, and ``basis`` either V (D x r, ``side='d'``,
   when N >= D) or U (N x r, ``side='n'``).  float64 throughout.
   """
   n, d = x.shape
+  pre, post = _block_units(scale)
+  shift = None if mean is None else mean * (pre * scale)   # the mean in block units
+  widen = lambda rows: _widen(rows, pre)  # noqa: E731
   sums = np.zeros((k, d))
   if n >= d:
     gram = np.zeros((d, d))
     for i, j in _row_blocks(n, d):
-      b = x[i:j].astype(np.float64)
-      if mean is not None:
-        b -= mean
+      b = widen(x[i:j])
+      if shift is not None:
+        b -= shift
       gram += b.T @ b
       sums += _onehot(y[i:j], k).T @ b
     side = "d"
   else:
-    f = x.astype(np.float64)
-    if mean is not None:
-      f = f - mean
+    f = widen(x)
+    if shift is not None:
+      f -= shift
     gram = f @ f.T
     sums += _onehot(y, k).T @ f
     side = "n"
+  if post != 1.0:
+    gram *= post * post
+    sums *= post
   sigma, basis = np.linalg.eigh(gram)
   # Rounding can leave eigenvalues of a PSD Gram slightly negative; they are zero.
   return np.maximum(sigma, 0.0), basis, sums, side
@@ -154,8 +275,10 @@ def logme(features, labels, *, tol: float = 1e-10, max_iter: int = 1000) -> floa
   ``gamma = sum_i beta sigma_i / (alpha + beta sigma_i)``, ``alpha <- gamma / m^T m``,
   ``beta <- (N - gamma) / ||F m - y_k||^2``, with ``sigma_i`` the eigenvalues of ``F^T F``.
   All K classes iterate together on the spectrum of one SVD of F, each step O(min(N,D) K).
-  The score is ``mean_k L_k / N``.  Features are used as given (no centring or scaling), as
-  in the paper.
+  The score is ``mean_k L_k / N``.  Features are not centred, as in the paper; they are
+  divided by a power of two (module docstring), which changes the maximised evidence not at
+  all and only puts the start alpha = beta = 1 in units where ``max |F|`` is about 1.
+  Constant features score -inf (module docstring).
 
   Differences from the authors' code (thuml/LogME), which change the value, not the method:
   the iteration runs to a relative change of alpha and beta below ``tol`` (theirs stops at
@@ -176,14 +299,24 @@ def logme(features, labels, *, tol: float = 1e-10, max_iter: int = 1000) -> floa
   """
   x = _check_features(features)
   y, k, counts = _check_labels(labels, x.shape[0])
-  evidence, _, _ = _logme_classes(x, y, k, counts, tol, max_iter)
+  amax, scale = _unit(x)
+  if _is_constant(x, amax):
+    return WORST
+  evidence, _, _ = _logme_classes(x, y, k, counts, tol, max_iter, scale)
   return float(np.mean(evidence))
 
 
-def _logme_classes(x, y, k, counts, tol, max_iter):
-  """Per-class maximised evidence / N, and the maximising alpha, beta; each (K,)."""
+def _logme_classes(x, y, k, counts, tol, max_iter, scale: float | None = None):
+  """Per-class maximised evidence / N, and the maximising alpha, beta; each (K,).
+
+  Runs on ``x / scale`` (``scale`` from :func:`_unit` unless given): the maximised evidence
+  is invariant to the scale of F (alpha absorbs it), so only the start alpha = beta = 1 is
+  taken in those units.  The alpha returned is in the units of x (``alpha_x = alpha scale^2``).
+  """
   n = x.shape[0]
-  sigma, basis, sums, side = _spectrum(x, y, k)
+  if scale is None:
+    scale = _unit(x)[1]
+  sigma, basis, sums, side = _spectrum(x, y, k, scale=scale)
   if side == "d":
     # g = V^T F^T y_k = S U^T y_k; the terms below are written in g, never dividing by a
     # singular value, so tiny sigma_i lose no precision.
@@ -208,7 +341,8 @@ def _logme_classes(x, y, k, counts, tol, max_iter):
   # eigenvalues of A equal to alpha cancel exactly, and log1p keeps small terms exact.
   evidence = (-0.5 * np.log1p(beta * terms.sigma / alpha).sum(0) + 0.5 * n * np.log(beta)
               - 0.5 * n * np.log(2 * np.pi) - 0.5 * beta * res - 0.5 * alpha * mm)
-  return evidence / n, alpha, beta
+  with np.errstate(over="ignore"):  # alpha_x of features near 1e200 is past float64: inf
+    return evidence / n, alpha * np.float64(scale) ** 2, beta
 
 
 class _LogMETerms(NamedTuple):
@@ -227,11 +361,13 @@ class _LogMETerms(NamedTuple):
       # m = V diag(beta / den) g;  ||F m - y||^2 = ||y||^2 - sum beta g^2 (2 alpha + beta s)/den^2
       mm = (beta ** 2 * c / den ** 2).sum(0)
       res = self.yy - (beta * c * (2 * alpha + beta * s) / den ** 2).sum(0)
-      # A perfect fit leaves a residual of rounding size; keep it positive.
-      res = np.maximum(res, self.n * _EPS * self.yy)
     else:
       mm = (beta ** 2 * s * c / den ** 2).sum(0)
       res = ((alpha / den) ** 2 * c).sum(0)
+    # A perfect fit (N <= rank F: the interpolating maximum, beta -> inf) leaves a residual of
+    # rounding size; one floor on both sides, so F (N x D, N < D) and F V (its N-dimensional
+    # span, N >= D there) iterate alike.  Without it the N < D side ran to alpha = 0: -inf.
+    res = np.maximum(res, self.n * _EPS * self.yy)
     return gamma, mm, res
 
 
@@ -268,7 +404,10 @@ def hscore(features, labels) -> float:
   x = _check_features(features)
   n, d = x.shape
   y, k, counts = _check_labels(labels, n)
-  sigma, basis, sums, side = _spectrum(x, y, k, mean=_column_mean(x))
+  amax, scale = _unit(x)
+  if _is_constant(x, amax):
+    return WORST
+  sigma, basis, sums, side = _spectrum(x, y, k, mean=_column_mean(x, scale), scale=scale)
   keep = _pinv_keep(sigma, n, d)
   if side == "d":
     # v_i^T (mu_k - mu) = s_i u_i^T y_k / n_k, so ||U^T y_k||^2 / n_k = n_k sum_i (v_i^T d_k)^2 / sigma_i.
@@ -305,6 +444,8 @@ def leep(source_probs, labels) -> float:
   row = p.sum(1)
   if np.abs(row - 1.0).max() > 1e-3:
     raise ValueError(f"source_probs rows must sum to 1 (max deviation {np.abs(row - 1).max():.3g})")
+  if _constant_probs(p):
+    return WORST
   joint = _onehot(y, k).T @ p / n                       # (K, C_s)
   marginal = joint.sum(0)
   cond = np.divide(joint, marginal, out=np.zeros_like(joint), where=marginal > 0)
@@ -323,7 +464,18 @@ def nc1_score(features, labels) -> float:
   from ncjax import metrics  # pylint: disable=import-outside-toplevel
   x = _check_features(features)
   y, k, _ = _check_labels(labels, x.shape[0])
-  return -float(metrics.nc1(x, y, num_classes=k))
+  amax, scale = _unit(x)
+  if _is_constant(x, amax):
+    # Decided here, not from metrics.nc1's 0/0 answer (0.0, NaN or an error, by version).
+    return WORST
+  if np.issubdtype(x.dtype, np.floating) and not _NC1_SAFE[0] <= scale <= _NC1_SAFE[1]:
+    # A power of two commutes with rounding to float32, so this changes no digit of NC1;
+    # it only keeps float32 sums of squares clear of underflow and overflow.  One copy,
+    # made only for such extreme scales.
+    x = x * x.dtype.type(1.0 / scale)
+  value = float(metrics.nc1(x, y, num_classes=k))
+  # +inf (classes inseparable) and NaN (0/0) both mean no usable class structure.
+  return WORST if not np.isfinite(value) else -value
 
 
 # ----------------------------------------------------------------------------- NCTI
@@ -379,24 +531,36 @@ def ncti_terms(features, labels, *, pca_dim: int = 64, shrinkage="auto") -> NCTI
   y, k, counts = _check_labels(labels, n)
   if not (isinstance(pca_dim, (int, np.integer)) and pca_dim >= 1):
     raise ValueError(f"pca_dim must be a positive integer, got {pca_dim!r}")
-  mean = _column_mean(x)
-  sigma, basis, _, side = _spectrum(x, y, k, mean=mean)
+  if isinstance(shrinkage, str):
+    if shrinkage != "auto":
+      raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {shrinkage!r}")
+  elif not 0.0 <= float(shrinkage) <= 1.0:
+    raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {shrinkage!r}")
+  amax, scale = _unit(x)
+  if _is_constant(x, amax):
+    # No direction to project on: S_w = 0 and the Cholesky factor below does not exist.
+    return NCTITerms(seli=WORST, ncc=WORST, vc=WORST)
+  # Everything below runs on x / scale; the posteriors and the whitened LDA features do not
+  # depend on that unit, and the 'auto' shrinkage is evaluated in the units of x.
+  mean = _column_mean(x, scale)
+  sigma, basis, _, side = _spectrum(x, y, k, mean=mean, scale=scale)
   p = min(int(pca_dim), d, n)
   top = np.argsort(sigma)[::-1][:p]
   if side == "d":
     xp = np.empty((n, p))
+    pre, post = _block_units(scale)
+    proj = basis[:, top] * post                         # folds x / scale into the D x p basis
     for i, j in _row_blocks(n, d):
-      xp[i:j] = (x[i:j].astype(np.float64) - mean) @ basis[:, top]
+      xp[i:j] = (_widen(x[i:j], pre) - mean * (pre * scale)) @ proj
   else:
     xp = basis[:, top] * np.sqrt(sigma[top])            # PCA scores U S
   if isinstance(shrinkage, str):
-    if shrinkage != "auto":
-      raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {shrinkage!r}")
-    gam = max(np.exp(-np.sort(sigma)[::-1][:32].sum() / (n - 1)), 1e-10)
+    # The authors' rule on the variances in the units of x: exp(-inf) = 0 past float64's
+    # range (scale 1e200), exp(-0) = 1 below it (1e-200), as exact arithmetic gives.
+    top32 = float(np.sort(sigma)[::-1][:32].sum()) * scale / (n - 1) * scale
+    gam = max(float(np.exp(-top32)), 1e-10)
   else:
     gam = float(shrinkage)
-    if not 0.0 <= gam <= 1.0:
-      raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {shrinkage!r}")
   onehot = _onehot(y, k)
   means = onehot.T @ xp / counts[:, None]               # (K, p); xp is centred, so mu = 0
   resid = xp - means[y]
@@ -459,9 +623,17 @@ def ncti_from_terms(terms: Sequence[NCTITerms]) -> np.ndarray:
   """(M,) NCTI scores of M candidates from their :func:`ncti_terms` (the min-max
   normalisation of :func:`ncti`), for callers that compute each candidate's terms apart."""
   terms = np.array(terms, np.float64).reshape(len(terms), 3)       # (M, 3)
-  low, span = terms.min(0), terms.max(0) - terms.min(0)
-  normed = np.divide(terms - low, span, out=np.zeros_like(terms), where=span > 0)
-  return normed.sum(1)
+  # Degenerate candidates (terms -inf, see ncti_terms) score -inf, unscored ones (NaN terms)
+  # NaN; neither takes part in the normalisation, so the others score as without them.
+  # (A NaN used to make the min and max NaN and silently turn every score into 0.)
+  ok = np.isfinite(terms).all(1)
+  out = np.where(np.isnan(terms).any(1), np.nan, WORST)
+  if ok.any():
+    low = terms[ok].min(0)
+    span = terms[ok].max(0) - low
+    normed = np.divide(terms[ok] - low, span, out=np.zeros_like(terms[ok]), where=span > 0)
+    out[ok] = normed.sum(1)
+  return out
 
 
 # ----------------------------------------------------------------------------- rank correlation
