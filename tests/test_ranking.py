@@ -1,5 +1,6 @@
 """Job 'rank' (ncjax.ranking): the summary against hand-made records and scipy, the
 estimators' validation, a source head's class count, and the job end to end."""
+import json
 import math
 import os
 
@@ -156,3 +157,24 @@ def test_weights_file_candidates_use_their_own_source_head(tmp_path):
                              atol=1e-5)
   assert probs.shape == (len(ds), 7)
   assert recs[0]["score_leep"] == pytest.approx(transferability.leep(probs, ds.labels))
+
+
+def test_a_degenerate_candidate_is_named_and_ranked_last_after_a_json_round_trip():
+  """A candidate whose features are constant scores -inf (transferability.WORST); JSON keeps
+  it as null, so `score` lists it in ``degenerate`` and `summarize` ranks it below all."""
+  from ncjax import io
+  tags = ["a", "b", "c"]
+  results = [_score("a", 0.5, 1.2, (3.0, 0.9, -4.0)), _score("b", 1.0, 0.9, (2.0, 0.8, -5.0)),
+             _score("c", 1.0, 0.0, (1.0, 0.5, -6.0))]
+  dead = results[2]
+  dead["scores"] = {k: -np.inf for k in dead["scores"] if k != "leep"} | {"leep": np.nan}
+  dead["degenerate"], dead["nc1"] = ["logme", "ncti", "nc1"], np.nan
+  results += [_cell(t, "linear", a) for t, a in zip(tags, [90.0, 80.0, 95.0])]
+  out = ranking.summarize(json.loads(io.dumps(results)))
+  assert [r["score_nc1"] for r in out] == [-0.5, -1.0, -np.inf]
+  assert out[2]["score_logme"] == -np.inf and out[2]["score_ncti"] == -np.inf
+  assert out[2]["degenerate"] == ["logme", "ncti", "nc1"] and out[0]["degenerate"] == []
+  # c is last by every score although it fine-tunes best: tau as scipy's with c ranked last.
+  want = stats.kendalltau([-0.5, -1.0, -99.0], [90.0, 80.0, 95.0])[0]
+  assert out[0]["kendall_tau_nc1"] == pytest.approx(want)
+  assert out[0]["kendall_tau_logme"] == pytest.approx(want)

@@ -59,6 +59,8 @@ class Record:
   candidate: str = ""        # job rank: the pre-trained model scored ([<variant tag>/]<model>)
   scores: dict = dataclasses.field(default_factory=dict)  # job rank: estimator -> score
   score_wall_s: dict = dataclasses.field(default_factory=dict)  # estimator -> seconds
+  # job rank: estimators that found the candidate's features constant (transferability.WORST)
+  degenerate: list = dataclasses.field(default_factory=list)
   source_nc1: float = NAN    # NC1 of the source training data (transfer records after pretrain)
   source_accuracy: float = NAN
   wall_s: float = NAN        # seconds this run took (the only field a rerun may change)

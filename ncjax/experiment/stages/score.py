@@ -92,9 +92,15 @@ def score(spec: Spec, run: Run, pretrained: dict | None, mesh) -> records.Record
       scores.update(zip(NCTI_TERMS, transferability.ncti_terms(feats, labels)))
     seconds[name] = time.time() - t
   logging.info("%s: %s", run.id, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+  # -inf (the worst score) is null in JSON like a missing one: keep which it was.
+  worst = sorted({k.split("_")[0] for k, v in scores.items() if v == transferability.WORST})
+  if worst:
+    logging.warning("%s: candidate %s has constant features (%s score it -inf): ranked last",
+                    run.id, candidate(spec, run), ", ".join(worst))
   return records.Record(
+      degenerate=worst,
       model=run.backbone.model, dataset=run.dataset, method="score", unit="", stage="score",
-      nc1=-scores["nc1"] if "nc1" in scores else records.NAN, candidate=candidate(spec, run),
+      nc1=-scores["nc1"] if "nc1" in scores and "nc1" not in worst else records.NAN, candidate=candidate(spec, run),
       scores=scores, score_wall_s=seconds, num_train=len(ds), num_classes=ds.num_classes,
       weights=origin, seed=spec.seed, run=run.id, pretrain=spec.tag,
       wall_s=time.time() - t0)
@@ -107,6 +113,11 @@ def _finite_pairs(xs, ys) -> tuple[list[float], list[float]]:
 
 
 def _tau(fn, scores, truth) -> float:
+  """Kendall tau of `scores` against `truth`; a -inf score (a degenerate candidate) ranks
+  below every finite one, NaN ones are left out."""
+  finite = [x for x in scores if x is not None and np.isfinite(x)]
+  low = min(finite) - abs(min(finite)) - 1.0 if finite else 0.0
+  scores = [low if x is not None and x == -np.inf else x for x in scores]
   xs, ys = _finite_pairs(scores, truth)
   if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
     return records.NAN
@@ -123,7 +134,9 @@ def summarize(results: list[dict]) -> list[dict]:
   for dataset in dict.fromkeys(s["dataset"] for s in scores):
     ss = [s for s in scores if s["dataset"] == dataset]
     # A record read back from JSON holds None where a score was NaN.
-    per = [{k: records.NAN if v is None else v for k, v in s["scores"].items()} for s in ss]
+    # -inf where the candidate was degenerate (`score` lists the estimators).
+    per = [{k: (transferability.WORST if k.split("_")[0] in s.get("degenerate", ()) else
+                records.NAN) if v is None else v for k, v in s["scores"].items()} for s in ss]
     if "ncti" in estimators:
       combined = transferability.ncti_from_terms([[p[t] for t in NCTI_TERMS] for p in per])
       for p, v in zip(per, combined):
@@ -139,6 +152,7 @@ def summarize(results: list[dict]) -> list[dict]:
         rows.append(dict(
             model=s["model"], dataset=dataset, method=method, unit=unit, stage="rank",
             candidate=s["candidate"], pretrain=s.get("pretrain") or "",
+            degenerate=list(s.get("degenerate", ())),
             accuracy=cell.get("accuracy", records.NAN), nc1=s["nc1"],
             cdnv=records.NAN, numerical_rank=records.NAN,
             percent_params=cell.get("percent_params", records.NAN), layerwise_nc1={},
