@@ -3,8 +3,11 @@
 `load(path, name, variables, *, keep_head=False) -> variables` (strict) and
 `load_partial(...) -> (variables, skipped)` (lenient):
 
-* ResNets (`resnet18/34/50`): a torchvision state dict in `.safetensors`, `.npz` (flat,
-  torch key names, torch layouts) or `.pth`/`.pt` (needs torch, imported lazily).
+* ResNets (`resnet18/34/50`): a torchvision or timm state dict (the same key names) in
+  `.safetensors`, `.npz` (flat, torch key names, torch layouts) or `.pth`/`.pt`/`.bin`
+  (needs torch, imported lazily); or a Hugging Face `ResNetModel` /
+  `ResNetForImageClassification` (`embedder.embedder.*`, `encoder.stages.{s}.layers.{l}.
+  layer.{i}` / `.shortcut`, `classifier.1`), renamed to torchvision's names first.
   Conv kernels OIHW -> HWIO; BatchNorm `weight, bias, running_mean, running_var` ->
   params `scale, bias` and batch_stats `mean, var` (`num_batches_tracked` ignored);
   `fc` -> `head` only with `keep_head=True` and a matching shape (else the fresh head of
@@ -15,7 +18,16 @@
   `classifier` / `classifier.1` -> `head`. The keys of torchvision's own DenseNet files
   (`...denselayer1.norm.1.weight`, from LuaTorch) are renamed as torchvision's loader renames
   them (`...denselayer1.norm1.weight`).
-* ViTs (`vit_*`): a vit_jax `.npz` (flat, '/'-joined Flax paths). `Transformer/
+* ViTs (`vit_*`): a vit_jax `.npz` (flat, '/'-joined Flax paths); a timm state dict
+  (`.safetensors` / `.pth` / `.bin`: `cls_token`, `pos_embed`, `patch_embed.proj`,
+  `blocks.{i}.attn.qkv` with fused q|k|v rows, `attn.proj`, `norm1/2`, `mlp.fc1/2`, `norm`,
+  `head`); or a Hugging Face `ViTModel` / `ViTForImageClassification` (`embeddings.*`,
+  `encoder.layer.{i}.attention.attention.{query,key,value}`, ..., `layernorm`,
+  `classifier`; a ViTModel's `pooler` is its `pre_logits`). timm's and Hugging Face's are
+  renamed to vit_jax's names first (torch (out, in) weights -> kernels, split into heads of
+  64). Both libraries compute GELU exactly where ncjax's ViT (as vit_jax) uses the tanh
+  approximation, and Hugging Face's LayerNorm eps is 1e-12 (ncjax: 1e-6): the logits differ
+  by about 1e-3 of their scale (logged at INFO). `Transformer/
   encoderblock_{i-1}` -> `layer{i}`, `Transformer/posembed_input/pos_embedding` ->
   `pos_embedding`, `Transformer/encoder_norm` -> `encoder_norm`. The position embedding is
   resized to the grid of `variables` (class slot kept; the g0 x g0 grid resized linearly
@@ -26,6 +38,15 @@
   `skipped` -- also by `load`, where it is *not* an error (the standard
   fine-tuning recipe drops it).
 
+* Hugging Face / timm model directories (what `huggingface_hub.snapshot_download` or the
+  model page's "Files" give: `config.json` + `model.safetensors`, or `pytorch_model.bin`,
+  or a sharded `model.safetensors.index.json`), or their `model.safetensors` named directly
+  with the `config.json` beside it. The config is checked first: a model ncjax lacks
+  (another `model_type`, a timm `architecture` other than a ViT or ResNet-18/34/50, a ResNet
+  v1 or a ViT of other heads) is refused before the weights are read, saying what it is.
+  `preprocessing(path)` gives the mean, std and input size the checkpoint was trained with
+  (from `preprocessor_config.json` or timm's `pretrained_cfg`), where the files say.
+
 * ncjax's own checkpoints (any model): a run directory ``<workdir>/runs/<run id>`` (its
   newest checkpoint), its ``checkpoints/`` directory or one step ``checkpoints/<step>/``, as
   written by `ncjax.train.fit` (pre-training or fine-tuning). Only the parameters and
@@ -34,14 +55,16 @@
   `keep_head` as above, a pre-training projection head is dropped.
 
 `load` is strict: a missing key, an unexpected key or a shape mismatch raises
-`ncjax.errors.CheckpointError` naming the key and both shapes; a file that is not a
+`ncjax.errors.CheckpointError` naming the key and both shapes (a timm or Hugging Face key in
+vit_jax's / torchvision's names, with the file's own name beside it); a file that is not a
 readable checkpoint raises `CheckpointError` naming the file and the expected format. When
 the checkpoint holds another architecture, the error first says what it looks like
 (`describe_checkpoint`: "resnet50 (ImageNet stem, width 64)", "vit_b16 (patch 16, hidden
 768, 12 layers)"; for an ncjax run also the model and settings it was made with), then a few
 of the mismatches.
 `load_partial` keeps the fresh values for whatever could not be loaded and returns
-`(variables, skipped)`, `skipped` a list of `'<checkpoint key> (<reason>)'` strings.
+`(variables, skipped)`, `skipped` a list of `"<checkpoint key> (<reason>)"` strings (the
+file's own key names).
 A missing file raises FileNotFoundError saying where such weights come from.
 """
 from __future__ import annotations
@@ -63,16 +86,18 @@ from ncjax.models.densenet import CONFIGS as DENSENET_CONFIGS
 from ncjax.models.resnet import CONFIGS as RESNET_CONFIGS
 from ncjax.models.vit import CONFIGS as VIT_CONFIGS
 
-__all__ = ["CheckpointError", "describe_checkpoint", "describe_variables", "load", "load_partial",
-           "ncjax_step_dir", "read_checkpoint", "read_ncjax", "resize_pos_embedding",
-           "torchvision_key_map", "vit_key_map"]
+__all__ = ["CheckpointError", "describe_checkpoint", "describe_variables", "head_classes",
+           "load", "load_partial", "ncjax_step_dir", "preprocessing", "read_checkpoint",
+           "read_ncjax", "resize_pos_embedding", "torchvision_key_map", "vit_key_map"]
 
 _SOURCES = {
-    "resnet": ("torchvision ResNet state dicts come from the torchvision model zoo, e.g. "
+    "resnet": ("ResNet state dicts come from the torchvision model zoo, e.g. "
                "https://download.pytorch.org/models/resnet18-f37072fd.pth (resnet34-b627a593.pth, "
-               "resnet50-11ad3fa6.pth / resnet50-0676ba61.pth); expected a .pth, .safetensors or "
-               ".npz file holding a flat state dict (conv1.weight, bn1.*, layer1.0.conv1.weight, "
-               "..., fc.weight)."),
+               "resnet50-11ad3fa6.pth / resnet50-0676ba61.pth), or timm (the same key names); "
+               "expected a .pth, .safetensors or .npz file holding a flat state dict "
+               "(conv1.weight, bn1.*, layer1.0.conv1.weight, ..., fc.weight), or a Hugging Face "
+               "ResNetModel / ResNetForImageClassification directory (config.json + "
+               "model.safetensors)."),
     "densenet": ("torchvision DenseNet state dicts come from the torchvision model zoo, e.g. "
                  "https://download.pytorch.org/models/densenet121-a639ec97.pth "
                  "(densenet161-8d451a50.pth, densenet169-b2777c0a.pth, densenet201-c1103571.pth);"
@@ -85,10 +110,13 @@ _SOURCES = {
                      ".pth, .safetensors or .npz file holding a flat state dict "
                      "(features.0.0.weight, features.1.conv.0.0.weight, ..., "
                      "features.18.1.*, classifier.1.weight)."),
-    "vit": ("vit_jax checkpoints come from google-research/vision_transformer, e.g. "
-            "gs://vit_models/imagenet21k/ViT-B_32.npz; expected a flat .npz whose keys are "
-            "'/'-joined Flax paths (embedding/kernel, cls, Transformer/posembed_input/"
-            "pos_embedding, Transformer/encoderblock_0/..., head/kernel)."),
+    "vit": ("ViT checkpoints come from vit_jax (google-research/vision_transformer, e.g. "
+            "gs://vit_models/imagenet21k/ViT-B_32.npz: a flat .npz whose keys are '/'-joined "
+            "Flax paths, embedding/kernel, cls, Transformer/encoderblock_0/...), timm (a state "
+            "dict .safetensors / .pth / .bin with cls_token, pos_embed, patch_embed.proj, "
+            "blocks.0.attn.qkv, ..., head; or a timm hub directory, config.json + "
+            "model.safetensors) or Hugging Face transformers (a ViTModel / "
+            "ViTForImageClassification directory, config.json + model.safetensors)."),
 }
 _NCJAX_SOURCE = ("ncjax's own checkpoints (any model) are directories: a run directory "
                  "<workdir>/runs/<run id>, its checkpoints/ or a step directory "
@@ -166,11 +194,6 @@ def read_checkpoint(path, family: str) -> dict[str, np.ndarray]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"no checkpoint at {path!r}. {_SOURCES[family]} {_NCJAX_SOURCE}")
   suffix = os.path.splitext(path)[1].lower()
-  if family == "vit" and suffix != ".npz":
-    guess = _guess_file(path, suffix)
-    raise CheckpointError(f"{path}: unsupported suffix {suffix!r} for a ViT"
-                          + (f" (this looks like {guess})" if guess else "")
-                          + f". {_SOURCES[family]}")
   if suffix not in _READERS:
     raise CheckpointError(f"{path}: unsupported suffix {suffix!r}. {_SOURCES[family]}")
   try:
@@ -185,14 +208,6 @@ def read_checkpoint(path, family: str) -> dict[str, np.ndarray]:
   return flat
 
 
-def _guess_file(path: str, suffix: str) -> str | None:
-  """What the checkpoint file at `path` looks like, or None when it cannot be read."""
-  try:
-    return describe_checkpoint(_READERS[suffix](path))
-  except Exception:  # pylint: disable=broad-except  # only a hint for another error
-    return None
-
-
 # ----------------------------------------------------------------------------- architectures
 
 # torchvision's own DenseNet files keep LuaTorch's names, `denselayer1.norm.1.weight`;
@@ -202,6 +217,25 @@ _DENSENET_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
 
 # Architectures of the torchvision and vit_jax zoos that ncjax has no model for, by name.
 _OTHER_RESNETS = {((2, 2, 2, 2), "bottleneck"): "resnet26 (timm)"}
+# What a timm / Hugging Face ViT has that ncjax's ViT lacks, by a key (a regular expression).
+_VIT_VARIANTS = ((r"reg_token", "register tokens (reg_token)"),
+                 (r"dist_token", "a distillation token (DeiT)"),
+                 (r"fc_norm\.weight", "average pooling (fc_norm)"),
+                 (r"norm_pre\.weight", "a pre-norm (norm_pre, as CLIP)"),
+                 (r"blocks\.\d+\.ls1\.gamma", "layer scale (ls1, ls2)"),
+                 (r"blocks\.\d+\.attn\.q_norm\.weight", "query / key norms"),
+                 (r"attn_pool\..+", "attention pooling (attn_pool)"))
+# Families ncjax has no model for, by a key only they have.
+_OTHER_MODELS = (
+    (r"(.+\.)?stages\.\d+\.blocks\.\d+\.conv_dw\.weight", "a ConvNeXt (timm)"),
+    (r"(convnext\.)?encoder\.stages\.\d+\.layers\.\d+\.dwconv\.weight",
+     "a ConvNeXt (Hugging Face)"),
+    (r".+\.relative_position_bias_table", "a Swin Transformer"),
+    (r"conv_stem\.weight", "an EfficientNet / MobileNetV3 (timm)"),
+    (r"(visual\.)?transformer\.resblocks\.\d+\..+", "a CLIP ViT (OpenAI / open_clip)"),
+    (r"conv1\.0\.weight", "a ResNet-D (timm resnet*d: a deep 3-conv stem)"),
+    (r"(?!vit\.|resnet\.)([a-z0-9_]+)\.(embeddings|encoder|embedder)\..+",
+     "a Hugging Face model of another family"))
 _OTHER_VITS = {(16, 1024, 24, 16, 4096): "ViT-L/16", (32, 1024, 24, 16, 4096): "ViT-L/32",
                (14, 1280, 32, 16, 5120): "ViT-H/14", (8, 768, 12, 12, 3072): "ViT-B/8"}
 
@@ -282,7 +316,14 @@ def describe_checkpoint(flat: dict[str, Any]) -> str | None:
   the blocks per stage, bottleneck vs basic blocks and conv1 (kernel 7: ImageNet stem, 3:
   CIFAR stem; its width and input channels); DenseNets from the layers per block, the growth
   rate and conv0; MobileNetV2s from the blocks and the widths of the first and last convs;
-  ViTs from the patch embedding, the encoder blocks and their widths."""
+  ViTs from the patch embedding, the encoder blocks and their widths (a timm or Hugging Face
+  ViT also names what of it ncjax's ViT lacks: register tokens, average pooling, ...);
+  a few other families by a key only they have ("a ConvNeXt (timm); ncjax has no such
+  model")."""
+  try:
+    flat = _canonical(flat)[0]
+  except (CheckpointError, KeyError, ValueError):
+    pass
   shape = {}
   for k, v in flat.items():
     for prefix in ("module.", "params/"):
@@ -314,8 +355,14 @@ def describe_checkpoint(flat: dict[str, Any]) -> str | None:
     block = "Transformer/encoderblock_0/"
     query = shape.get(block + "MultiHeadDotProductAttention_1/query/kernel", (None, None))
     mlp = shape.get(block + "MlpBlock_3/Dense_0/kernel", (None, None))
-    return _vit_text(embed[0], embed[3], layers, query[1], mlp[1], embed[2])
-  return None
+    text = _vit_text(embed[0], embed[3], layers, query[1], mlp[1], embed[2])
+    extras = [what for key, what in _VIT_VARIANTS if any(re.fullmatch(key, k) for k in shape)]
+    extras += ["no class token"] if "cls" not in shape else []
+    if extras:
+      text += f", with {', '.join(extras)}; ncjax's ViT has none of these"
+    return text
+  return next((f"{what}; ncjax has no such model" for key, what in _OTHER_MODELS
+               if any(re.fullmatch(key, k) for k in shape)), None)
 
 
 def describe_variables(name: str | None, variables) -> str:
@@ -361,17 +408,18 @@ def _params_first(flat: dict) -> dict:
 
 
 def _cannot_load(path, target: str, found: str | None, errors: list[str],
-                 lead: str | None = None) -> str:
+                 lead: str | None = None, note: str = "") -> str:
   """The strict-mode error: when the checkpoint's architecture `found` is not the model's
   `target`, that first (`lead`, default 'this looks like <found>') and a few of the
-  mismatches, which all follow from it; else up to 20 mismatches."""
+  mismatches, which all follow from it; else up to 20 mismatches; then `note`."""
   if found and found != target:
     lead = f"{lead or 'this looks like ' + found}; {len(errors)} problem(s), e.g. "
     shown = errors[:3]
   else:
     lead, shown = "", errors[:20]
   more = [f"... and {len(errors) - len(shown)} more"] if len(errors) > len(shown) else []
-  return f"cannot load {os.fspath(path)} into {target}: {lead}" + "; ".join(shown + more)
+  return (f"cannot load {os.fspath(path)} into {target}: {lead}" + "; ".join(shown + more)
+          + note)
 
 
 # ----------------------------------------------------------------------------- ncjax runs
@@ -423,8 +471,9 @@ def ncjax_step_dir(path) -> str:
     raise CheckpointError(f"{path}: this ncjax run has no checkpoint yet (a run saves one "
                           "when it ends, and every checkpoint_every steps)")
   raise CheckpointError(f"{path} is a directory but not an ncjax checkpoint. {_NCJAX_SOURCE} "
-                        "Other weights are files: torchvision .pth / .safetensors / .npz, "
-                        "vit_jax .npz.")
+                        "Other weights are files (torchvision / timm .pth / .safetensors / .npz, "
+                        "vit_jax .npz) or Hugging Face / timm model directories (config.json + "
+                        "model.safetensors).")
 
 
 def _run_fingerprint(step_dir: str) -> tuple[str, dict] | tuple[None, None]:
@@ -660,6 +709,327 @@ def vit_key_map(flat_vars: dict[tuple[str, ...], Any]):
   return out
 
 
+# ----------------------------------------------------------------------------- timm, Hugging Face
+
+# Where a state dict comes from, by keys only that layout has. "native": torchvision's names
+# (torchvision and timm ResNets, DenseNets, MobileNetV2) or vit_jax's; the others are read by
+# renaming them to those (`_canonical`).
+_LAYOUTS = {"timm_vit": "a timm ViT state dict", "hf_vit": "a Hugging Face ViT state dict",
+            "hf_resnet": "a Hugging Face ResNet state dict"}
+_LN = {"weight": "scale", "bias": "bias"}
+# The files of a Hugging Face / timm model directory, in the order they are looked for.
+_HUB_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _layout(keys) -> str:
+  """"timm_vit", "hf_vit", "hf_resnet" or "native" for a state dict with these keys."""
+  keys = set(keys)
+  for k in keys:
+    if k.endswith("embeddings.patch_embeddings.projection.weight"):
+      return "hf_vit"
+    if k.endswith("embedder.embedder.convolution.weight"):
+      return "hf_resnet"
+  if "patch_embed.proj.weight" in keys and any(k.startswith("blocks.") for k in keys):
+    return "timm_vit"
+  return "native"
+
+
+def _heads_kernel(w: np.ndarray, heads: int) -> np.ndarray:
+  """A torch Linear weight (H*hd, D) of query, key or value -> vit_jax's kernel (D, H, hd)."""
+  return w.T.reshape(w.shape[1], heads, -1)
+
+
+def _attention(put, block: str, which: str, leaf: str, v: np.ndarray, heads: int, src: str):
+  """One torch attention leaf (`which`: query, key, value or out) in vit_jax's layout."""
+  at = f"{block}MultiHeadDotProductAttention_1/{which}/"
+  if leaf == "bias":
+    put(at + "bias", v if which == "out" else v.reshape(heads, -1), src)
+  elif which == "out":
+    put(at + "kernel", v.T.reshape(heads, -1, v.shape[0]), src)
+  else:
+    put(at + "kernel", _heads_kernel(v, heads), src)
+
+
+def _from_vit(flat: dict, heads: int, names: dict, block_re: str, block_names: dict) -> tuple:
+  """A timm or Hugging Face ViT state dict in vit_jax's names and layouts: `names` maps the
+  file's top-level keys to vit_jax keys (a torch Linear / conv weight is transposed to a
+  kernel), `block_re` matches a block's keys (groups: index, module, leaf) and `block_names`
+  maps its modules to vit_jax modules (`attention:q|k|v|out` for the attention). Keys of
+  neither stay as they are (unexpected in strict mode). Returns ({key: array}, {new key:
+  file key})."""
+  out, origin = {}, {}
+
+  def put(key, value, src):
+    out[key], origin[key] = value, src
+
+  for k, v in flat.items():
+    if k in names:
+      key = names[k]
+      if key == "embedding/kernel":
+        v = _oihw_to_hwio(v)
+      elif key.endswith("/kernel"):
+        v = v.T
+      put(key, v, k)
+      continue
+    m = re.fullmatch(block_re, k)
+    mod = block_names.get(m.group(2)) if m else None
+    if mod is None:
+      put(k, v, k)
+      continue
+    block, leaf = f"Transformer/encoderblock_{int(m.group(1))}/", m.group(3)
+    if mod.startswith("attention:"):
+      which = mod.split(":")[1]
+      if which == "qkv":
+        for part, w in zip(("query", "key", "value"), np.split(v, 3, axis=0)):
+          _attention(put, block, part, leaf, w, heads, k)
+      else:
+        _attention(put, block, which, leaf, v, heads, k)
+    elif mod.startswith("LayerNorm"):
+      put(f"{block}{mod}/{_LN[leaf]}", v, k)
+    else:
+      put(f"{block}{mod}/" + ("kernel" if leaf == "weight" else "bias"),
+          v.T if leaf == "weight" else v, k)
+  return out, origin
+
+
+def _vit_names(prefix: str, pairs: dict) -> dict:
+  """{file key: vit_jax key} of a ViT's top-level leaves, `pairs` {module: vit_jax module}."""
+  out = {}
+  for mod, new in pairs.items():
+    if new in ("cls", "Transformer/posembed_input/pos_embedding"):
+      out[prefix + mod] = new
+      continue
+    for leaf in ("weight", "bias"):
+      new_leaf = (_LN[leaf] if "norm" in new else ("kernel" if leaf == "weight" else "bias"))
+      out[f"{prefix}{mod}.{leaf}"] = f"{new}/{new_leaf}"
+  return out
+
+
+_TIMM_VIT = _vit_names("", {"cls_token": "cls", "pos_embed": "Transformer/posembed_input/"
+                            "pos_embedding", "patch_embed.proj": "embedding",
+                            "norm": "Transformer/encoder_norm", "head": "head",
+                            "pre_logits.fc": "pre_logits"})
+_TIMM_BLOCK = {"norm1": "LayerNorm_0", "attn.qkv": "attention:qkv", "attn.proj": "attention:out",
+               "norm2": "LayerNorm_2", "mlp.fc1": "MlpBlock_3/Dense_0",
+               "mlp.fc2": "MlpBlock_3/Dense_1"}
+_HF_VIT = {**_vit_names("embeddings.", {"cls_token": "cls",
+                                       "position_embeddings": "Transformer/posembed_input/"
+                                       "pos_embedding",
+                                       "patch_embeddings.projection": "embedding"}),
+           **_vit_names("", {"layernorm": "Transformer/encoder_norm", "classifier": "head",
+                             "pooler.dense": "pre_logits"})}
+_HF_BLOCK = {"layernorm_before": "LayerNorm_0", "attention.attention.query": "attention:query",
+             "attention.attention.key": "attention:key",
+             "attention.attention.value": "attention:value",
+             "attention.output.dense": "attention:out", "layernorm_after": "LayerNorm_2",
+             "intermediate.dense": "MlpBlock_3/Dense_0", "output.dense": "MlpBlock_3/Dense_1"}
+# Keys a Hugging Face ViTModel may carry that no forward pass of a classifier reads.
+_HF_UNUSED = ("embeddings.mask_token",)
+
+
+def _from_hf_resnet(flat: dict) -> tuple:
+  """A Hugging Face ResNet state dict (`ResNetModel` / `ResNetForImageClassification`) in
+  torchvision's names: embedder -> conv1 / bn1, `encoder.stages.{s}.layers.{l}.layer.{i}` ->
+  `layer{s+1}.{l}.conv{i+1}` / `bn{i+1}`, `shortcut` -> `downsample.{0,1}`, `classifier.1` ->
+  `fc`. Returns ({key: array}, {new key: file key})."""
+  out, origin = {}, {}
+  for k, v in flat.items():
+    key = k[len("resnet."):] if k.startswith("resnet.") else k
+    key = re.sub(r"^embedder\.embedder\.convolution\.", "conv1.", key)
+    key = re.sub(r"^embedder\.embedder\.normalization\.", "bn1.", key)
+    if m := re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)", key):
+      block, rest = f"layer{int(m.group(1)) + 1}.{m.group(2)}.", m.group(3)
+      rest = re.sub(r"^shortcut\.convolution\.", "downsample.0.", rest)
+      rest = re.sub(r"^shortcut\.normalization\.", "downsample.1.", rest)
+      rest = re.sub(r"^layer\.(\d+)\.convolution\.",
+                    lambda n: f"conv{int(n.group(1)) + 1}.", rest)
+      rest = re.sub(r"^layer\.(\d+)\.normalization\.", lambda n: f"bn{int(n.group(1)) + 1}.",
+                    rest)
+      key = block + rest
+    key = re.sub(r"^classifier\.1\.", "fc.", key)
+    out[key], origin[key] = v, k
+  return out, origin
+
+
+def _canonical(flat: dict) -> tuple[dict, dict, str]:
+  """(`flat` in torchvision's or vit_jax's names and layouts, {new key: file key} for the
+  renamed keys, the layout it came in). A ViT's attention is split into heads of 64, as in
+  every ViT of ncjax's (and timm's and Hugging Face's standard) sizes; a Hugging Face config
+  of other heads is refused by `_check_config`."""
+  layout = _layout(flat)
+  if layout == "hf_resnet":
+    return (*_from_hf_resnet(flat), layout)
+  if layout == "native":
+    return flat, {}, layout
+  if layout == "hf_vit":
+    flat = {(k[len("vit."):] if k.startswith("vit.") else k): v for k, v in flat.items()
+            if k.removeprefix("vit.") not in _HF_UNUSED}
+    names, block_re, block = _HF_VIT, r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", _HF_BLOCK
+    width = flat["embeddings.patch_embeddings.projection.weight"].shape[0]
+  else:
+    names, block_re, block = _TIMM_VIT, r"blocks\.(\d+)\.(.+)\.(weight|bias)", _TIMM_BLOCK
+    width = flat["patch_embed.proj.weight"].shape[0]
+  heads = max(width // 64, 1)
+  return (*_from_vit(flat, heads, names, block_re, block), layout)
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path} is not a readable JSON file ({type(e).__name__}: {e})") from e
+  if not isinstance(out, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, got {type(out).__name__}")
+  return out
+
+
+def _hub_files(where: str) -> tuple[str, str] | None:
+  """(weights file, config.json) of a Hugging Face / timm model directory, or of a
+  `model.safetensors` / `pytorch_model.bin` with the config.json beside it; None when `where`
+  is neither (a bare state dict file, or an ncjax run directory)."""
+  if os.path.isdir(where):
+    config = os.path.join(where, "config.json")
+    if not os.path.isfile(config):
+      return None
+    for name in _HUB_WEIGHTS:
+      if os.path.isfile(os.path.join(where, name)):
+        return os.path.join(where, name), config
+    raise CheckpointError(f"{where} has a config.json but no weights: expected one of "
+                          f"{', '.join(_HUB_WEIGHTS)} beside it (download the model's "
+                          "model.safetensors too)")
+  config = os.path.join(os.path.dirname(where), "config.json")
+  if os.path.basename(where) in _HUB_WEIGHTS and os.path.isfile(config):
+    return where, config
+  return None
+
+
+def _read_hub_weights(path: str, family: str) -> dict[str, np.ndarray]:
+  """The state dict of a hub weights file; a sharded `model.safetensors.index.json` is read
+  shard by shard."""
+  if not path.endswith(".index.json"):
+    return read_checkpoint(path, family)
+  shards = sorted(set(_read_json(path).get("weight_map", {}).values()))
+  if not shards:
+    raise CheckpointError(f"{path}: no weight_map in the index")
+  flat = {}
+  for shard in shards:
+    flat.update(read_checkpoint(os.path.join(os.path.dirname(path), shard), family))
+  return flat
+
+
+_HF_TYPES = {"vit": "ViTModel / ViTForImageClassification",
+             "resnet": "ResNetModel / ResNetForImageClassification"}
+_TIMM_ARCH = re.compile(r"(vit_(tiny|small|base|large|huge)_patch\d+_\d+|resnet(18|34|50))"
+                        r"(\.\w+)?")
+
+
+def _config_kind(config: dict) -> str:
+  """"hf" (transformers: model_type), "timm" (architecture) or "unknown"."""
+  if "model_type" in config:
+    return "hf"
+  return "timm" if "architecture" in config else "unknown"
+
+
+def _check_config(config: dict, path: str, heads: int | None) -> list[str]:
+  """Refuses, before the weights are read, a hub config of a model ncjax lacks or computes
+  differently (a CheckpointError saying what it is); returns notes on the small numerical
+  differences that remain (GELU, LayerNorm eps)."""
+  kind = _config_kind(config)
+  if kind == "hf":
+    model_type = config["model_type"]
+    arch = ", ".join(config.get("architectures") or []) or model_type
+    if model_type not in _HF_TYPES:
+      raise CheckpointError(
+          f"{path} is a Hugging Face {model_type} model ({arch}); ncjax reads Hugging Face "
+          f"{' and '.join(f'{t} ({a})' for t, a in _HF_TYPES.items())} checkpoints")
+    if model_type == "resnet":
+      why = [f"{k}={config.get(k)!r}" for k, ok in (
+          ("downsample_in_bottleneck", False), ("downsample_in_first_stage", False),
+          ("hidden_act", "relu")) if config.get(k, ok) != ok]
+      if why:
+        raise CheckpointError(
+            f"{path} is a Hugging Face ResNet with {', '.join(why)}: ncjax's ResNets are "
+            "torchvision's (ReLU, the stride on the 3x3 conv, none in the first stage)")
+      return []
+    want = config.get("num_attention_heads")
+    if heads and want and want != heads:
+      raise CheckpointError(f"{path}: a Hugging Face ViT of {want} heads, the model has {heads}")
+    act, eps = config.get("hidden_act", "gelu"), config.get("layer_norm_eps", 1e-12)
+    if act not in ("gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh"):
+      raise CheckpointError(f"{path} is a Hugging Face ViT with hidden_act={act!r}: ncjax's "
+                            "ViT uses GELU")
+    return ((["the exact (erf) GELU"] if act in ("gelu", "gelu_python") else [])
+            + ([f"LayerNorm eps {eps:g}"] if eps != 1e-6 else []))
+  if kind == "timm":
+    arch = str(config["architecture"])
+    if not _TIMM_ARCH.fullmatch(arch):
+      raise CheckpointError(
+          f"{path} is a timm {arch} model; ncjax reads timm's ViTs (vit_tiny_patch16_*, "
+          "vit_small_patch16_*, vit_base_patch16_*, vit_base_patch32_*) and ResNets "
+          "(resnet18, resnet34, resnet50)")
+    pool = config.get("global_pool", (config.get("model_args") or {}).get("global_pool"))
+    if arch.startswith("vit_") and pool not in (None, "token"):
+      raise CheckpointError(f"{path} is a timm {arch} pooled with global_pool={pool!r}: "
+                            "ncjax's ViT classifies the class token (global_pool='token')")
+  return []
+
+
+def preprocessing(path) -> dict | None:
+  """The preprocessing a checkpoint was trained with, where its files say:
+  ``{"mean": (r, g, b), "std": (r, g, b), "image_size": (h, w), "crop_pct": float | None,
+  "interpolation": str | None, "source": the file it was read from}`` (mean and std of
+  images scaled to [0, 1]; `image_size` the model's input, after any crop). Read from a
+  Hugging Face ``preprocessor_config.json`` (image_mean, image_std, size / crop_size,
+  crop_pct, resample) or a timm ``config.json``'s ``pretrained_cfg`` (mean, std,
+  input_size, crop_pct, interpolation), in the model directory or beside its weights file.
+  None when there is none: a bare state dict (.pth / .safetensors / .bin), a vit_jax .npz,
+  an ncjax run.
+
+  Example::
+
+    weights.preprocessing("vit-base-patch16-224")  # a Hugging Face model directory
+    # {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "image_size": (224, 224), ...}
+  """
+  where = os.path.expanduser(os.fspath(path))
+  folder = where if os.path.isdir(where) else os.path.dirname(where)
+  hf = os.path.join(folder, "preprocessor_config.json")
+  if os.path.isfile(hf):
+    c = _read_json(hf)
+    if not c.get("do_normalize", True):
+      mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+      mean, std = c.get("image_mean"), c.get("image_std")
+    size = (c.get("crop_size") if c.get("do_center_crop") else None) or c.get("size") or {}
+    if isinstance(size, int):
+      size = {"shortest_edge": size}
+    side = size.get("shortest_edge")
+    image_size = (size.get("height", side), size.get("width", side))
+    resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box",
+                5: "hamming"}.get(c.get("resample"))
+    return _preprocessing(mean, std, image_size, c.get("crop_pct"), resample, hf)
+  hub = _hub_files(where)
+  config = _read_json(hub[1]) if hub else {}
+  if _config_kind(config) == "timm":
+    cfg = config.get("pretrained_cfg") or {}
+    input_size = cfg.get("input_size") or [None, None, None]
+    return _preprocessing(cfg.get("mean"), cfg.get("std"), tuple(input_size[1:]),
+                          cfg.get("crop_pct"), cfg.get("interpolation"), hub[1])
+  return None
+
+
+def _preprocessing(mean, std, image_size, crop_pct, interpolation, source) -> dict | None:
+  if mean is None or std is None or None in image_size:
+    return None
+
+  def rgb(x):
+    x = [float(v) for v in (x if isinstance(x, (list, tuple)) else [x])]
+    return tuple(x * 3 if len(x) == 1 else x)
+  return {"mean": rgb(mean), "std": rgb(std), "image_size": tuple(int(s) for s in image_size),
+          "crop_pct": None if crop_pct is None else float(crop_pct),
+          "interpolation": interpolation, "source": source}
+
+
 # ----------------------------------------------------------------------------- resize
 
 
@@ -700,14 +1070,35 @@ def resize_pos_embedding(pe: np.ndarray, num_tokens: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- load
 
 
+def _read_any(path, family: str, heads: int | None = None) -> tuple[dict, dict, str, list]:
+  """A checkpoint file or hub directory in torchvision's or vit_jax's names: (state dict,
+  {its key: the file's key} where renamed, the layout it came in, notes on the numerical
+  differences from ncjax's model). A hub config of a model ncjax lacks is refused before
+  the weights are read."""
+  where = os.path.expanduser(os.fspath(path))
+  hub = _hub_files(where) if os.path.exists(where) else None
+  notes = []
+  if hub:
+    notes = _check_config(_read_json(hub[1]), where, heads)
+    raw = _read_hub_weights(hub[0], family)
+  else:
+    raw = read_checkpoint(path, family)
+  raw = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()}
+  ckpt, origin, layout = _canonical(raw)
+  if layout == "timm_vit":
+    notes = ["the exact (erf) GELU"]
+  return ckpt, origin, layout, notes
+
+
 def head_classes(path, name: str) -> int | None:
-  """The number of classes of a torchvision / vit_jax checkpoint file's own classifier head
-  (e.g. 1000 for ImageNet, 21843 for ImageNet-21k), or None when it has none (an ncjax run
-  directory, or a file without a head)."""
-  if os.path.isdir(os.path.expanduser(os.fspath(path))):
+  """The number of classes of a checkpoint file's own classifier head (e.g. 1000 for
+  ImageNet, 21843 for ImageNet-21k), or None when it has none (an ncjax run directory, or a
+  file without a head)."""
+  where = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(where) and _hub_files(where) is None:
     return None
   family = _family(name)
-  ckpt = read_checkpoint(path, family)
+  ckpt = _read_any(path, family)[0]
   key = f"{_HEADS[family]}.bias" if family in _TORCHVISION else "head/bias"
   for prefix in ("", "module.", "params/"):
     if prefix + key in ckpt:
@@ -753,22 +1144,33 @@ def load_partial(path, name: str, variables, *, keep_head: bool = False
 def _load(path, name: str, variables, *, keep_head: bool, strict: bool):
   """(new variables, skipped): `load` (`strict`, raising on any problem) or `load_partial`."""
   where = os.path.expanduser(os.fspath(path))
-  if os.path.isdir(where):
+  hub = _hub_files(where) if os.path.exists(where) else None
+  if os.path.isdir(where) and hub is None:
     return _load_ncjax(path, name, variables, keep_head=keep_head, strict=strict)
   if not os.path.exists(where) and _family(name, strict=False) is None:
     raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}. {_NCJAX_SOURCE}")
   family = _family(name)
-  ckpt = read_checkpoint(path, family)
   variables = unfreeze(variables)
   flat_vars = _params_first(traverse_util.flatten_dict(
       {k: v for k, v in variables.items() if k in ("params", "batch_stats")}))
+  heads = next((v.shape[1] for p, v in flat_vars.items() if p[-2:] == ("query", "kernel")), None)
+  ckpt, origin, layout, notes = _read_any(path, family, heads)
+  if notes and family == "vit":
+    logging.info("%s computes with %s; ncjax's ViT uses the tanh GELU and LayerNorm eps 1e-6, "
+                 "so its outputs differ slightly (logits by about 1e-3 of their scale)",
+                 os.fspath(path), " and ".join(notes))
   skipped: list[str] = []
   errors: list[str] = []
   new_flat = dict(flat_vars)
   used = set()
 
+  def src(k):  # a key as the file names it
+    return origin.get(k, k)
+
+  def via(k):
+    return f" (from {origin[k]!r})" if origin.get(k, k) != k else ""
+
   if family in _TORCHVISION:
-    ckpt = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in ckpt.items()}
     if family == "densenet":
       ckpt = {_DENSENET_LEGACY_KEY.sub(r"\1\2", k): v for k, v in ckpt.items()}
     for k in list(ckpt):
@@ -795,15 +1197,15 @@ def _load(path, name: str, variables, *, keep_head: bool, strict: bool):
         msg = (f"keep_head=True but the checkpoint head {k!r} has shape {got}, the model "
                f"expects {tuple(want)}; keeping the fresh head")
         logging.warning("%s", msg)
-        skipped.append(f"{k} (head shape {got} != {tuple(want)})")
+        skipped.append(f"{src(k)} (head shape {got} != {tuple(want)})")
   used.update(k for k in head_keys if k in ckpt)
 
   def mismatch(k, got, want_model, want_ckpt, p):
     if strict:
       extra = "" if want_ckpt == want_model else f" (= {want_model} in the ncjax layout)"
-      errors.append(f"shape mismatch for {k!r}: checkpoint has {tuple(got)}, the model "
+      errors.append(f"shape mismatch for {k!r}{via(k)}: checkpoint has {tuple(got)}, the model "
                     f"expects {want_ckpt}{extra} (target {'/'.join(p)})")
-    skipped.append(f"{k} (shape {tuple(got)} != {want_ckpt})")
+    skipped.append(f"{src(k)} (shape {tuple(got)} != {want_ckpt})")
 
   for p, (k, fn) in keymap.items():
     if p[1] == "head" and not use_head:
@@ -825,7 +1227,7 @@ def _load(path, name: str, variables, *, keep_head: bool, strict: bool):
         except CheckpointError as e:
           if strict:
             errors.append(f"{k!r}: {e}")
-          skipped.append(f"{k} ({e})")
+          skipped.append(f"{src(k)} ({e})")
           continue
     if tuple(arr.shape) != want_ckpt:
       mismatch(k, arr.shape, want, want_ckpt, p)
@@ -836,15 +1238,20 @@ def _load(path, name: str, variables, *, keep_head: bool, strict: bool):
 
   for k in sorted(set(ckpt) - used):
     if family == "vit" and k.startswith("pre_logits/"):
-      skipped.append(f"{k} (the model has no pre_logits)")
-      logging.info("dropping %s: the model has no pre_logits", k)
+      skipped.append(f"{src(k)} (the model has no pre_logits)")
+      logging.info("dropping %s: the model has no pre_logits", src(k))
       continue
     if strict:
-      errors.append(f"unexpected key {k!r} (shape {tuple(ckpt[k].shape)}) in {os.fspath(path)}")
-    skipped.append(f"{k} (unexpected)")
+      errors.append(f"unexpected key {src(k)!r} (shape {tuple(ckpt[k].shape)}) in "
+                    f"{os.fspath(path)}")
+    skipped.append(f"{src(k)} (unexpected)")
   if errors:
+    note = ""
+    if layout != "native":
+      names = "vit_jax" if "embedding/kernel" in ckpt else "torchvision"
+      note = f" (the file is {_LAYOUTS[layout]}; its keys are named here as {names} names them)"
     raise CheckpointError(_cannot_load(path, describe_variables(name, variables),
-                                       describe_checkpoint(ckpt), errors))
+                                       describe_checkpoint(ckpt), errors, note=note))
 
   out = dict(variables)
   loaded = traverse_util.unflatten_dict(new_flat)

@@ -566,9 +566,9 @@ def test_vit_pre_logits_and_errors(tmp_path, vit_ckpt):
   _, skipped = weights.load_partial(p3, "vit_ti16", fresh)
   assert sorted(skipped) == sorted([f"{k} (shape (192, 700) != (192, 768))",
                                     "Transformer/encoderblock_5/LayerNorm_2/scale (missing)"])
-  (tmp_path / "x.pth").write_text("x")
-  with pytest.raises(CheckpointError, match="suffix"):
-    weights.load(tmp_path / "x.pth", "vit_ti16", fresh)
+  (tmp_path / "x.ckpt").write_text("x")
+  with pytest.raises(CheckpointError, match=r"unsupported suffix '\.ckpt'"):
+    weights.load(tmp_path / "x.ckpt", "vit_ti16", fresh)
   (tmp_path / "notes.npz").write_text("not a checkpoint")
   with pytest.raises(CheckpointError, match="not a readable checkpoint"):
     weights.load(tmp_path / "notes.npz", "vit_ti16", fresh)
@@ -728,8 +728,8 @@ def test_vit_pth_says_what_it_looks_like(tmp_path):
   sd, _ = torchvision_state_dict("resnet18", width=8)
   torch.save({k: torch.from_numpy(np.array(a)) for k, a in sd.items()},
              tmp_path / "r18.pth")
-  with pytest.raises(CheckpointError, match=r"unsupported suffix '\.pth' for a ViT \(this "
-                     r"looks like resnet18 \(ImageNet stem, width 8\)\)"):
+  with pytest.raises(CheckpointError, match=r"into vit_ti16: this looks like resnet18 "
+                     r"\(ImageNet stem, width 8\); "):
     weights.load(tmp_path / "r18.pth", "vit_ti16", {"params": {}})
 
 
