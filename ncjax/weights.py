@@ -27,7 +27,7 @@
   renamed to vit_jax's names first (torch (out, in) weights -> kernels, split into heads of
   64). Both libraries compute GELU exactly where ncjax's ViT (as vit_jax) uses the tanh
   approximation, and Hugging Face's LayerNorm eps is 1e-12 (ncjax: 1e-6): the logits differ
-  by about 1e-3 of their scale (logged at INFO). `Transformer/
+  by a few 1e-4 of their scale, nearly all from the GELU (logged at INFO). `Transformer/
   encoderblock_{i-1}` -> `layer{i}`, `Transformer/posembed_input/pos_embedding` ->
   `pos_embedding`, `Transformer/encoder_norm` -> `encoder_norm`. The position embedding is
   resized to the grid of `variables` (class slot kept; the g0 x g0 grid resized linearly
@@ -992,6 +992,8 @@ def preprocessing(path) -> dict | None:
     # {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "image_size": (224, 224), ...}
   """
   where = os.path.expanduser(os.fspath(path))
+  if not os.path.isdir(where) and os.path.basename(where) not in _HUB_WEIGHTS:
+    return None  # a bare state dict: any json beside it may belong to another file
   folder = where if os.path.isdir(where) else os.path.dirname(where)
   hf = os.path.join(folder, "preprocessor_config.json")
   if os.path.isfile(hf):
@@ -1157,7 +1159,7 @@ def _load(path, name: str, variables, *, keep_head: bool, strict: bool):
   ckpt, origin, layout, notes = _read_any(path, family, heads)
   if notes and family == "vit":
     logging.info("%s computes with %s; ncjax's ViT uses the tanh GELU and LayerNorm eps 1e-6, "
-                 "so its outputs differ slightly (logits by about 1e-3 of their scale)",
+                 "so its outputs differ slightly (logits by a few 1e-4 of their scale)",
                  os.fspath(path), " and ".join(notes))
   skipped: list[str] = []
   errors: list[str] = []
