@@ -895,6 +895,12 @@ def _hub_files(where: str) -> tuple[str, str] | None:
     for name in _HUB_WEIGHTS:
       if os.path.isfile(os.path.join(where, name)):
         return os.path.join(where, name), config
+    try:  # an ncjax workdir has a config.json too
+      kind = _config_kind(_read_json(config))
+    except CheckpointError:
+      kind = "unknown"
+    if kind == "unknown":
+      return None
     raise CheckpointError(f"{where} has a config.json but no weights: expected one of "
                           f"{', '.join(_HUB_WEIGHTS)} beside it (download the model's "
                           "model.safetensors too)")

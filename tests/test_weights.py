@@ -836,6 +836,8 @@ def test_ncjax_paths_that_are_not_one_run(tmp_path):
   _ncjax_run(tmp_path / "w", "a", src, steps=(1,))
   _ncjax_run(tmp_path / "w", "tag/b", src, steps=(1,))
   fresh = _r18w8(3)
+  # A workdir's own config.json (the resolved config) does not make it a Hugging Face folder.
+  (tmp_path / "w" / "config.json").write_text('{"model": "resnet18", "version": "0.1.0"}')
   for where in ("w", "w/runs"):
     with pytest.raises(CheckpointError, match=r"holds ncjax runs, not one run: pass one of them "
                        r"as the weights, e\.g\. .*/a \(runs: .*a, .*tag/b\)"):
