@@ -51,7 +51,7 @@
   newest checkpoint), its ``checkpoints/`` directory or one step ``checkpoints/<step>/``, as
   written by `ncjax.train.fit` (pre-training or fine-tuning). Only the parameters and
   BatchNorm statistics are read (not the optimizer state; nothing in the directory is
-  changed); the backbone is transplanted like `ncjax.assemble.transplant`: the head follows
+  changed); the backbone is transplanted like `ncjax.experiment.assemble.transplant`: the head follows
   `keep_head` as above, a pre-training projection head is dropped.
 
 `load` is strict: a missing key, an unexpected key or a shape mismatch raises
