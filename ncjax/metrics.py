@@ -329,10 +329,21 @@ def _prepare(features, labels, num_classes, fn, translate=True):
   return _to_jax(features, fn, translate), _labels_int32(labels), k, concrete
 
 
-def _finish(value, ok, features, concrete, fn):
-  """Concrete inputs: raise if the computation flagged invalid values (see _pass1)."""
+_DEAD = ("the between-class and the within-class spread are both zero (every class's "
+         "features are one and the same vector, e.g. a dead layer or constant features): "
+         "{metric} is 0/0")
+
+
+def _finish(value, ok, features, concrete, fn, dead=None, what: str | None = None):
+  """Concrete inputs: raise if the computation flagged invalid values (see _pass1).
+
+  ``dead`` flags the 0/0 case of the zero-spread rule (module docstring); its message is
+  ``what`` (default: the :data:`_DEAD` sentence for ``fn``).  Under jit the value is NaN.
+  """
   if concrete and not bool(ok):
     _raise_nonfinite(features, fn, value.dtype)
+  if concrete and dead is not None and bool(dead):
+    raise ValueError(f"{fn}: " + (what or _DEAD.format(metric=fn.upper())))
   return value
 
 
@@ -464,6 +475,28 @@ def _nan_unless(ok, value):
   return jnp.where(ok, value, jnp.nan)
 
 
+def _spread_rtol(d: int, dtype):
+  """The zero-spread tolerance ``10 d eps``: the pseudo-inverse's cutoff, applied to sizes."""
+  return 10.0 * d * jnp.finfo(dtype).eps
+
+
+def _zero_spread(val, ok, between, within, d: int):
+  """NC1 under the zero-spread rule (module docstring): (value, ok, dead).
+
+  ``between`` = tr(Sigma_B), ``within`` = tr(Sigma_W), both squared sizes in the same
+  (rescaled) units.  The between-class spread is zero when its size is at most ``rtol``
+  times the within-class size, ``between <= rtol^2 within``: then NC1 is +inf, or NaN
+  with ``dead`` set when both are exactly zero (0/0).  Otherwise a non-finite value means
+  invalid input or overflow (``ok`` False).
+  """
+  rtol = _spread_rtol(d, val.dtype)
+  dead = (between == 0) & (within == 0)
+  inf = between <= rtol * rtol * within
+  ok = ok & (inf | jnp.isfinite(val))
+  val = jnp.where(dead, jnp.nan, jnp.where(inf, jnp.inf, val))
+  return _nan_unless(ok, val), ok, ok & dead
+
+
 def _scaled_frame(h, y, k):
   """Pass 1 plus the common exact rescaling: (counts, ref, m, centred/s, 1/s, ok)."""
   counts, ref, m, ok, _, _ = _pass1(h, y, k)
@@ -478,29 +511,100 @@ def _residuals(h, y, ref, m, inv):
 
 
 # ----------------------------------------------------------------------------- NC1
+# XLA:CPU's YNNPACK dot fusion compiles ``(h - c) @ v`` into one kernel that reads h once
+# (measured at the speed of the plain ``h @ v``; without it XLA first writes h - c to fresh
+# memory, 5-10x slower).  Only the projection of nc1 is compiled with it: the same option
+# makes the row-blocked scatter of the first pass and the sum-of-products form slower.
+_FUSED_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_dot_options() -> dict | None:
+  """`_FUSED_DOT_OPTIONS` where this jaxlib knows the option, else None."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_FUSED_DOT_OPTIONS).lower(
+        jnp.zeros(2)).compile()
+    return _FUSED_DOT_OPTIONS
+  except Exception:  # noqa: BLE001 - a jaxlib without the option
+    return None
+
+
+def _use_fused_dot(h) -> bool:
+  """Concrete arrays on the CPU, with the option available (a caller's jit ignores ours)."""
+  if _is_traced(h) or not isinstance(h, jax.Array):
+    return False
+  return (all(dev.platform == "cpu" for dev in h.devices())
+          and _fused_dot_options() is not None)
+
+
 @functools.partial(jax.jit, static_argnums=(2,))
-def _nc1_impl(h, y, k):
+def _nc1_frame(h, y, k):
+  """Pass 1 and the K x K algebra of nc1: everything but the projection of the residuals.
+
+  Returns ``c`` (d,) the common point of the second pass, ``v`` (d, r') the directions
+  divided by the scale s (r' = r padded to a multiple of 8 with zero columns), ``mv``
+  (K, r') ``(mu_k - c) . v``, ``inv_s2`` (r',), tr(Sigma_B) and tr(Sigma_W) in units of
+  s^2, and ``ok``.
+  """
   n, d = h.shape
-  _, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
-  v, inv_s2 = _lowrank(centred, ref.dtype)                         # (d, r), (r,)
+  counts, ref, m, ok, sq, t = _pass1(h, y, k, squares=True)
+  dt = ref.dtype
+  centred = _centred_means(ref, m)
+  inv = _inv_pow2_scale(centred)
+  centred = centred * inv
+  v, inv_s2 = _lowrank(centred, dt)                                # (d, r), (r,)
   # Zero columns up to a multiple of 8: XLA:CPU's kernels for the skinny (N, d) @ (d, r)
   # are faster at r = 8k (measured at N=50,000, d=2048: r=16 beat r=9, 10 and 12).
   pad = -v.shape[1] % 8
   v, inv_s2 = jnp.pad(v, ((0, 0), (0, pad))), jnp.pad(inv_s2, (0, pad))
   v = v * inv                                  # projections come out divided by s
-  # Second pass about one common point c, the mean of the class means rounded to the dtype
-  # (a per-class shift would need a gather that XLA:CPU cannot fuse into the matmul).  It
-  # is written as a sum of products, which XLA:CPU compiles into one kernel together with
-  # the shift; jnp.dot(h - c, v) would first write h - c to memory (4x slower).
+  # The second pass works about one common point c, the mean of the class means rounded
+  # to the dtype (a per-class shift would need a gather that no CPU kernel fuses).
   rel = _relative_means(ref, m)                                    # mu_k - c_0
   c = ref[0] + jnp.mean(rel, axis=0)
   mv = jnp.dot(rel - (c - ref[0]), v, precision=_HI)               # (mu_k - c) . v / s
-  hv = jnp.sum((h.astype(ref.dtype) - c)[:, :, None] * v[None], axis=1)      # (N, r)
+  # tr(Sigma_W) from the same pass, in units of s^2 (t^2 rescaled to inv^2, exact).
+  nk = jnp.maximum(counts, 1).astype(dt)
+  within_t = jnp.sum(jnp.maximum(sq - nk * jnp.sum(jnp.square(m * t), axis=1), 0.0)) / n
+  within = within_t * jnp.square(inv / t)
+  between = jnp.sum(centred * centred) / k
+  return c, v, mv, inv_s2, between, within, ok
+
+
+def _nc1_finish(hv, y, mv, inv_s2, between, within, ok, d):
+  """NC1 from the projections ``hv = (h - c) v`` (N, r'), with the zero-spread rule."""
+  n = hv.shape[0]
   rv = hv - mv[y]                                                  # residuals projected
   ss = jnp.sum(rv * rv, axis=0)
   val = jnp.maximum(jnp.sum(ss / n * inv_s2), 0.0)                 # v_j^T Sigma_W v_j / s_j^2
-  ok = ok & jnp.isfinite(val)
-  return _nan_unless(ok, val), ok
+  return _zero_spread(val, ok, between, within, d)
+
+
+def _nc1_pass2_sum(h, y, c, v, mv, inv_s2, between, within, ok):
+  # A sum of products, which XLA compiles into one kernel together with the shift on every
+  # backend (jnp.dot(h - c, v) would first write h - c to memory where nothing fuses it).
+  hv = jnp.sum((h.astype(v.dtype) - c)[:, :, None] * v[None], axis=1)        # (N, r')
+  return _nc1_finish(hv, y, mv, inv_s2, between, within, ok, h.shape[1])
+
+
+def _nc1_pass2_dot(h, y, c, v, mv, inv_s2, between, within, ok):
+  hv = jnp.dot(h.astype(v.dtype) - c, v, precision=_HI)           # one fused kernel
+  return _nc1_finish(hv, y, mv, inv_s2, between, within, ok, h.shape[1])
+
+
+_nc1_pass2_plain = jax.jit(_nc1_pass2_sum)
+
+
+@functools.lru_cache(maxsize=None)
+def _nc1_pass2_fused():
+  return jax.jit(_nc1_pass2_dot, compiler_options=_fused_dot_options())
+
+
+def _nc1_impl(h, y, k):
+  """(NC1, ok, dead): two read passes; the projection fused where the CPU allows it."""
+  frame = _nc1_frame(h, y, k)
+  pass2 = _nc1_pass2_fused() if _use_fused_dot(h) else _nc1_pass2_plain
+  return pass2(h, y, *frame)
 
 
 def nc1(features, labels, num_classes: int | None = None):
@@ -518,8 +622,8 @@ def nc1(features, labels, num_classes: int | None = None):
     A scalar jax array (dtype float32, or float64 for 64-bit inputs with x64 enabled).
   """
   h, y, k, concrete = _prepare(features, labels, num_classes, "nc1")
-  val, ok = _nc1_impl(h, y, k)
-  return _finish(val, ok, features, concrete, "nc1")
+  val, ok, dead = _nc1_impl(h, y, k)
+  return _finish(val, ok, features, concrete, "nc1", dead, _DEAD.format(metric="NC1"))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -530,8 +634,7 @@ def _nc1_pinv_impl(h, y, k):
   sigma_w = jnp.dot(r.T, r, precision=_HI) / n
   sigma_b = jnp.dot(centred.T, centred, precision=_HI) / k
   val = jnp.trace(jnp.dot(sigma_w, jnp.linalg.pinv(sigma_b, hermitian=True), precision=_HI)) / k
-  ok = ok & jnp.isfinite(val)
-  return _nan_unless(ok, val), ok
+  return _zero_spread(val, ok, jnp.trace(sigma_b), jnp.trace(sigma_w), h.shape[1])
 
 
 def nc1_pinv(features, labels, num_classes: int | None = None):
@@ -541,18 +644,33 @@ def nc1_pinv(features, labels, num_classes: int | None = None):
   rescaled frame as :func:`nc1`.  Same conventions and arguments as :func:`nc1`.
   """
   h, y, k, concrete = _prepare(features, labels, num_classes, "nc1_pinv")
-  val, ok = _nc1_pinv_impl(h, y, k)
-  return _finish(val, ok, features, concrete, "nc1_pinv")
+  val, ok, dead = _nc1_pinv_impl(h, y, k)
+  return _finish(val, ok, features, concrete, "nc1_pinv", dead, _DEAD.format(metric="NC1"))
 
 
 # ----------------------------------------------------------------------------- CDNV
+_CDNV_DEAD = ("two classes have zero within-class variance and the same mean (both spreads "
+              "zero, e.g. a dead layer or constant features): their CDNV term is 0/0")
+
+
 def _cdnv_from(var, centred):
-  k = centred.shape[0]
+  """(CDNV, dead) from class variances (K,) and centred means (K, d), same units.
+
+  The zero-spread rule per pair: ``2 ||mu_i - mu_j||^2 <= rtol^2 (Var_i + Var_j)`` (the
+  pair's distance at most rtol times its spread) gives +inf; distance and variances all
+  exactly zero (0/0) gives NaN with ``dead`` set.
+  """
+  k, d = centred.shape
   diff = centred[:, None, :] - centred[None, :, :]
   dist2 = jnp.sum(diff * diff, axis=-1)                            # (K, K)
   iu = np.triu_indices(k, 1)
-  pair = (var[:, None] + var[None, :])[iu] / (2.0 * dist2[iu])
-  return jnp.mean(pair)
+  spread, dist2 = (var[:, None] + var[None, :])[iu], 2.0 * dist2[iu]
+  rtol = _spread_rtol(d, centred.dtype)
+  zero = dist2 <= rtol * rtol * spread
+  dead_pair = (dist2 == 0) & (spread == 0)
+  pair = jnp.where(zero, jnp.inf, spread / jnp.where(zero, 1.0, dist2))
+  dead = jnp.any(dead_pair)
+  return jnp.where(dead, jnp.nan, jnp.mean(pair)), dead
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -567,7 +685,8 @@ def _cdnv_impl(h, y, k):
   inv = _inv_pow2_scale(centred)
   var = jnp.maximum(sq / n - jnp.sum(jnp.square(m * t), axis=1), 0.0) * jnp.square(inv / t)
   ok = ok & jnp.all(jnp.isfinite(var))
-  return _nan_unless(ok, _cdnv_from(var, centred * inv)), ok
+  val, dead = _cdnv_from(var, centred * inv)
+  return _nan_unless(ok, val), ok, ok & dead
 
 
 def cdnv(features, labels, num_classes: int | None = None):
@@ -579,8 +698,8 @@ def cdnv(features, labels, num_classes: int | None = None):
   Arguments as :func:`nc1`.
   """
   h, y, k, concrete = _prepare(features, labels, num_classes, "cdnv")
-  val, ok = _cdnv_impl(h, y, k)
-  return _finish(val, ok, features, concrete, "cdnv")
+  val, ok, dead = _cdnv_impl(h, y, k)
+  return _finish(val, ok, features, concrete, "cdnv", dead, _CDNV_DEAD)
 
 
 # ----------------------------------------------------------------------------- numerical rank
@@ -618,6 +737,11 @@ def _class_top_eigs(h, y, counts, k, window, inv):
   return lax.map(lambda sc: top(*sc), (starts, counts))
 
 
+def _mean_rank(fro2, spec2):
+  """``mean_k ||H_k||_F^2 / ||H_k||_2^2`` where a class that is all zeros has rank 0."""
+  return jnp.mean(jnp.where(fro2 > 0, fro2 / jnp.where(fro2 > 0, spec2, 1.0), 0.0))
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _numrank_impl(h, y, k, exact, window, num_iters):
   n, d = h.shape
@@ -649,7 +773,7 @@ def _numrank_impl(h, y, k, exact, window, num_iters):
 
     u = lax.fori_loop(0, num_iters, step, u)                     # traced trip count
     spec2 = jnp.sum(jnp.square(project(u)), axis=0)              # ||H_k u_k||^2 (Rayleigh)
-  val = jnp.mean(fro2 / spec2)
+  val = _mean_rank(fro2, spec2)
   ok = ok & jnp.isfinite(val)
   return _nan_unless(ok, val), ok
 
@@ -925,12 +1049,20 @@ class CollapseStats:
   def nc1(self):
     """NC1 = tr(Sigma_W Sigma_B^+)/K, same conventions and cutoff as :func:`nc1`."""
     self._check_usable("nc1")
-    return _stats_nc1(self)
+    val, dead = _stats_nc1(self)
+    return self._unless_dead(val, dead, "nc1", _DEAD.format(metric="NC1"))
 
   def cdnv(self):
     """CDNV, same definition as :func:`cdnv`."""
     self._check_usable("cdnv")
-    return _stats_cdnv(self)
+    val, dead = _stats_cdnv(self)
+    return self._unless_dead(val, dead, "cdnv", _CDNV_DEAD)
+
+  def _unless_dead(self, val, dead, fn, what):
+    """The zero-spread rule's 0/0 case: ValueError when concrete, NaN under jit."""
+    if not _is_traced(dead) and bool(dead):
+      raise ValueError(f"CollapseStats.{fn}: {what}")
+    return val
 
   def numerical_rank(self):
     """Exact numerical rank (eigvalsh of each class's uncentred second moment).
@@ -1076,15 +1208,24 @@ def _stats_nc1(s: CollapseStats):
   proj = (jnp.sum(v * jnp.dot(s.scatter, v, precision=_HI), axis=0)
           - jnp.sum(n[:, None] * mv * mv, axis=0)) / jnp.sum(n)
   val = jnp.maximum(jnp.sum(jnp.maximum(proj, 0.0) * inv_s2), 0.0)
-  return jnp.where(_stats_ok(s), val, jnp.nan)
+  var = _stats_var(s, n, m) * (inv * inv)
+  within = jnp.sum(n * var) / jnp.sum(n)
+  val, _, dead = _zero_spread(val, _stats_ok(s), jnp.sum(centred * centred) / s.num_classes,
+                              within, s.dim)
+  return val, dead
+
+
+def _stats_var(s: CollapseStats, n, m):
+  """Var_k (K,) = mean ||h - mu_k||^2, in the features' units squared."""
+  return jnp.maximum(s.sqnorms / jnp.maximum(n, 1) - jnp.sum(m * m, axis=1), 0.0)
 
 
 @jax.jit
 def _stats_cdnv(s: CollapseStats):
   n, m, centred, inv = _stats_frame(s)
-  n = jnp.maximum(n, 1)
-  var = jnp.maximum(s.sqnorms / n - jnp.sum(m * m, axis=1), 0.0) * (inv * inv)
-  return jnp.where(_stats_ok(s), _cdnv_from(var, centred), jnp.nan)
+  val, dead = _cdnv_from(_stats_var(s, n, m) * (inv * inv), centred)
+  ok = _stats_ok(s)
+  return jnp.where(ok, val, jnp.nan), ok & dead
 
 
 @jax.jit
@@ -1096,7 +1237,7 @@ def _stats_numrank(s: CollapseStats):
   second = (s.class_scatter + cross + jnp.swapaxes(cross, 1, 2)
             + jnp.einsum("k,kd,ke->kde", n, c, c, precision=_HI))
   spec2 = jnp.linalg.eigvalsh(second)[:, -1]
-  return jnp.where(_stats_ok(s), jnp.mean(fro2 / spec2), jnp.nan)
+  return jnp.where(_stats_ok(s), _mean_rank(fro2, spec2), jnp.nan)
 
 
 # ----------------------------------------------------------------------------- layer-wise
@@ -1149,5 +1290,8 @@ def layerwise(features_by_layer: Mapping[str, Any], labels, num_classes: int | N
   out = {}
   for name, x in features_by_layer.items():
     h = _pool(x, name, token_index)
-    out[name] = {m: float(_LAYER_METRICS[m](h, labels, num_classes)) for m in metrics}
+    try:
+      out[name] = {m: float(_LAYER_METRICS[m](h, labels, num_classes)) for m in metrics}
+    except ValueError as e:                # e.g. a dead layer: say which layer it is
+      raise ValueError(f"layerwise[{name!r}]: {e}") from e
   return out
