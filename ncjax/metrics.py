@@ -480,16 +480,19 @@ def _spread_rtol(d: int, dtype):
   return 10.0 * d * jnp.finfo(dtype).eps
 
 
-def _zero_spread(val, ok, between, within, d: int):
+def _zero_spread(val, ok, between, within, within_all, d: int):
   """NC1 under the zero-spread rule (module docstring): (value, ok, dead).
 
-  ``between`` = tr(Sigma_B), ``within`` = tr(Sigma_W), both squared sizes in the same
-  (rescaled) units.  The between-class spread is zero when its size is at most ``rtol``
-  times the within-class size, ``between <= rtol^2 within``: then NC1 is +inf, or NaN
-  with ``dead`` set when both are exactly zero (0/0).  Otherwise a non-finite value means
-  invalid input or overflow (``ok`` False).
+  All three spreads are squared sizes in the same (rescaled) units: ``between`` =
+  tr(Sigma_B); ``within`` = tr(P Sigma_W), the within-class spread in the directions the
+  pseudo-inverse keeps (P the projector on them, the part of Sigma_W that NC1 weighs);
+  ``within_all`` = tr(Sigma_W), used where Sigma_B is exactly 0 and keeps no direction.
+  The between-class spread is zero when ``between <= rtol^2 within``: then NC1 is +inf,
+  or NaN with ``dead`` set when both are exactly zero (0/0).  Otherwise a non-finite
+  value means invalid input or overflow (``ok`` False).
   """
   rtol = _spread_rtol(d, val.dtype)
+  within = jnp.where(between == 0, within_all, within)
   dead = (between == 0) & (within == 0)
   inf = between <= rtol * rtol * within
   ok = ok & (inf | jnp.isfinite(val))
@@ -543,11 +546,11 @@ def _nc1_frame(h, y, k):
 
   Returns ``c`` (d,) the common point of the second pass, ``v`` (d, r') the directions
   divided by the scale s (r' = r padded to a multiple of 8 with zero columns), ``mv``
-  (K, r') ``(mu_k - c) . v``, ``inv_s2`` (r',), tr(Sigma_B) and tr(Sigma_W) in units of
-  s^2, and ``ok``.
+  (K, r') ``(mu_k - c) . v``, ``inv_s2`` (r',), tr(Sigma_B) and -- only where Sigma_B is
+  exactly 0, else 0 -- tr(Sigma_W), both in units of s^2, and ``ok``.
   """
   n, d = h.shape
-  counts, ref, m, ok, sq, t = _pass1(h, y, k, squares=True)
+  counts, ref, m, ok, _, _ = _pass1(h, y, k)
   dt = ref.dtype
   centred = _centred_means(ref, m)
   inv = _inv_pow2_scale(centred)
@@ -563,33 +566,37 @@ def _nc1_frame(h, y, k):
   rel = _relative_means(ref, m)                                    # mu_k - c_0
   c = ref[0] + jnp.mean(rel, axis=0)
   mv = jnp.dot(rel - (c - ref[0]), v, precision=_HI)               # (mu_k - c) . v / s
-  # tr(Sigma_W) from the same pass, in units of s^2 (t^2 rescaled to inv^2, exact).
-  nk = jnp.maximum(counts, 1).astype(dt)
-  within_t = jnp.sum(jnp.maximum(sq - nk * jnp.sum(jnp.square(m * t), axis=1), 0.0)) / n
-  within = within_t * jnp.square(inv / t)
   between = jnp.sum(centred * centred) / k
-  return c, v, mv, inv_s2, between, within, ok
+  # Only with coinciding means (no direction kept) does the zero-spread rule need all of
+  # tr(Sigma_W): a third pass, run only then (inv = 1 there).
+  def within_all():
+    cnt, _, m2, _, sq, t = _pass1(h, y, k, squares=True)
+    nk = jnp.maximum(cnt, 1).astype(dt)
+    return jnp.sum(jnp.maximum(sq - nk * jnp.sum(jnp.square(m2 * t), 1), 0.0)) / (n * t * t)
+  within_all = lax.cond(between == 0, within_all, lambda: jnp.zeros((), dt))
+  return c, v, mv, inv_s2, between, within_all, ok
 
 
-def _nc1_finish(hv, y, mv, inv_s2, between, within, ok, d):
+def _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, d):
   """NC1 from the projections ``hv = (h - c) v`` (N, r'), with the zero-spread rule."""
   n = hv.shape[0]
   rv = hv - mv[y]                                                  # residuals projected
-  ss = jnp.sum(rv * rv, axis=0)
-  val = jnp.maximum(jnp.sum(ss / n * inv_s2), 0.0)                 # v_j^T Sigma_W v_j / s_j^2
-  return _zero_spread(val, ok, between, within, d)
+  proj = jnp.sum(rv * rv, axis=0) / n                              # v_j^T Sigma_W v_j
+  val = jnp.maximum(jnp.sum(proj * inv_s2), 0.0)
+  within = jnp.sum(jnp.where(inv_s2 > 0, proj, 0.0))               # tr(P Sigma_W)
+  return _zero_spread(val, ok, between, within, within_all, d)
 
 
-def _nc1_pass2_sum(h, y, c, v, mv, inv_s2, between, within, ok):
+def _nc1_pass2_sum(h, y, c, v, mv, inv_s2, between, within_all, ok):
   # A sum of products, which XLA compiles into one kernel together with the shift on every
   # backend (jnp.dot(h - c, v) would first write h - c to memory where nothing fuses it).
   hv = jnp.sum((h.astype(v.dtype) - c)[:, :, None] * v[None], axis=1)        # (N, r')
-  return _nc1_finish(hv, y, mv, inv_s2, between, within, ok, h.shape[1])
+  return _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, h.shape[1])
 
 
-def _nc1_pass2_dot(h, y, c, v, mv, inv_s2, between, within, ok):
+def _nc1_pass2_dot(h, y, c, v, mv, inv_s2, between, within_all, ok):
   hv = jnp.dot(h.astype(v.dtype) - c, v, precision=_HI)           # one fused kernel
-  return _nc1_finish(hv, y, mv, inv_s2, between, within, ok, h.shape[1])
+  return _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, h.shape[1])
 
 
 _nc1_pass2_plain = jax.jit(_nc1_pass2_sum)
@@ -633,8 +640,12 @@ def _nc1_pinv_impl(h, y, k):
   r = _residuals(h, y, ref, m, inv)                                # (N, d), scaled
   sigma_w = jnp.dot(r.T, r, precision=_HI) / n
   sigma_b = jnp.dot(centred.T, centred, precision=_HI) / k
-  val = jnp.trace(jnp.dot(sigma_w, jnp.linalg.pinv(sigma_b, hermitian=True), precision=_HI)) / k
-  return _zero_spread(val, ok, jnp.trace(sigma_b), jnp.trace(sigma_w), h.shape[1])
+  pinv = jnp.linalg.pinv(sigma_b, hermitian=True)
+  val = jnp.trace(jnp.dot(sigma_w, pinv, precision=_HI)) / k
+  kept = jnp.dot(pinv, sigma_b, precision=_HI)                     # projector P
+  return _zero_spread(val, ok, jnp.trace(sigma_b),
+                      jnp.trace(jnp.dot(sigma_w, kept, precision=_HI)), jnp.trace(sigma_w),
+                      h.shape[1])
 
 
 def nc1_pinv(features, labels, num_classes: int | None = None):
@@ -1207,11 +1218,11 @@ def _stats_nc1(s: CollapseStats):
   mv = jnp.dot(m, v, precision=_HI)
   proj = (jnp.sum(v * jnp.dot(s.scatter, v, precision=_HI), axis=0)
           - jnp.sum(n[:, None] * mv * mv, axis=0)) / jnp.sum(n)
-  val = jnp.maximum(jnp.sum(jnp.maximum(proj, 0.0) * inv_s2), 0.0)
-  var = _stats_var(s, n, m) * (inv * inv)
-  within = jnp.sum(n * var) / jnp.sum(n)
+  proj = jnp.maximum(proj, 0.0)
+  val = jnp.maximum(jnp.sum(proj * inv_s2), 0.0)
+  within_all = jnp.sum(n * _stats_var(s, n, m)) * (inv * inv) / jnp.sum(n)
   val, _, dead = _zero_spread(val, _stats_ok(s), jnp.sum(centred * centred) / s.num_classes,
-                              within, s.dim)
+                              jnp.sum(jnp.where(inv_s2 > 0, proj, 0.0)), within_all, s.dim)
   return val, dead
 
 
