@@ -32,11 +32,17 @@ SVD, obtained from the eigendecomposition of the K x K Gram ``M M^T = U S^2 U^T`
         = sum_j (1/N) ||R v_j||^2 / s_j^2,         R = H - mu_y  (N x d residuals).
 
 Two read passes over H (class sums, then the projected residuals ``R V``), no N x d
-temporary and no d x d matrix, both in the shifted frame described below; 20-70x faster
-than the d x d pinv path (``benchmarks/nc1.py``).  On the 2-core CPU (XLA:CPU, N=50,000, K=10)
-the shift costs 0-10% at d=512 and 25-50% at d=2048 over unshifted passes: the shifted
-first pass runs on one thread over cache-sized blocks, and the fused shifted matmul kernel
-is slower than XLA's plain one for long rows and many directions.
+temporary and no d x d matrix, both in the shifted frame described below.  The second pass
+needs the directions V, which depend on every class mean, so no single pass can give NC1
+exactly (one pass would have to form the d x d scatter, N d^2 flops).  On XLA:CPU the
+projection ``(h - c) V`` onto 64 or more directions (K > 56) is compiled with YNNPACK's dot
+fusion (``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT``, where the jaxlib
+knows it), which reads h once at the speed of the plain ``h @ V``; for fewer directions,
+inside a caller's ``jit`` (where
+our compiler options do not apply) and on other backends it is written as a sum of products
+that XLA fuses with the shift.  At K = 100 the projection is the N x d by d x K GEMM and
+dominates; at K = 10 nc1 takes about 3 read passes' time on the 2-core CPU (the first pass's
+row-blocked scatter ~1.6 reads, the skinny projection ~1.5: ``benchmarks/nc1.py``).
 At most ``r = min(K-1, d)`` directions are kept, and a direction is kept only if
 ``s_j^2 > rtol * s_max^2`` with ``rtol = 10 * d * eps(dtype)`` -- exactly the default cutoff
 ``jnp.linalg.pinv(Sigma_B, hermitian=True)`` applies to the eigenvalues ``s_j^2/K`` of the
@@ -85,7 +91,7 @@ Other metrics
 -------------
 * :func:`cdnv`: mean over unordered pairs ``i < j`` of ``(Var_i + Var_j) / (2 ||mu_i - mu_j||^2)``
   with ``Var_k = mean_{i in k} ||h_i - mu_k||^2`` (the mean over ordered pairs is the same).
-  Two coinciding class means give ``inf``.
+  Two coinciding class means give ``inf`` (see the zero-spread rule).
 * :func:`numerical_rank`: ``(1/K) sum_k ||H_k||_F^2 / ||H_k||_2^2`` with ``H_k`` the
   *uncentred* class-k features.  The spectral norm is found by power iteration (see the
   function for its accuracy) or exactly (``exact=True``, O(N d^2) to form the class Grams).
@@ -95,6 +101,32 @@ Other metrics
   (the row normalisation deliberately ignores equinorm-ness; measure that separately).
 * :func:`nc3_duality`: ``|| W/||W||_F - M/||M||_F ||_F`` with ``W`` (K x d) the classifier and
   ``M`` the centred class means (Papyan et al.'s notebook reports the square of this).
+
+Zero spread: one rule
+---------------------
+With ``rtol = 10 d eps(dtype)`` (the pseudo-inverse cutoff of :func:`nc1`, applied here to
+sizes, i.e. square roots of spreads) and every spread a squared size in the features' units:
+
+* **between-class spread zero relative to the within-class spread** -- classes
+  inseparable, e.g. classes with the same mean plus noise, whose computed means then differ
+  only by rounding: NC1 is ``+inf`` when ``tr(Sigma_B) <= rtol^2 tr(P Sigma_W)``, P the
+  projector on the directions of ``Sigma_B`` that the pseudo-inverse keeps (the part of
+  ``Sigma_W`` that NC1 weighs; ``P = I`` where ``Sigma_B`` is exactly 0).  CDNV applies the
+  rule per pair: a pair with ``2 ||mu_i - mu_j||^2 <= rtol^2 (Var_i + Var_j)`` contributes
+  ``+inf``, so CDNV is ``+inf``.
+* **both spreads zero** (0/0: every class's features are one and the same vector -- a dead
+  layer, constant features): NC1 (``Sigma_B = 0`` and ``Sigma_W = 0``), or CDNV (a pair with
+  equal means and zero variances), raises ``ValueError`` naming the case for concrete
+  inputs and is NaN inside ``jit``, as every other invalid input (below).
+* the within-class spread zero and the between-class spread not (perfect collapse): 0.
+* :func:`numerical_rank`: a class that is all zeros has rank 0 (``0/0`` read as no
+  direction at all); :class:`CollapseStats` agrees.
+
+The tolerance is relative to the data's own spread, so the rule is invariant to ``H -> cH``;
+rounding makes the computed class means of inseparable classes differ by about eps times the
+spread, far below rtol, while independent samples of one distribution differ by about
+``1/sqrt(n_k)`` times it and get a finite NC1 for ``n_k`` up to about ``1/rtol^2`` (7e9 in
+float32 at d = 10, 1e7 at d = 512).  :func:`layerwise` re-raises such a ValueError with the layer's name.
 
 Input checking and jit
 ----------------------
@@ -532,15 +564,28 @@ def _fused_dot_options() -> dict | None:
     return None
 
 
-def _use_fused_dot(h) -> bool:
-  """Concrete arrays on the CPU, with the option available (a caller's jit ignores ours)."""
-  if _is_traced(h) or not isinstance(h, jax.Array):
+# The fused dot pays off for many directions (measured at K = 100, d = 512: 0.72x the
+# sum-of-products time under load); at K = 10 it was no faster (1.02-1.03x) and its
+# summation order gave a 3x larger float32 error at offset 0 (1.2e-7 against 4e-8,
+# `benchmarks/nc1.py --accuracy`), so fewer directions keep the sum of products.
+_FUSED_DOT_MIN_DIRECTIONS = 64
+
+
+def _use_fused_dot(h, directions: int) -> bool:
+  """Concrete CPU arrays, many directions, the option available (a caller's jit ignores ours)."""
+  if (_is_traced(h) or not isinstance(h, jax.Array)
+          or directions < _FUSED_DOT_MIN_DIRECTIONS):
     return False
   return (all(dev.platform == "cpu" for dev in h.devices())
           and _fused_dot_options() is not None)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
+def _nc1_directions(k: int, d: int) -> int:
+  """r' = min(K-1, d) padded to a multiple of 8: the columns of the second pass (static)."""
+  r = min(k - 1, d)
+  return r + (-r % 8)
+
+
 def _nc1_frame(h, y, k):
   """Pass 1 and the K x K algebra of nc1: everything but the projection of the residuals.
 
@@ -599,7 +644,15 @@ def _nc1_pass2_dot(h, y, c, v, mv, inv_s2, between, within_all, ok):
   return _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, h.shape[1])
 
 
-_nc1_pass2_plain = jax.jit(_nc1_pass2_sum)
+# One jit for both passes where the projection is the sum of products (one dispatch, as
+# before the fused dot existed); the fused dot needs its own compiler options, so there the
+# frame and the projection are two jits.
+@functools.partial(jax.jit, static_argnums=(2,))
+def _nc1_plain(h, y, k):
+  return _nc1_pass2_sum(h, y, *_nc1_frame(h, y, k))
+
+
+_nc1_frame_jit = jax.jit(_nc1_frame, static_argnums=(2,))
 
 
 @functools.lru_cache(maxsize=None)
@@ -609,9 +662,9 @@ def _nc1_pass2_fused():
 
 def _nc1_impl(h, y, k):
   """(NC1, ok, dead): two read passes; the projection fused where the CPU allows it."""
-  frame = _nc1_frame(h, y, k)
-  pass2 = _nc1_pass2_fused() if _use_fused_dot(h) else _nc1_pass2_plain
-  return pass2(h, y, *frame)
+  if _use_fused_dot(h, _nc1_directions(k, h.shape[1])):
+    return _nc1_pass2_fused()(h, y, *_nc1_frame_jit(h, y, k))
+  return _nc1_plain(h, y, k)
 
 
 def nc1(features, labels, num_classes: int | None = None):
