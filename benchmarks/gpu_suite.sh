@@ -16,6 +16,10 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "
 t=$SECONDS
 timeout "${T_THROUGHPUT:-230}" python3 benchmarks/throughput.py --json "$out/throughput.json" 2>&1 | tee "$out/throughput.txt"
 echo "phase throughput: $((SECONDS - t)) s" | tee -a "$out/device.txt"
+t=$SECONDS
+# NC1 (issue 20): read floor, GEMM floor, nc1, nc1_pinv, the CPU peer, then the float32 errors
+timeout "${T_NC1:-60}" python3 benchmarks/nc1.py --reps 5 --no-peer --accuracy 2>&1 | tee "$out/nc1.txt"
+echo "phase nc1: $((SECONDS - t)) s" | tee -a "$out/device.txt"
 export NCJAX_CACHE=/tmp/ncjax_jax_cache
 for run in cold warm; do
   t=$SECONDS

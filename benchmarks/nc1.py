@@ -4,10 +4,13 @@
     python benchmarks/nc1.py --quick         # N=5,000, d in {128, 512}, K in {10}
     python benchmarks/nc1.py --n 20000 --reps 7
     python benchmarks/nc1.py --offset 1e6      # features with a large common offset
-    python benchmarks/nc1.py --accuracy        # float32 error at offsets 0, 1e3, 1e6 only
+    python benchmarks/nc1.py --accuracy        # timings, then float32 errors at offsets 0, 1e3, 1e6
+    python benchmarks/nc1.py --accuracy-only   # the errors only
 
 Times (median of --reps runs after one warm-up, block_until_ready):
   floor  one read pass over the features (jitted column sum)
+  gemm   the GEMM floor: 2 N d K flops at the machine's GEMM rate, measured in the same run
+         on a 2048 x 2048 float32 matmul (at K = 100 nc1's cost is the N x d by d x K product)
   nc1    ncjax.metrics.nc1 (low-rank exact path, jitted inside)
   pinv   ncjax.metrics.nc1_pinv (d x d Sigma_W, Sigma_B, jnp.linalg.pinv)
   peer   numpy/scipy in the style of tding1/Neural-Collapse: sample mean as global mean,
@@ -15,7 +18,7 @@ Times (median of --reps runs after one warm-up, block_until_ready):
          (host; float32 features; skipped with --no-peer or when scipy is missing)
 Runs unchanged on GPU (jax picks the default device; the peer baseline stays on the host).
 
---accuracy prints, instead of timings, the relative error of nc1, nc1_pinv, cdnv and
+--accuracy prints, after the timings, the relative error of nc1, nc1_pinv, cdnv and
 CollapseStats (float32) against a float64 NumPy computation on the same float32 values, for
 features with unit within-class spread at common offsets 0, 1e3 and 1e6 (N=5000, d=64, K=10).
 """
@@ -115,9 +118,10 @@ def main(argv=None):
     p.add_argument("--offset", type=float, default=0.0,
                    help="common offset added to every feature (default 0)")
     p.add_argument("--accuracy", action="store_true",
-                   help="print float32 errors at large offsets instead of timings")
+                   help="also print float32 errors at large offsets")
+    p.add_argument("--accuracy-only", action="store_true", help="only the errors, no timings")
     a = p.parse_args(argv)
-    if a.accuracy:
+    if a.accuracy_only:
         return accuracy()
     n = a.n or (5000 if a.quick else 50000)
     dims = a.dims or ([128, 512] if a.quick else [512, 2048])
@@ -128,8 +132,13 @@ def main(argv=None):
     print(f"# device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}, N={n}, "
           f"float32, offset {a.offset:g}, median of {a.reps} runs; times in ms")
     floor_fn = jax.jit(lambda h: jnp.sum(h, axis=0))
-    hdr = (f"{'d':>5} {'K':>4} | {'floor':>8} {'nc1':>8} {'pinv':>8} {'peer':>8} | "
-           f"{'nc1/floor':>9} {'pinv/nc1':>8} {'peer/nc1':>8} | {'rel|nc1-pinv|':>13}")
+    sq = jnp.ones((2048, 2048), jnp.float32)
+    matmul = jax.jit(lambda x: jnp.dot(x, x))
+    rate = 2 * 2048 ** 3 / timeit(lambda: matmul(sq), a.reps)      # flop/s
+    print(f"# GEMM rate (2048^3 float32 matmul): {rate / 1e9:.1f} GFLOP/s")
+    hdr = (f"{'d':>5} {'K':>4} | {'floor':>8} {'gemm':>8} {'nc1':>8} {'pinv':>8} {'peer':>8} | "
+           f"{'nc1/floor':>9} {'nc1/gemm':>8} {'pinv/nc1':>8} {'peer/nc1':>8} | "
+           f"{'rel|nc1-pinv|':>13}")
     print(hdr)
     print("-" * len(hdr))
     rng = np.random.default_rng(0)
@@ -150,10 +159,14 @@ def main(argv=None):
                 v_pinv = float(metrics.nc1_pinv(h, y, k))
             t_peer = timeit(lambda: peer_nc1(h_np, y_np, k), max(1, min(a.reps, 3))) if peer else float("nan")
             ms = lambda t: f"{t * 1e3:8.1f}"  # noqa: E731
-            print(f"{d:>5} {k:>4} | {ms(t_floor)} {ms(t_nc1)} {ms(t_pinv)} {ms(t_peer)} | "
-                  f"{t_nc1 / t_floor:9.2f} {t_pinv / t_nc1:8.1f} {t_peer / t_nc1:8.1f} | "
+            t_gemm = 2 * n * d * k / rate
+            print(f"{d:>5} {k:>4} | {ms(t_floor)} {ms(t_gemm)} {ms(t_nc1)} {ms(t_pinv)} "
+                  f"{ms(t_peer)} | {t_nc1 / t_floor:9.2f} {t_nc1 / t_gemm:8.2f} "
+                  f"{t_pinv / t_nc1:8.1f} {t_peer / t_nc1:8.1f} | "
                   f"{abs(v_nc1 - v_pinv) / abs(v_pinv):13.2e}", flush=True)
             del h, y, h_np
+    if a.accuracy:
+        accuracy()
 
 
 if __name__ == "__main__":

@@ -32,11 +32,17 @@ SVD, obtained from the eigendecomposition of the K x K Gram ``M M^T = U S^2 U^T`
         = sum_j (1/N) ||R v_j||^2 / s_j^2,         R = H - mu_y  (N x d residuals).
 
 Two read passes over H (class sums, then the projected residuals ``R V``), no N x d
-temporary and no d x d matrix, both in the shifted frame described below; 20-70x faster
-than the d x d pinv path (``benchmarks/nc1.py``).  On the 2-core CPU (XLA:CPU, N=50,000, K=10)
-the shift costs 0-10% at d=512 and 25-50% at d=2048 over unshifted passes: the shifted
-first pass runs on one thread over cache-sized blocks, and the fused shifted matmul kernel
-is slower than XLA's plain one for long rows and many directions.
+temporary and no d x d matrix, both in the shifted frame described below.  The second pass
+needs the directions V, which depend on every class mean, so no single pass can give NC1
+exactly (one pass would have to form the d x d scatter, N d^2 flops).  On XLA:CPU the
+projection ``(h - c) V`` onto 64 or more directions (K > 56) is compiled with YNNPACK's dot
+fusion (``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT``, where the jaxlib
+knows it), which reads h once at the speed of the plain ``h @ V``; for fewer directions,
+inside a caller's ``jit`` (where
+our compiler options do not apply) and on other backends it is written as a sum of products
+that XLA fuses with the shift.  At K = 100 the projection is the N x d by d x K GEMM and
+dominates; at K = 10 nc1 takes about 3 read passes' time on the 2-core CPU (the first pass's
+row-blocked scatter ~1.6 reads, the skinny projection ~1.5: ``benchmarks/nc1.py``).
 At most ``r = min(K-1, d)`` directions are kept, and a direction is kept only if
 ``s_j^2 > rtol * s_max^2`` with ``rtol = 10 * d * eps(dtype)`` -- exactly the default cutoff
 ``jnp.linalg.pinv(Sigma_B, hermitian=True)`` applies to the eigenvalues ``s_j^2/K`` of the
@@ -85,7 +91,7 @@ Other metrics
 -------------
 * :func:`cdnv`: mean over unordered pairs ``i < j`` of ``(Var_i + Var_j) / (2 ||mu_i - mu_j||^2)``
   with ``Var_k = mean_{i in k} ||h_i - mu_k||^2`` (the mean over ordered pairs is the same).
-  Two coinciding class means give ``inf``.
+  Two coinciding class means give ``inf`` (see the zero-spread rule).
 * :func:`numerical_rank`: ``(1/K) sum_k ||H_k||_F^2 / ||H_k||_2^2`` with ``H_k`` the
   *uncentred* class-k features.  The spectral norm is found by power iteration (see the
   function for its accuracy) or exactly (``exact=True``, O(N d^2) to form the class Grams).
@@ -95,6 +101,32 @@ Other metrics
   (the row normalisation deliberately ignores equinorm-ness; measure that separately).
 * :func:`nc3_duality`: ``|| W/||W||_F - M/||M||_F ||_F`` with ``W`` (K x d) the classifier and
   ``M`` the centred class means (Papyan et al.'s notebook reports the square of this).
+
+Zero spread: one rule
+---------------------
+With ``rtol = 10 d eps(dtype)`` (the pseudo-inverse cutoff of :func:`nc1`, applied here to
+sizes, i.e. square roots of spreads) and every spread a squared size in the features' units:
+
+* **between-class spread zero relative to the within-class spread** -- classes
+  inseparable, e.g. classes with the same mean plus noise, whose computed means then differ
+  only by rounding: NC1 is ``+inf`` when ``tr(Sigma_B) <= rtol^2 tr(P Sigma_W)``, P the
+  projector on the directions of ``Sigma_B`` that the pseudo-inverse keeps (the part of
+  ``Sigma_W`` that NC1 weighs; ``P = I`` where ``Sigma_B`` is exactly 0).  CDNV applies the
+  rule per pair: a pair with ``2 ||mu_i - mu_j||^2 <= rtol^2 (Var_i + Var_j)`` contributes
+  ``+inf``, so CDNV is ``+inf``.
+* **both spreads zero** (0/0: every class's features are one and the same vector -- a dead
+  layer, constant features): NC1 (``Sigma_B = 0`` and ``Sigma_W = 0``), or CDNV (a pair with
+  equal means and zero variances), raises ``ValueError`` naming the case for concrete
+  inputs and is NaN inside ``jit``, as every other invalid input (below).
+* the within-class spread zero and the between-class spread not (perfect collapse): 0.
+* :func:`numerical_rank`: a class that is all zeros has rank 0 (``0/0`` read as no
+  direction at all); :class:`CollapseStats` agrees.
+
+The tolerance is relative to the data's own spread, so the rule is invariant to ``H -> cH``;
+rounding makes the computed class means of inseparable classes differ by about eps times the
+spread, far below rtol, while independent samples of one distribution differ by about
+``1/sqrt(n_k)`` times it and get a finite NC1 for ``n_k`` up to about ``1/rtol^2`` (7e9 in
+float32 at d = 10, 1e7 at d = 512).  :func:`layerwise` re-raises such a ValueError with the layer's name.
 
 Input checking and jit
 ----------------------
@@ -329,10 +361,21 @@ def _prepare(features, labels, num_classes, fn, translate=True):
   return _to_jax(features, fn, translate), _labels_int32(labels), k, concrete
 
 
-def _finish(value, ok, features, concrete, fn):
-  """Concrete inputs: raise if the computation flagged invalid values (see _pass1)."""
+_DEAD = ("the between-class and the within-class spread are both zero (every class's "
+         "features are one and the same vector, e.g. a dead layer or constant features): "
+         "{metric} is 0/0")
+
+
+def _finish(value, ok, features, concrete, fn, dead=None, what: str | None = None):
+  """Concrete inputs: raise if the computation flagged invalid values (see _pass1).
+
+  ``dead`` flags the 0/0 case of the zero-spread rule (module docstring); its message is
+  ``what`` (default: the :data:`_DEAD` sentence for ``fn``).  Under jit the value is NaN.
+  """
   if concrete and not bool(ok):
     _raise_nonfinite(features, fn, value.dtype)
+  if concrete and dead is not None and bool(dead):
+    raise ValueError(f"{fn}: " + (what or _DEAD.format(metric=fn.upper())))
   return value
 
 
@@ -464,6 +507,31 @@ def _nan_unless(ok, value):
   return jnp.where(ok, value, jnp.nan)
 
 
+def _spread_rtol(d: int, dtype):
+  """The zero-spread tolerance ``10 d eps``: the pseudo-inverse's cutoff, applied to sizes."""
+  return 10.0 * d * jnp.finfo(dtype).eps
+
+
+def _zero_spread(val, ok, between, within, within_all, d: int):
+  """NC1 under the zero-spread rule (module docstring): (value, ok, dead).
+
+  All three spreads are squared sizes in the same (rescaled) units: ``between`` =
+  tr(Sigma_B); ``within`` = tr(P Sigma_W), the within-class spread in the directions the
+  pseudo-inverse keeps (P the projector on them, the part of Sigma_W that NC1 weighs);
+  ``within_all`` = tr(Sigma_W), used where Sigma_B is exactly 0 and keeps no direction.
+  The between-class spread is zero when ``between <= rtol^2 within``: then NC1 is +inf,
+  or NaN with ``dead`` set when both are exactly zero (0/0).  Otherwise a non-finite
+  value means invalid input or overflow (``ok`` False).
+  """
+  rtol = _spread_rtol(d, val.dtype)
+  within = jnp.where(between == 0, within_all, within)
+  dead = (between == 0) & (within == 0)
+  inf = between <= rtol * rtol * within
+  ok = ok & (inf | jnp.isfinite(val))
+  val = jnp.where(dead, jnp.nan, jnp.where(inf, jnp.inf, val))
+  return _nan_unless(ok, val), ok, ok & dead
+
+
 def _scaled_frame(h, y, k):
   """Pass 1 plus the common exact rescaling: (counts, ref, m, centred/s, 1/s, ok)."""
   counts, ref, m, ok, _, _ = _pass1(h, y, k)
@@ -478,29 +546,125 @@ def _residuals(h, y, ref, m, inv):
 
 
 # ----------------------------------------------------------------------------- NC1
-@functools.partial(jax.jit, static_argnums=(2,))
-def _nc1_impl(h, y, k):
+# XLA:CPU's YNNPACK dot fusion compiles ``(h - c) @ v`` into one kernel that reads h once
+# (measured at the speed of the plain ``h @ v``; without it XLA first writes h - c to fresh
+# memory, 5-10x slower).  Only the projection of nc1 is compiled with it: the same option
+# makes the row-blocked scatter of the first pass and the sum-of-products form slower.
+_FUSED_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_dot_options() -> dict | None:
+  """`_FUSED_DOT_OPTIONS` where this jaxlib knows the option, else None."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_FUSED_DOT_OPTIONS).lower(
+        jnp.zeros(2)).compile()
+    return _FUSED_DOT_OPTIONS
+  except Exception:  # noqa: BLE001 - a jaxlib without the option
+    return None
+
+
+# The fused dot pays off for many directions (measured at K = 100, d = 512: 0.72x the
+# sum-of-products time under load); at K = 10 it was no faster (1.02-1.03x) and its
+# summation order gave a 3x larger float32 error at offset 0 (1.2e-7 against 4e-8,
+# `benchmarks/nc1.py --accuracy`), so fewer directions keep the sum of products.
+_FUSED_DOT_MIN_DIRECTIONS = 64
+
+
+def _use_fused_dot(h, directions: int) -> bool:
+  """Concrete CPU arrays, many directions, the option available (a caller's jit ignores ours)."""
+  if (_is_traced(h) or not isinstance(h, jax.Array)
+          or directions < _FUSED_DOT_MIN_DIRECTIONS):
+    return False
+  return (all(dev.platform == "cpu" for dev in h.devices())
+          and _fused_dot_options() is not None)
+
+
+def _nc1_directions(k: int, d: int) -> int:
+  """r' = min(K-1, d) padded to a multiple of 8: the columns of the second pass (static)."""
+  r = min(k - 1, d)
+  return r + (-r % 8)
+
+
+def _nc1_frame(h, y, k):
+  """Pass 1 and the K x K algebra of nc1: everything but the projection of the residuals.
+
+  Returns ``c`` (d,) the common point of the second pass, ``v`` (d, r') the directions
+  divided by the scale s (r' = r padded to a multiple of 8 with zero columns), ``mv``
+  (K, r') ``(mu_k - c) . v``, ``inv_s2`` (r',), tr(Sigma_B) and -- only where Sigma_B is
+  exactly 0, else 0 -- tr(Sigma_W), both in units of s^2, and ``ok``.
+  """
   n, d = h.shape
-  _, ref, m, centred, inv, ok = _scaled_frame(h, y, k)
-  v, inv_s2 = _lowrank(centred, ref.dtype)                         # (d, r), (r,)
+  counts, ref, m, ok, _, _ = _pass1(h, y, k)
+  dt = ref.dtype
+  centred = _centred_means(ref, m)
+  inv = _inv_pow2_scale(centred)
+  centred = centred * inv
+  v, inv_s2 = _lowrank(centred, dt)                                # (d, r), (r,)
   # Zero columns up to a multiple of 8: XLA:CPU's kernels for the skinny (N, d) @ (d, r)
   # are faster at r = 8k (measured at N=50,000, d=2048: r=16 beat r=9, 10 and 12).
   pad = -v.shape[1] % 8
   v, inv_s2 = jnp.pad(v, ((0, 0), (0, pad))), jnp.pad(inv_s2, (0, pad))
   v = v * inv                                  # projections come out divided by s
-  # Second pass about one common point c, the mean of the class means rounded to the dtype
-  # (a per-class shift would need a gather that XLA:CPU cannot fuse into the matmul).  It
-  # is written as a sum of products, which XLA:CPU compiles into one kernel together with
-  # the shift; jnp.dot(h - c, v) would first write h - c to memory (4x slower).
+  # The second pass works about one common point c, the mean of the class means rounded
+  # to the dtype (a per-class shift would need a gather that no CPU kernel fuses).
   rel = _relative_means(ref, m)                                    # mu_k - c_0
   c = ref[0] + jnp.mean(rel, axis=0)
   mv = jnp.dot(rel - (c - ref[0]), v, precision=_HI)               # (mu_k - c) . v / s
-  hv = jnp.sum((h.astype(ref.dtype) - c)[:, :, None] * v[None], axis=1)      # (N, r)
+  between = jnp.sum(centred * centred) / k
+  # Only with coinciding means (no direction kept) does the zero-spread rule need all of
+  # tr(Sigma_W): a third pass, run only then (inv = 1 there).
+  def within_all():
+    cnt, _, m2, _, sq, t = _pass1(h, y, k, squares=True)
+    nk = jnp.maximum(cnt, 1).astype(dt)
+    return jnp.sum(jnp.maximum(sq - nk * jnp.sum(jnp.square(m2 * t), 1), 0.0)) / (n * t * t)
+  within_all = lax.cond(between == 0, within_all, lambda: jnp.zeros((), dt))
+  return c, v, mv, inv_s2, between, within_all, ok
+
+
+def _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, d):
+  """NC1 from the projections ``hv = (h - c) v`` (N, r'), with the zero-spread rule."""
+  n = hv.shape[0]
   rv = hv - mv[y]                                                  # residuals projected
-  ss = jnp.sum(rv * rv, axis=0)
-  val = jnp.maximum(jnp.sum(ss / n * inv_s2), 0.0)                 # v_j^T Sigma_W v_j / s_j^2
-  ok = ok & jnp.isfinite(val)
-  return _nan_unless(ok, val), ok
+  proj = jnp.sum(rv * rv, axis=0) / n                              # v_j^T Sigma_W v_j
+  val = jnp.maximum(jnp.sum(proj * inv_s2), 0.0)
+  within = jnp.sum(jnp.where(inv_s2 > 0, proj, 0.0))               # tr(P Sigma_W)
+  return _zero_spread(val, ok, between, within, within_all, d)
+
+
+def _nc1_pass2_sum(h, y, c, v, mv, inv_s2, between, within_all, ok):
+  # A sum of products, which XLA compiles into one kernel together with the shift on every
+  # backend (jnp.dot(h - c, v) would first write h - c to memory where nothing fuses it).
+  hv = jnp.sum((h.astype(v.dtype) - c)[:, :, None] * v[None], axis=1)        # (N, r')
+  return _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, h.shape[1])
+
+
+def _nc1_pass2_dot(h, y, c, v, mv, inv_s2, between, within_all, ok):
+  hv = jnp.dot(h.astype(v.dtype) - c, v, precision=_HI)           # one fused kernel
+  return _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, h.shape[1])
+
+
+# One jit for both passes where the projection is the sum of products (one dispatch, as
+# before the fused dot existed); the fused dot needs its own compiler options, so there the
+# frame and the projection are two jits.
+@functools.partial(jax.jit, static_argnums=(2,))
+def _nc1_plain(h, y, k):
+  return _nc1_pass2_sum(h, y, *_nc1_frame(h, y, k))
+
+
+_nc1_frame_jit = jax.jit(_nc1_frame, static_argnums=(2,))
+
+
+@functools.lru_cache(maxsize=None)
+def _nc1_pass2_fused():
+  return jax.jit(_nc1_pass2_dot, compiler_options=_fused_dot_options())
+
+
+def _nc1_impl(h, y, k):
+  """(NC1, ok, dead): two read passes; the projection fused where the CPU allows it."""
+  if _use_fused_dot(h, _nc1_directions(k, h.shape[1])):
+    return _nc1_pass2_fused()(h, y, *_nc1_frame_jit(h, y, k))
+  return _nc1_plain(h, y, k)
 
 
 def nc1(features, labels, num_classes: int | None = None):
@@ -518,8 +682,8 @@ def nc1(features, labels, num_classes: int | None = None):
     A scalar jax array (dtype float32, or float64 for 64-bit inputs with x64 enabled).
   """
   h, y, k, concrete = _prepare(features, labels, num_classes, "nc1")
-  val, ok = _nc1_impl(h, y, k)
-  return _finish(val, ok, features, concrete, "nc1")
+  val, ok, dead = _nc1_impl(h, y, k)
+  return _finish(val, ok, features, concrete, "nc1", dead, _DEAD.format(metric="NC1"))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -529,9 +693,12 @@ def _nc1_pinv_impl(h, y, k):
   r = _residuals(h, y, ref, m, inv)                                # (N, d), scaled
   sigma_w = jnp.dot(r.T, r, precision=_HI) / n
   sigma_b = jnp.dot(centred.T, centred, precision=_HI) / k
-  val = jnp.trace(jnp.dot(sigma_w, jnp.linalg.pinv(sigma_b, hermitian=True), precision=_HI)) / k
-  ok = ok & jnp.isfinite(val)
-  return _nan_unless(ok, val), ok
+  pinv = jnp.linalg.pinv(sigma_b, hermitian=True)
+  val = jnp.trace(jnp.dot(sigma_w, pinv, precision=_HI)) / k
+  kept = jnp.dot(pinv, sigma_b, precision=_HI)                     # projector P
+  return _zero_spread(val, ok, jnp.trace(sigma_b),
+                      jnp.trace(jnp.dot(sigma_w, kept, precision=_HI)), jnp.trace(sigma_w),
+                      h.shape[1])
 
 
 def nc1_pinv(features, labels, num_classes: int | None = None):
@@ -541,18 +708,33 @@ def nc1_pinv(features, labels, num_classes: int | None = None):
   rescaled frame as :func:`nc1`.  Same conventions and arguments as :func:`nc1`.
   """
   h, y, k, concrete = _prepare(features, labels, num_classes, "nc1_pinv")
-  val, ok = _nc1_pinv_impl(h, y, k)
-  return _finish(val, ok, features, concrete, "nc1_pinv")
+  val, ok, dead = _nc1_pinv_impl(h, y, k)
+  return _finish(val, ok, features, concrete, "nc1_pinv", dead, _DEAD.format(metric="NC1"))
 
 
 # ----------------------------------------------------------------------------- CDNV
+_CDNV_DEAD = ("two classes have zero within-class variance and the same mean (both spreads "
+              "zero, e.g. a dead layer or constant features): their CDNV term is 0/0")
+
+
 def _cdnv_from(var, centred):
-  k = centred.shape[0]
+  """(CDNV, dead) from class variances (K,) and centred means (K, d), same units.
+
+  The zero-spread rule per pair: ``2 ||mu_i - mu_j||^2 <= rtol^2 (Var_i + Var_j)`` (the
+  pair's distance at most rtol times its spread) gives +inf; distance and variances all
+  exactly zero (0/0) gives NaN with ``dead`` set.
+  """
+  k, d = centred.shape
   diff = centred[:, None, :] - centred[None, :, :]
   dist2 = jnp.sum(diff * diff, axis=-1)                            # (K, K)
   iu = np.triu_indices(k, 1)
-  pair = (var[:, None] + var[None, :])[iu] / (2.0 * dist2[iu])
-  return jnp.mean(pair)
+  spread, dist2 = (var[:, None] + var[None, :])[iu], 2.0 * dist2[iu]
+  rtol = _spread_rtol(d, centred.dtype)
+  zero = dist2 <= rtol * rtol * spread
+  dead_pair = (dist2 == 0) & (spread == 0)
+  pair = jnp.where(zero, jnp.inf, spread / jnp.where(zero, 1.0, dist2))
+  dead = jnp.any(dead_pair)
+  return jnp.where(dead, jnp.nan, jnp.mean(pair)), dead
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -567,7 +749,8 @@ def _cdnv_impl(h, y, k):
   inv = _inv_pow2_scale(centred)
   var = jnp.maximum(sq / n - jnp.sum(jnp.square(m * t), axis=1), 0.0) * jnp.square(inv / t)
   ok = ok & jnp.all(jnp.isfinite(var))
-  return _nan_unless(ok, _cdnv_from(var, centred * inv)), ok
+  val, dead = _cdnv_from(var, centred * inv)
+  return _nan_unless(ok, val), ok, ok & dead
 
 
 def cdnv(features, labels, num_classes: int | None = None):
@@ -579,8 +762,8 @@ def cdnv(features, labels, num_classes: int | None = None):
   Arguments as :func:`nc1`.
   """
   h, y, k, concrete = _prepare(features, labels, num_classes, "cdnv")
-  val, ok = _cdnv_impl(h, y, k)
-  return _finish(val, ok, features, concrete, "cdnv")
+  val, ok, dead = _cdnv_impl(h, y, k)
+  return _finish(val, ok, features, concrete, "cdnv", dead, _CDNV_DEAD)
 
 
 # ----------------------------------------------------------------------------- numerical rank
@@ -618,6 +801,11 @@ def _class_top_eigs(h, y, counts, k, window, inv):
   return lax.map(lambda sc: top(*sc), (starts, counts))
 
 
+def _mean_rank(fro2, spec2):
+  """``mean_k ||H_k||_F^2 / ||H_k||_2^2`` where a class that is all zeros has rank 0."""
+  return jnp.mean(jnp.where(fro2 > 0, fro2 / jnp.where(fro2 > 0, spec2, 1.0), 0.0))
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _numrank_impl(h, y, k, exact, window, num_iters):
   n, d = h.shape
@@ -649,7 +837,7 @@ def _numrank_impl(h, y, k, exact, window, num_iters):
 
     u = lax.fori_loop(0, num_iters, step, u)                     # traced trip count
     spec2 = jnp.sum(jnp.square(project(u)), axis=0)              # ||H_k u_k||^2 (Rayleigh)
-  val = jnp.mean(fro2 / spec2)
+  val = _mean_rank(fro2, spec2)
   ok = ok & jnp.isfinite(val)
   return _nan_unless(ok, val), ok
 
@@ -925,12 +1113,20 @@ class CollapseStats:
   def nc1(self):
     """NC1 = tr(Sigma_W Sigma_B^+)/K, same conventions and cutoff as :func:`nc1`."""
     self._check_usable("nc1")
-    return _stats_nc1(self)
+    val, dead = _stats_nc1(self)
+    return self._unless_dead(val, dead, "nc1", _DEAD.format(metric="NC1"))
 
   def cdnv(self):
     """CDNV, same definition as :func:`cdnv`."""
     self._check_usable("cdnv")
-    return _stats_cdnv(self)
+    val, dead = _stats_cdnv(self)
+    return self._unless_dead(val, dead, "cdnv", _CDNV_DEAD)
+
+  def _unless_dead(self, val, dead, fn, what):
+    """The zero-spread rule's 0/0 case: ValueError when concrete, NaN under jit."""
+    if not _is_traced(dead) and bool(dead):
+      raise ValueError(f"CollapseStats.{fn}: {what}")
+    return val
 
   def numerical_rank(self):
     """Exact numerical rank (eigvalsh of each class's uncentred second moment).
@@ -1075,16 +1271,25 @@ def _stats_nc1(s: CollapseStats):
   mv = jnp.dot(m, v, precision=_HI)
   proj = (jnp.sum(v * jnp.dot(s.scatter, v, precision=_HI), axis=0)
           - jnp.sum(n[:, None] * mv * mv, axis=0)) / jnp.sum(n)
-  val = jnp.maximum(jnp.sum(jnp.maximum(proj, 0.0) * inv_s2), 0.0)
-  return jnp.where(_stats_ok(s), val, jnp.nan)
+  proj = jnp.maximum(proj, 0.0)
+  val = jnp.maximum(jnp.sum(proj * inv_s2), 0.0)
+  within_all = jnp.sum(n * _stats_var(s, n, m)) * (inv * inv) / jnp.sum(n)
+  val, _, dead = _zero_spread(val, _stats_ok(s), jnp.sum(centred * centred) / s.num_classes,
+                              jnp.sum(jnp.where(inv_s2 > 0, proj, 0.0)), within_all, s.dim)
+  return val, dead
+
+
+def _stats_var(s: CollapseStats, n, m):
+  """Var_k (K,) = mean ||h - mu_k||^2, in the features' units squared."""
+  return jnp.maximum(s.sqnorms / jnp.maximum(n, 1) - jnp.sum(m * m, axis=1), 0.0)
 
 
 @jax.jit
 def _stats_cdnv(s: CollapseStats):
   n, m, centred, inv = _stats_frame(s)
-  n = jnp.maximum(n, 1)
-  var = jnp.maximum(s.sqnorms / n - jnp.sum(m * m, axis=1), 0.0) * (inv * inv)
-  return jnp.where(_stats_ok(s), _cdnv_from(var, centred), jnp.nan)
+  val, dead = _cdnv_from(_stats_var(s, n, m) * (inv * inv), centred)
+  ok = _stats_ok(s)
+  return jnp.where(ok, val, jnp.nan), ok & dead
 
 
 @jax.jit
@@ -1096,7 +1301,7 @@ def _stats_numrank(s: CollapseStats):
   second = (s.class_scatter + cross + jnp.swapaxes(cross, 1, 2)
             + jnp.einsum("k,kd,ke->kde", n, c, c, precision=_HI))
   spec2 = jnp.linalg.eigvalsh(second)[:, -1]
-  return jnp.where(_stats_ok(s), jnp.mean(fro2 / spec2), jnp.nan)
+  return jnp.where(_stats_ok(s), _mean_rank(fro2, spec2), jnp.nan)
 
 
 # ----------------------------------------------------------------------------- layer-wise
@@ -1149,5 +1354,8 @@ def layerwise(features_by_layer: Mapping[str, Any], labels, num_classes: int | N
   out = {}
   for name, x in features_by_layer.items():
     h = _pool(x, name, token_index)
-    out[name] = {m: float(_LAYER_METRICS[m](h, labels, num_classes)) for m in metrics}
+    try:
+      out[name] = {m: float(_LAYER_METRICS[m](h, labels, num_classes)) for m in metrics}
+    except ValueError as e:                # e.g. a dead layer: say which layer it is
+      raise ValueError(f"layerwise[{name!r}]: {e}") from e
   return out
