@@ -366,5 +366,6 @@ def evaluate(embeddings, labels, *, ways: int = 5, shots: int = 1, queries: int 
   out = dict(accuracy=float(np.mean(acc)) if acc.size else float("nan"), ci95=ci95(acc),
              episodes=int(acc.size), accuracies=acc)
   if nc1:
-    out["nc1"] = embedding_nc1(embeddings, labels)
+    out["nc1"] = telemetry.defined(lambda: embedding_nc1(embeddings, labels),
+                                   "few-shot embeddings")
   return out

@@ -97,11 +97,14 @@ def collapse(model, variables, prepare, ds: data.ArrayDataset, batch_size, mesh,
                                        desc=f"{desc}: collapse"):
     stats = update(stats, variables, prepare, *(train.to_global(mesh, a) for a in (x, y, mask)))
   pen = stats.pop("penultimate")
-  result = {"nc1": float(pen.nc1()), "cdnv": float(pen.cdnv())}
+  where = f"{desc}: penultimate features"
+  result = {"nc1": telemetry.defined(pen.nc1, where),
+            "cdnv": telemetry.defined(pen.cdnv, where)}
   result["numerical_rank"] = (float(pen.numerical_rank()) if pen.class_scatter is not None
                               else float("nan"))
   # jit returns dicts with sorted keys ('layer10' < 'layer2'): restore the model's unit order.
-  layerwise = {n: float(stats[n].nc1()) for n in models.units(model) if n in stats}
+  layerwise = {n: telemetry.defined(stats[n].nc1, f"{desc}: {n} features")
+               for n in models.units(model) if n in stats}
   return result, layerwise
 
 

@@ -116,8 +116,10 @@ sizes, i.e. square roots of spreads) and every spread a squared size in the feat
   ``+inf``, so CDNV is ``+inf``.
 * **both spreads zero** (0/0: every class's features are one and the same vector -- a dead
   layer, constant features): NC1 (``Sigma_B = 0`` and ``Sigma_W = 0``), or CDNV (a pair with
-  equal means and zero variances), raises ``ValueError`` naming the case for concrete
-  inputs and is NaN inside ``jit``, as every other invalid input (below).
+  equal means and zero variances), raises :class:`ZeroSpreadError` (a ``ValueError``)
+  naming the case for concrete inputs and is NaN inside ``jit``, as every other invalid
+  input (below).  ncjax's own runs record such a metric as NaN (``null``) and warn with the
+  layer's name.
 * the within-class spread zero and the between-class spread not (perfect collapse): 0.
 * :func:`numerical_rank`: a class that is all zeros has rank 0 (``0/0`` read as no
   direction at all); :class:`CollapseStats` agrees.
@@ -361,6 +363,13 @@ def _prepare(features, labels, num_classes, fn, translate=True):
   return _to_jax(features, fn, translate), _labels_int32(labels), k, concrete
 
 
+class ZeroSpreadError(ValueError):
+  """Both spreads are zero (0/0, a dead layer or constant features): the metric is undefined.
+
+  A ``ValueError``, so callers that catch those keep working; experiments catch this one to
+  record the metric as NaN and name the layer (a dead layer is a finding, not a crash)."""
+
+
 _DEAD = ("the between-class and the within-class spread are both zero (every class's "
          "features are one and the same vector, e.g. a dead layer or constant features): "
          "{metric} is 0/0")
@@ -375,7 +384,7 @@ def _finish(value, ok, features, concrete, fn, dead=None, what: str | None = Non
   if concrete and not bool(ok):
     _raise_nonfinite(features, fn, value.dtype)
   if concrete and dead is not None and bool(dead):
-    raise ValueError(f"{fn}: " + (what or _DEAD.format(metric=fn.upper())))
+    raise ZeroSpreadError(f"{fn}: " + (what or _DEAD.format(metric=fn.upper())))
   return value
 
 
@@ -1125,7 +1134,7 @@ class CollapseStats:
   def _unless_dead(self, val, dead, fn, what):
     """The zero-spread rule's 0/0 case: ValueError when concrete, NaN under jit."""
     if not _is_traced(dead) and bool(dead):
-      raise ValueError(f"CollapseStats.{fn}: {what}")
+      raise ZeroSpreadError(f"CollapseStats.{fn}: {what}")
     return val
 
   def numerical_rank(self):
@@ -1357,5 +1366,5 @@ def layerwise(features_by_layer: Mapping[str, Any], labels, num_classes: int | N
     try:
       out[name] = {m: float(_LAYER_METRICS[m](h, labels, num_classes)) for m in metrics}
     except ValueError as e:                # e.g. a dead layer: say which layer it is
-      raise ValueError(f"layerwise[{name!r}]: {e}") from e
+      raise type(e)(f"layerwise[{name!r}]: {e}") from e
   return out

@@ -1,6 +1,8 @@
 """Following a run: progress on the console, per-step scalars on disk.
 
 * `progress` / `phase` — tqdm on a terminal; a plain line every `every_s` seconds otherwise.
+* `warn` — the one warning path; `defined` — a metric's value, or NaN (recorded as ``null``)
+  with a warning naming where, when its features are degenerate (``metrics.ZeroSpreadError``).
 * `RunLog` — per-step scalars of every run in a workdir. The files it owns there:
 
   * ``metrics.jsonl`` — one JSON object per line, ``{"run", "step", "time", **scalars}``
@@ -28,13 +30,26 @@ import jax
 from absl import logging as absl_logging
 from tqdm.auto import tqdm
 
-from ncjax import io
+from ncjax import io, metrics
 
 def warn(message: str) -> None:
   """ncjax's one warning path: the absl log (cluster and file logs) and stderr (the terminal,
   whatever the absl verbosity)."""
   absl_logging.warning("%s", message)
   print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def defined(compute, where: str) -> float:
+  """``float(compute())``, or NaN with a warning naming ``where`` when the metric is 0/0.
+
+  A dead layer or constant features leave NC1 and CDNV undefined (the zero-spread rule of
+  `ncjax.metrics`); a run records that as NaN (``null`` in its JSON files) and goes on, so
+  that hours of training are not lost to one layer's measurement.  Any other error raises."""
+  try:
+    return float(compute())
+  except metrics.ZeroSpreadError as e:
+    warn(f"{where}: {e}; recorded as NaN (null)")
+    return math.nan
 
 
 METRICS = "metrics.jsonl"

@@ -325,6 +325,33 @@ def test_collapse_streams_exact_nc1_with_a_padded_last_batch():
     np.testing.assert_allclose(value, nc1_ref(feats[unit]), rtol=1e-4)
 
 
+def test_collapse_of_a_dead_layer_is_nan_with_a_warning_naming_it(capsys):
+  """A layer whose features are all one vector (here layer2's weights zeroed, so it and every
+  layer after it output a constant) has NC1 = 0/0 (metrics.ZeroSpreadError); the run records
+  NaN for those layers, names each in a warning, and keeps layer1's exact value."""
+  import jax
+  import numpy as np
+  from ncjax import data, train
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (37, 6, 6, 1), dtype=np.uint8)
+  y = np.arange(37) % 3
+  ds = data.ArrayDataset(x, y, 3)
+  model = models.get("mlp", 3, depth=3, width=8)
+  v = assemble.init_variables(model, (1, 6, 6, 1), 0)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: a * 0 if "layer2" in jax.tree_util.keystr(path) else a, v["params"])
+  v = {**v, "params": params}
+  prep = assemble.make_prepare((0.5,), (0.25,), None, 1, 1)
+  pen, layerwise = measure.collapse(model, v, prep, ds, 16, train.data_mesh(), desc="dead")
+  assert np.isfinite(layerwise["layer1"]) and layerwise["layer1"] > 0
+  assert [u for u, val in layerwise.items() if np.isnan(val)] == ["layer2", "layer3"]
+  assert np.isnan(pen["nc1"]) and np.isnan(pen["cdnv"])
+  err = capsys.readouterr().err
+  for where in ("dead: layer2 features", "dead: layer3 features", "dead: penultimate features"):
+    assert f"WARNING: {where}: CollapseStats." in err, err
+  assert "recorded as NaN (null)" in err
+
+
 def test_coercions_are_errors_reported_together_before_any_work(tmp_path):
   """batch 0, epochs 0 and a reversed class range were silently read as batch 1, 1 step and
   all classes; now the CLI rejects them together, in command-line terms, with no traceback

@@ -11,7 +11,7 @@ import time
 import flax.linen as nn
 import jax
 
-from ncjax import measure, methods, metrics, models, train
+from ncjax import measure, methods, metrics, models, telemetry, train
 from ncjax.experiment import assemble, records
 from ncjax.experiment.spec import Run, Spec
 from ncjax.experiment.stages.base import Context
@@ -50,13 +50,15 @@ def probe(spec: Spec, run: Run, pretrained: dict | None, mesh) -> records.Record
                            desc=f"{run.id} {unit}")
     accs[unit] = train.accuracy(forward, state.params, {}, None, f_test[unit], test_ds.labels,
                                 eval_batch, mesh)
-    nc1s[unit] = float(metrics.nc1(f_train[unit], train_ds.labels, k))
+    nc1s[unit] = telemetry.defined(lambda: metrics.nc1(f_train[unit], train_ds.labels, k),
+                                   f"{run.id}: {unit} features")
   pen = f_train["penultimate"]
   params = variables["params"]
   return records.Record(
       model=bb.model, dataset=run.dataset, method="linear", unit="", stage="probe",
       accuracy=accs.pop("penultimate"), nc1=nc1s.pop("penultimate"),
-      cdnv=float(metrics.cdnv(pen, train_ds.labels, k)),
+      cdnv=telemetry.defined(lambda: metrics.cdnv(pen, train_ds.labels, k),
+                             f"{run.id}: penultimate features"),
       numerical_rank=float(metrics.numerical_rank(pen, train_ds.labels, k)),
       percent_params=methods.percent_trainable(params,
                                                methods.trainable_mask(params, "linear")),
