@@ -295,18 +295,26 @@ def test_unknown_dtype_is_an_error_naming_the_field(tmp_path):
     runner.run(c, str(tmp_path))
 
 
-def test_collapse_streams_exact_nc1_with_a_padded_last_batch():
-  """`transfer.collapse` (features + masked statistics on the device, 37 rows in batches of
-  16) equals NC1 computed in float64 numpy from the same features."""
-  import jax
+def _tiny_mlp_collapse_case():
+  """37 random 6x6 images in 3 classes (a padded last batch of 16) and an MLP: x, y, ds, model,
+  variables."""
   import numpy as np
-  from ncjax import data, train
+  from ncjax import data
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (37, 6, 6, 1), dtype=np.uint8)
   y = np.arange(37) % 3
   ds = data.ArrayDataset(x, y, 3)
   model = models.get("mlp", 3, depth=3, width=8)
   v = assemble.init_variables(model, (1, 6, 6, 1), 0)
+  return x, y, ds, model, v
+
+
+def test_collapse_streams_exact_nc1_with_a_padded_last_batch():
+  """`transfer.collapse` (features + masked statistics on the device, 37 rows in batches of
+  16) equals NC1 computed in float64 numpy from the same features."""
+  import numpy as np
+  from ncjax import train
+  x, y, ds, model, v = _tiny_mlp_collapse_case()
   prep = assemble.make_prepare((0.5,), (0.25,), None, 1, 1)
   mesh = train.data_mesh()
   pen, layerwise = measure.collapse(model, v, prep, ds, 16, mesh)
@@ -329,15 +337,10 @@ def test_collapse_of_a_dead_layer_is_nan_with_a_warning_naming_it(capsys):
   """A layer whose features are all one vector (here layer2's weights zeroed, so it and every
   layer after it output a constant) has NC1 = 0/0 (metrics.ZeroSpreadError); the run records
   NaN for those layers, names each in a warning, and keeps layer1's exact value."""
-  import jax
   import numpy as np
-  from ncjax import data, train
-  rng = np.random.default_rng(0)
-  x = rng.integers(0, 256, (37, 6, 6, 1), dtype=np.uint8)
-  y = np.arange(37) % 3
-  ds = data.ArrayDataset(x, y, 3)
-  model = models.get("mlp", 3, depth=3, width=8)
-  v = assemble.init_variables(model, (1, 6, 6, 1), 0)
+  from ncjax import train
+  import jax
+  x, y, ds, model, v = _tiny_mlp_collapse_case()
   params = jax.tree_util.tree_map_with_path(
       lambda path, a: a * 0 if "layer2" in jax.tree_util.keystr(path) else a, v["params"])
   v = {**v, "params": params}
