@@ -36,6 +36,7 @@ def get_config():
       image_size=0,          # model input resolution (0 = the data's own)
       channels=0,            # model input channels (0 = the data's; 3 tiles grayscale to RGB)
       normalization="dataset",  # 'dataset' (train-split stats) | 'imagenet' | 'inception' | 'cifar10' ...
+                             # | 'checkpoint' (the mean / std of the weights' preprocessing config)
       datasets=(),           # () = config.datasets; else this backbone's own datasets
       options=ml_collections.ConfigDict(dict(stem="cifar", width=16)),
   ))

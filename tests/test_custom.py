@@ -208,3 +208,48 @@ def test_weights_are_checked_for_the_input_the_model_will_see(tmp_path):
   assert (f"--config.backbone.default.weights={run_dir}: cannot load {run_dir}/checkpoints/4 "
           "into mlp (4 layers, width 32, 64 input features): it holds an ncjax checkpoint of "
           "mlp (3 layers, width 32, 64 input features)") in str(e.value)
+
+
+def test_normalization_checkpoint_takes_the_mean_and_std_of_the_weights_files(tmp_path, capsys):
+  """``normalization=checkpoint`` reads the mean / std of the weights' preprocessing config
+  (here a Hugging Face ``preprocessor_config.json``), records where they came from, and is an
+  error before any work where there is none; weights that have one and a run that normalises
+  with other statistics get one warning line naming both and the override."""
+  d = tmp_path / "vit-hf"
+  d.mkdir()
+  (d / "preprocessor_config.json").write_text(json.dumps(
+      {"do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+       "size": {"height": 224, "width": 224}}))
+  c = custom.get_config()
+  c.model, c.weights = "vit_b16", str(d)
+  c.backbone.vit_b16.normalization = "checkpoint"
+  (bb,) = spec_lib.build(c)[0].backbones
+  ds = data.ArrayDataset(np.zeros((2, 4, 4, 3), np.uint8), np.arange(2), 2)
+  assert assemble.normalization("checkpoint", ds, 3, bb.weights_path) == ((0.5,) * 3,) * 2
+  assert assemble.normalization_used(bb) == f"checkpoint:{d / 'preprocessor_config.json'}"
+
+  p = spec_lib.Problems()
+  assets._check_normalization(p, str(d), bb)
+  bare = tmp_path / "vit.pth"
+  assets._check_normalization(p, str(bare), bb)
+  assert p.lines == [f"--config.backbone.vit_b16.normalization=checkpoint: {bare} has no "
+                     "preprocessing config giving a mean and std (a Hugging Face "
+                     "preprocessor_config.json, or timm's pretrained_cfg): choose one of "
+                     "imagenet, inception, dataset"]
+
+  capsys.readouterr()
+  for norm in ("inception", "imagenet"):
+    c.backbone.vit_b16.normalization = norm
+    (bb,) = spec_lib.build(c)[0].backbones
+    assets._check_normalization(spec_lib.Problems(), str(d), bb)
+  assert capsys.readouterr().err == (
+      f"WARNING: {d} was trained with mean (0.5, 0.5, 0.5) and std (0.5, 0.5, 0.5) "
+      f"({d / 'preprocessor_config.json'}); backbone.vit_b16.normalization=imagenet normalises "
+      "otherwise: --config.backbone.vit_b16.normalization=checkpoint uses the checkpoint's\n")
+
+  c.weights = ""
+  c.backbone.vit_b16.normalization = "checkpoint"
+  with pytest.raises(spec_lib.ConfigError) as e:
+    spec_lib.build(c)
+  assert ("--config.backbone.vit_b16.normalization=checkpoint: needs a weights file "
+          "(backbone.<model>.weights)") in str(e.value)

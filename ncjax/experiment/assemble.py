@@ -71,11 +71,18 @@ def downstream(spec: Spec, bb: Backbone, dataset: str, size: int = 0):
 
 # ----------------------------------------------------------------------------- pre-processing
 
-def normalization(kind: str, ds: data.ArrayDataset, channels: int):
+def normalization(kind: str, ds: data.ArrayDataset, channels: int,
+                  weights_path: str | None = None):
   """(mean, std) per input channel in [0, 1] units: 'imagenet' / a stored dataset name,
-  'inception' ([-1, 1] inputs), or 'dataset' (computed on `ds`, the training split).
+  'inception' ([-1, 1] inputs), 'dataset' (computed on `ds`, the training split) or
+  'checkpoint' (the preprocessing config of `weights_path`, `weights.preprocessing`).
   One-channel statistics are repeated when grayscale images feed a `channels`-channel model."""
-  if kind == "dataset":
+  if kind == "checkpoint":
+    pre = weights.preprocessing(weights_path) if weights_path else None
+    if pre is None:  # assets.check_assets reports this before any work
+      raise ValueError(f"{weights_path}: no preprocessing config gives a mean and std")
+    mean, std = tuple(pre["mean"]), tuple(pre["std"])
+  elif kind == "dataset":
     mean, std = _dataset_stats(ds)
   elif kind == "inception":
     mean, std = (0.5,) * channels, (0.5,) * channels
@@ -110,10 +117,19 @@ def make_prepare(mean, std, image_size: int | None, aug_level: int,
                          channels=int(channels))
 
 
+def normalization_used(bb: Backbone) -> str:
+  """What a record says of its input normalisation: the kind, and for 'checkpoint' the file
+  its mean and std came from (``checkpoint:<file>``)."""
+  if bb.normalization != "checkpoint":
+    return bb.normalization
+  pre = weights.preprocessing(bb.weights_path)
+  return f"checkpoint:{pre['source'] if pre else bb.weights_path}"
+
+
 def prepare_for(bb: Backbone, ds: data.ArrayDataset, aug_level: int) -> data.Preprocess:
   """The backbone's pre-processing, normalised with its `normalization` on `ds`."""
   channels = input_shape(bb, ds)[-1]
-  mean, std = normalization(bb.normalization, ds, channels)
+  mean, std = normalization(bb.normalization, ds, channels, bb.weights_path)
   return make_prepare(mean, std, bb.image_size or None, aug_level, channels)
 
 

@@ -66,6 +66,7 @@ def check_assets(specs: list[Spec], progress=print) -> None:
                                (spec.pretrain.dataset,))]
         for data_shape in dict.fromkeys(shapes[k] for k in data_keys if k in shapes) or (None,):
           weights.load(path, model, abstract_variables(spec, bb, 2, data_shape))
+        _check_normalization(p, path, bb)
     except (OSError, ValueError, ImportError, KeyError) as e:
       failed.add(key[:2])
       why, value = " ".join(str(e).split()), key[1] if key[0] == "data" else what
@@ -79,6 +80,37 @@ def check_assets(specs: list[Spec], progress=print) -> None:
 
 
 # Top-level config fields `build` reads. Any other top-level field can only matter by reference
+def _check_normalization(p: spec_lib.Problems, path: str, bb) -> None:
+  """``normalization=checkpoint`` needs the weights' preprocessing config; weights that have
+  one and a run that normalises otherwise get a warning line naming both (a timm / Hugging
+  Face ViT trained on [-1, 1] inputs fed ImageNet statistics loses accuracy silently)."""
+  pre = weights.preprocessing(path)
+  field = bb.origin.get("normalization", f"backbone.{bb.model}.normalization")
+  if bb.normalization == "checkpoint":
+    if pre is None or pre.get("mean") is None or pre.get("std") is None:
+      p.add(field, "checkpoint", f"{path} has no preprocessing config giving a mean and std "
+            "(a Hugging Face preprocessor_config.json, or timm's pretrained_cfg): choose one of "
+            "imagenet, inception, dataset")
+    return
+  if pre is None or pre.get("mean") is None or pre.get("std") is None:
+    return
+  if bb.normalization != "dataset":  # the training split's statistics are never a model's
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if bb.normalization == "inception" else (
+        data.stats_for(bb.normalization))
+    theirs = tuple(pre["mean"]) + tuple(pre["std"])
+    if len(mean) == len(pre["mean"]) and all(
+        abs(a - b) <= 1e-3 for a, b in zip(tuple(mean) + tuple(std), theirs)):
+      return
+  telemetry.warn(
+      f"{path} was trained with mean {_fmt(pre['mean'])} and std {_fmt(pre['std'])} "
+      f"({pre['source']}); {field}={bb.normalization} normalises otherwise: "
+      f"--config.{field}=checkpoint uses the checkpoint's")
+
+
+def _fmt(values) -> str:
+  return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
 # (an ml_collections FieldReference, as configs/custom.py's `data`, `weights` and `model`).
 _READ_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec)) | {"models", "backbone",
                                                                         "variants"}

@@ -30,7 +30,9 @@ SOLVERS = ("jax", "sklearn")
 SCHEDULES = ("cosine", "step")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LOSSES = ("ce", "mse", "supcon")
-NORMALIZATIONS = ("dataset", "imagenet", "inception")  # or a dataset name `data.stats_for` knows
+# Or a dataset name `data.stats_for` knows. 'checkpoint': the mean / std the weights file's own
+# preprocessing config gives (`weights.preprocessing`: Hugging Face, timm hub files).
+NORMALIZATIONS = ("dataset", "imagenet", "inception", "checkpoint")
 AUTO_UNIT = "auto"  # a unit entry: choose the unit by NC (`ncjax.autounit`)
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
@@ -598,6 +600,10 @@ def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
   for bb in backbones:
     if bb.weights == "pretrain" and not pc.enabled and job != "pretrain":
       p.add(f"backbone.{bb.model}.weights", "pretrain", "needs --config.pretrain.enabled=True")
+    if bb.normalization == "checkpoint" and bb.weights_path is None:
+      p.add(bb.origin.get("normalization", f"backbone.{bb.model}.normalization"), "checkpoint",
+            "needs a weights file (backbone.<model>.weights) whose preprocessing config gives "
+            "the mean and std")
   sources = c.get("dataset_sources", {}) or {}
   dtype = _str(p, "dtype", c.dtype, COMPUTE_DTYPES)
   budget = _float(p, "data_budget_mb", c.data_budget_mb, lo=0.0)

@@ -38,6 +38,7 @@ class Record:
   steps: int = 0             # optimizer steps
   batch_size: int = 0        # global batch, examples
   weights: str = ""          # where the initial weights came from: a path | pretrain | scratch
+  normalization: str = ""    # input mean / std: dataset | imagenet | ... | checkpoint:<file>
   seed: int = 0
   final_train_loss: float = NAN  # mean loss of the last log window
   stage: str = "transfer"    # transfer | pretrain | probe | fewshot | unit_probe | score

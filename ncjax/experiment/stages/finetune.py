@@ -60,8 +60,9 @@ def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
       accuracy=acc, percent_params=methods.percent_trainable(params, mask),
       num_train=len(train_ds), num_test=0 if test_ds is None else len(test_ds),
       num_classes=train_ds.num_classes,
-      steps=steps, batch_size=batch, weights=origin, seed=seed, run=run.id, pretrain=spec.tag,
-      final_train_loss=records.final_loss(history))
+      steps=steps, batch_size=batch, weights=origin,
+      normalization=assemble.normalization_used(bb), seed=seed, run=run.id,
+      pretrain=spec.tag, final_train_loss=records.final_loss(history))
   if spec.collapse:
     pen, record.layerwise_nc1 = measure.collapse(model, variables, prepare, train_ds,
                                                  eval_batch, mesh, desc=run.id)

@@ -64,6 +64,7 @@ def probe(spec: Spec, run: Run, pretrained: dict | None, mesh) -> records.Record
                                                methods.trainable_mask(params, "linear")),
       layerwise_nc1=nc1s, layerwise_accuracy=accs, num_train=len(train_ds),
       num_test=len(test_ds), num_classes=k, steps=steps, batch_size=batch, weights=origin,
+      normalization=assemble.normalization_used(bb),
       seed=seed, run=run.id, pretrain=spec.tag, wall_s=time.time() - t0)
 
 
