@@ -16,12 +16,14 @@ from __future__ import annotations
 import ast
 import importlib.machinery
 import importlib.util
+import inspect
 import os
 import re
 import signal
 import socket
 import sys
 import threading
+import traceback
 
 from absl import app, flags, logging
 import ml_collections
@@ -120,6 +122,8 @@ flags.DEFINE_string("coordinator", "", "host:port of process 0, for multi-host r
                     "(jax.distributed); empty on a single host. IPv6: [::1]:1234.")
 flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", 0, "This process's index, 0..num_processes-1 (multi-host).")
+flags.DEFINE_bool("verbose", False, "With a user error's one line, print its traceback too "
+                  "(also NCJAX_TRACEBACK=1).")
 flags.DEFINE_integer("init_timeout", 120, "Seconds a multi-host process waits for all the "
                      "others to join the coordinator before giving up.")
 
@@ -138,20 +142,68 @@ def _fail_all(problems) -> None:
     _fail(2, "\nncjax: ".join(problems))
 
 
+def _where_in(exc: BaseException, path: str) -> str:
+  """``<path>:<line>``: the innermost line of the config file `path` in `exc`'s traceback
+  (a syntax error: its own line), or the file alone."""
+  if isinstance(exc, SyntaxError) and exc.lineno:
+    return f"{exc.filename or path}:{exc.lineno}"
+  same = [f for f in traceback.extract_tb(exc.__traceback__)
+          if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f"{path}:{same[-1].lineno}" if same else path
+
+
 def _load_config(value: str):
-  """The ConfigDict of ``--config=path[:arg]``, loaded as ml_collections loads it, or None
-  when its own code fails: ml_collections then reports that, with the config's traceback."""
+  """The ConfigDict of ``--config=path[:arg]``, loaded as ml_collections loads it. A config
+  whose own code fails (it raises, does not parse, imports a missing name, takes no
+  ``:arg``) or whose `get_config` returns no ConfigDict ends the command with one line
+  naming the file and its line. None: not a ConfigDict but something ml_collections takes."""
   path, *arg = value.split(":", 1)
   loader = importlib.machinery.SourceFileLoader("_ncjax_cli_config", path)
   module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
   try:
     loader.exec_module(module)
-    config = module.get_config(*arg)
+  except Exception as e:  # noqa: BLE001 - the config file's own error, reported as such
+    _config_file_error(value, e, f"{_where_in(e, path)}: {_exc_line(e)}")
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    _fail(2, f"--config={value}: {path} defines no get_config() (a config file returns its "
+          "ml_collections.ConfigDict from get_config(), see configs/default.py)")
+  try:
+    config = get_config(*arg)
   except ValueError as e:  # the config refuses its argument (``--config=<file>:<arg>``)
     _fail(2, f"--config={value}: {e}")
-  except Exception:  # noqa: BLE001 - a bug in the config file, not a flag mistake
-    return None
+  except TypeError as e:
+    if arg and _takes_no_argument(get_config):
+      _fail(2, f"--config={value}: {path}'s get_config() takes no argument; drop "
+            f"':{arg[0]}'")
+    _config_file_error(value, e, f"{_where_in(e, path)}: {_exc_line(e)}")
+  except Exception as e:  # noqa: BLE001
+    _config_file_error(value, e, f"{_where_in(e, path)}: {_exc_line(e)}")
+  if config is None:
+    _fail(2, f"--config={value}: {path}'s get_config() returned None; it must return the "
+          "ml_collections.ConfigDict (a missing `return`?)")
   return config if isinstance(config, ml_collections.ConfigDict) else None
+
+
+def _takes_no_argument(fn) -> bool:
+  try:
+    return not inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _exc_line(exc: BaseException) -> str:
+  """``Type: message`` on one line."""
+  if isinstance(exc, SyntaxError):
+    return f"{type(exc).__name__}: {exc.msg}"
+  return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _config_file_error(value: str, exc: BaseException, what: str) -> None:
+  """Ends the command: the config file failed; `what` says where and how."""
+  if _verbose():
+    traceback.print_exception(exc)
+  _fail(2, f"--config={value}: the config file failed: {what} (fix the config file)")
 
 
 def _config_overrides(argv) -> list[str]:
@@ -463,13 +515,24 @@ def initialize_distributed() -> None:
 
 # --- errors a user acts on ----------------------------------------------------------------------
 
+def _verbose() -> bool:
+  """--verbose or NCJAX_TRACEBACK=1: a user error's traceback is printed before its line."""
+  if os.environ.get("NCJAX_TRACEBACK", "") not in ("", "0"):
+    return True
+  if FLAGS.is_parsed():
+    return FLAGS.verbose
+  return any(a in ("--verbose", "-verbose") for a in sys.argv[1:])  # while parsing flags
+
+
 def _report(exc: Exception, hard_exit: bool = False) -> None:
   """Exits with one line if `exc` is a user error or a full disk; returns otherwise (a bug:
   the caller re-raises it, traceback and all). `hard_exit`: a full disk ends the process
   at once (`os._exit`), skipping exit hooks."""
+  full = None if isinstance(exc, UserError) else io.disk_full(exc)
+  if _verbose() and (isinstance(exc, UserError) or full is not None):
+    traceback.print_exception(exc)
   if isinstance(exc, UserError):
     _fail(2, str(exc))
-  full = io.disk_full(exc)
   if full is not None:
     where = getattr(full, "filename", None) or FLAGS.workdir
     print(f"ncjax: {where}: No space left on device", file=sys.stderr, flush=True)
@@ -498,6 +561,9 @@ def main(argv):
   try:
     _run()
   except KeyboardInterrupt:
+    # A second Ctrl-C while the process winds down (threads joined at exit) would end it by
+    # the signal itself (status -2) and print another traceback: the first one decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _fail(130, "interrupted; rerun the same command to resume")
   except Exception as e:  # noqa: BLE001 - reported if the user can act on it, else re-raised
     _report(e, hard_exit=True)

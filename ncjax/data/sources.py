@@ -320,8 +320,10 @@ def _load_folder(directory: str, split: str, hw) -> ArrayDataset:
         f"image folder split {str(split_dir)!r} not found; expected the layout "
         "<dir>/<split>/<class>/<image>.jpg|png. " + _AIRCRAFT_HELP)
   # Classes are the union over all split folders, sorted, so label ids agree across splits.
+  # Hidden directories (.ipynb_checkpoints, .DS_Store folders, ...) are tools' files, not
+  # classes.
   classes = sorted({c.name for s in root.iterdir() if s.is_dir()
-                    for c in s.iterdir() if c.is_dir()})
+                    for c in s.iterdir() if c.is_dir() and not c.name.startswith(".")})
   files, labels = [], []
   for k, c in enumerate(classes):
     cdir = split_dir / c

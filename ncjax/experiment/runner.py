@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from ncjax import data, io, metrics, report, telemetry, train
-from ncjax.errors import CheckpointError, ConfigError
+from ncjax.errors import CheckpointError, ConfigError, Diverged
 from ncjax.experiment import assemble, assets, records, spec as spec_lib
 from ncjax.experiment.spec import AUTO_UNIT, Run, Spec
 from ncjax.experiment.stages import autounit, fewshot, finetune, pretrain, probe, score
@@ -148,8 +148,14 @@ def run_spec(spec: Spec, workdir: str, mesh, on_record, on_log=None,
     done = records.load_record(workdir, r.id)
     if primary and records.read_fingerprint(workdir, r.id) is None:
       records.write_fingerprint(workdir, r.id, dict(r.fingerprint))
-    rec = (STAGES[stage_of(r)](ctx, r, done) if done is None or r.kind in RUN_WHEN_DONE
-           else done)
+    try:
+      rec = (STAGES[stage_of(r)](ctx, r, done) if done is None or r.kind in RUN_WHEN_DONE
+             else done)
+    except Diverged as e:  # the loop knows the step, not the field to change
+      optim, field = ((spec.pretrain.optim, "pretrain.optim") if r.kind == "pretrain" else
+                      (spec.optim, "optim"))
+      raise Diverged(f"{e}; the run's learning rate is --config.{field}.lr={optim.lr:g}: "
+                     "lower it and rerun with --fresh") from e
     src = ctx.source.get(r.backbone.model)
     if done is None and src is not None and r.kind != "pretrain":
       rec.source_nc1, rec.source_accuracy = src.nc1, src.accuracy  # Table 1 / Fig. 4

@@ -1,0 +1,189 @@
+"""Bad input (issue 21): every mistake a user can make in the config, the data, the weights or
+the workdir ends as one ``ncjax: <what>, <where>, <what to do>`` line on stderr and exit 2,
+before any work, with no traceback; ``--verbose`` / NCJAX_TRACEBACK=1 adds the traceback.
+
+`CASES` is the table: a new case is one row (id, the arguments, the files it needs, the
+text its line must hold). The CLI runs in this process (`cli`: flags parsed anew each time,
+as a real process parses them), so a row costs its own work only, not a Python start.
+"""
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import os
+import struct
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from ncjax import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = f"--config={ROOT}/tests/tiny_config.py:transfer"
+
+
+def cli(*args, cwd=None) -> tuple[int, str, str]:
+  """``python -m ncjax.main <args>`` in this process: (exit status, stdout, stderr)."""
+  argv = ["ncjax", *args]
+  saved, sys.argv = sys.argv, argv
+  main.FLAGS.unparse_flags()
+  for name in [n for n in main.FLAGS if n == "config" or n.startswith("config.")]:
+    delattr(main.FLAGS, name)  # --config and its overrides are defined anew per command
+  out, err = _io.StringIO(), _io.StringIO()
+  status = 0
+  here = os.getcwd()
+  try:
+    if cwd:
+      os.chdir(cwd)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      try:
+        main.main(main.parse_flags(argv))
+      except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+  finally:
+    os.chdir(here)
+    sys.argv = saved
+  return status, out.getvalue(), err.getvalue()
+
+
+def one_line(status: int, err: str, want: int = 2) -> str:
+  """The error line, after checking the status, that it is the only line (a problem list:
+  its header and indented problems) and that no traceback was printed."""
+  assert status == want, (status, err[-3000:])
+  assert "Traceback" not in err, err[-3000:]
+  lines = err.strip().splitlines()
+  assert lines and lines[0].startswith("ncjax: "), err
+  assert all(l.startswith("  ") for l in lines[1:]), err  # the problems of one list
+  return " ".join(l.strip() for l in lines)
+
+
+# --- files the cases need -------------------------------------------------------------------------
+
+def _png(path, array: np.ndarray) -> None:
+  from PIL import Image
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+def image_folder(root, classes=("a", "b", "c"), splits=("train", "test"), per_class=4,
+                 empty=(), size=8):
+  """``<root>/<split>/<class>/<i>.png`` (random gray-level images); `empty`: (split, class)
+  directories left without images."""
+  rng = np.random.default_rng(0)
+  for s in splits:
+    for c in classes:
+      os.makedirs(os.path.join(root, s, c), exist_ok=True)
+      if (s, c) in empty or ("*", c) in empty:
+        continue
+      for i in range(per_class):
+        _png(os.path.join(root, s, c, f"{i}.png"),
+             rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+  return f"folder:{root}"
+
+
+def folder_args(source: str) -> list[str]:
+  # `aircraft` is the one dataset_sources entry of the default config
+  return [TINY, f"--config.dataset_sources.aircraft={source}", "--config.datasets=aircraft",
+          "--config.downstream_classes="]
+
+
+def bomb_png(path, side=100_000) -> None:
+  """A PNG whose header claims `side` x `side` pixels (10^10), with almost no data."""
+  def chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+  ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def config_file(tmp, body: str) -> str:
+  path = os.path.join(tmp, "mine.py")
+  with open(path, "w") as f:
+    f.write(body)
+  return path
+
+
+_CONFIG_HEAD = "from configs import default\n\n\ndef get_config():\n"
+
+
+def own_config(body: str, arg: str = ""):
+  """A case's `make`: the config file `body` as ``tmp/mine.py``, given as --config."""
+  return lambda tmp: [f"--config={config_file(tmp, body)}{arg}"]
+
+
+# --- the table ----------------------------------------------------------------------------------
+# (id, make(tmp) -> argv (without --workdir), what the line must contain). `make` builds the
+# files a case needs under tmp.
+
+CASES = [
+    # the config
+    ("lr_inf", lambda t: [TINY, "--config.optim.lr=inf"],
+     "--config.optim.lr=inf: must be a finite number"),
+    ("pretrain_lr_inf", lambda t: [TINY, "--config.pretrain.optim.lr=inf"],
+     "--config.pretrain.optim.lr=inf: must be a finite number"),
+    ("method_typo", lambda t: [TINY, "--config.methods=linear,fulll"],
+     "--config.methods=linear,fulll: unknown method 'fulll', did you mean 'full'?"),
+    ("mlp_width_negative", lambda t: [TINY, "--config.backbone.default.options.width=-3"],
+     "--config.backbone.default.options.width=-3: must be an integer >= 1"),
+    ("mlp_depth_zero", lambda t: [TINY, "--config.backbone.default.options.depth=0"],
+     "--config.backbone.default.options.depth=0: must be an integer >= 1"),
+    ("one_downstream_class", lambda t: [TINY, "--config.downstream_classes=3"],
+     "--config.downstream_classes=3: needs at least 2 classes"),
+    ("downstream_classes_out_of_range", lambda t: [TINY, "--config.downstream_classes=5-12"],
+     "--config.downstream_classes=5,6,7,8,9,10,11,12: class 10 is out of range: digits:train "
+     "has 10 class(es) (ids 0-9)"),
+    ("pretrain_classes_out_of_range", lambda t: [TINY, "--config.pretrain.classes=0,10"],
+     "--config.pretrain.classes=0,10: class 10 is out of range: digits:train has 10 class(es)"),
+    ("fewshot_ways_past_classes",
+     lambda t: [f"--config={ROOT}/tests/tiny_config.py:fewshot", "--config.fewshot.ways=12"],
+     "--config.fewshot.ways=12: digits:train has 5 class(es) among --config.downstream_classes "
+     "with at least shots + queries = 5 + 15 images; lower --config.fewshot.ways"),
+    # the user's own config file
+    ("config_raises", own_config(_CONFIG_HEAD + "  raise RuntimeError('no GPU')\n"),
+     "mine.py:5: RuntimeError: no GPU (fix the config file)"),
+    ("config_syntax_error", own_config(_CONFIG_HEAD + "  c = (\n"), "mine.py:5: SyntaxError:"),
+    ("config_returns_none", own_config(_CONFIG_HEAD + "  c = default.get_config()\n"),
+     "get_config() returned None; it must return the ml_collections.ConfigDict"),
+    ("config_imports_missing_name", own_config("from configs.default import nosuch\n"),
+     "mine.py:1: ImportError: cannot import name 'nosuch'"),
+    ("config_takes_no_argument",
+     own_config(_CONFIG_HEAD + "  return default.get_config()\n", ":foo"),
+     "get_config() takes no argument; drop ':foo'"),
+    # image folders
+    ("folder_empty_class_in_train",
+     lambda t: folder_args(image_folder(f"{t}/d", empty={("train", "b")})),
+     "aircraft:train: 1 class(es) without images: 1 ('b')"),
+    ("folder_empty_class_everywhere",
+     lambda t: folder_args(image_folder(f"{t}/d", empty={("*", "c")})),
+     "aircraft:train: 1 class(es) without images: 2 ('c')"),
+    ("folder_test_classes_differ",
+     lambda t: folder_args(image_folder(f"{t}/d", splits=("train",)) and
+                           image_folder(f"{t}/d", classes=("a", "b", "z"), splits=("test",))),
+     "aircraft:train: 1 class(es) without images: 3 ('z')"),
+    ("folder_single_class",
+     lambda t: folder_args(image_folder(f"{t}/d", classes=("a",))),
+     "aircraft:train has 1 class (a); a classifier needs at least 2"),
+]
+
+
+@pytest.mark.parametrize("make, want", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_before_any_work(make, want, tmp_path):
+  status, _, err = cli(*make(str(tmp_path)), f"--workdir={tmp_path}/w")
+  line = one_line(status, err)
+  assert want in line, line
+  assert not os.path.exists(tmp_path / "w" / "runs")  # before any work
+
+
+def test_verbose_adds_the_traceback(tmp_path, monkeypatch):
+  status, _, err = cli(TINY, "--config.downstream_classes=3", "--verbose",
+                       f"--workdir={tmp_path}")
+  assert status == 2 and "Traceback" in err and err.strip().splitlines()[-2].startswith("ncjax: ")
+  monkeypatch.setenv("NCJAX_TRACEBACK", "1")
+  path = config_file(str(tmp_path), _CONFIG_HEAD + "  raise RuntimeError('no GPU')\n")
+  status, _, err = cli(f"--config={path}", f"--workdir={tmp_path}")
+  assert status == 2 and "Traceback" in err and "RuntimeError: no GPU" in err
