@@ -116,9 +116,74 @@ def own_config(body: str, arg: str = ""):
   return lambda tmp: [f"--config={config_file(tmp, body)}{arg}"]
 
 
+def resnet_weights(tmp, poison) -> list[str]:
+  """A config fine-tuning a small resnet18 (width 4, CIFAR stem) from a torchvision-layout
+  .npz whose tensors `poison(name, array)` may spoil; its argv."""
+  from ncjax import models, weights
+  from flax import traverse_util
+  shapes = models.param_shapes("resnet18", 2, image_size=8, channels=1, width=4, stem="cifar")
+  flat = traverse_util.flatten_dict({k: shapes[k] for k in ("params", "batch_stats")})
+  rng = np.random.default_rng(0)
+  state = {}
+  for p, (k, fn) in weights.torchvision_key_map("resnet18", flat).items():
+    a = np.abs(rng.standard_normal(weights._torch_shape(tuple(flat[p].shape), fn)))
+    state[k] = poison(k, a.astype(np.float32))
+  np.savez(f"{tmp}/r18.npz", **state)
+  body = (f"import sys\nsys.path.insert(0, {ROOT + '/tests'!r})\n"
+          "from tiny_config import tiny_mlp_config\n\n\ndef get_config():\n"
+          "  c = tiny_mlp_config('transfer')\n  c.models = ('resnet18',)\n"
+          "  c.backbone.default.options = {'width': 4, 'stem': 'cifar'}\n"
+          f"  c.backbone.default.unit = ('block2',)\n  c.backbone.default.weights = '{tmp}/r18.npz'\n"
+          "  return c\n")
+  return [f"--config={config_file(tmp, body)}"]
+
+
+def _nan_in(key):
+  """A `poison`: NaN in tensor `key` (every tensor for '*')."""
+  return lambda k, a: np.full_like(a, np.nan) if key in (k, "*") else a
+
+
+def _set(key, value, index=0):
+  return lambda k, a: (a.reshape(-1).__setitem__(index, value) or a) if k == key else a
+
+
+_HELD: list[int] = []  # lock files a case holds, as another run would
+
+
+@pytest.fixture(autouse=True)
+def _release_held():
+  yield
+  while _HELD:
+    os.close(_HELD.pop())
+
+
+def held_workdir(tmp) -> list[str]:
+  """A workdir whose lock another process holds (here: this one, on its own descriptor)."""
+  import fcntl
+  os.makedirs(f"{tmp}/w", exist_ok=True)
+  fd = os.open(f"{tmp}/w/.lock", os.O_RDWR | os.O_CREAT)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  os.pwrite(fd, b"process 4242 on elsewhere\n", 0)
+  _HELD.append(fd)
+  return [TINY]
+
+
+def lost_fingerprint(tmp) -> list[str]:
+  """A workdir whose pre-training has a checkpoint but no fingerprint.json (kill -9)."""
+  os.makedirs(f"{tmp}/w/runs/pretrain-mlp-digits/checkpoints/4")
+  return [TINY]
+
+
+def _file(path) -> str:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  open(path, "w").close()
+  return path
+
+
 # --- the table ----------------------------------------------------------------------------------
-# (id, make(tmp) -> argv (without --workdir), what the line must contain). `make` builds the
-# files a case needs under tmp.
+# (id, make(tmp) -> argv (without --workdir), what the line must contain[, after_work]).
+# `make` builds the files a case needs under tmp; `after_work`: the error can only come from
+# training itself (a divergence), else the workdir must hold no run yet.
 
 CASES = [
     # the config
@@ -126,6 +191,10 @@ CASES = [
      "--config.optim.lr=inf: must be a finite number"),
     ("pretrain_lr_inf", lambda t: [TINY, "--config.pretrain.optim.lr=inf"],
      "--config.pretrain.optim.lr=inf: must be a finite number"),
+    ("lr_diverges", lambda t: [TINY, "--config.pretrain.optim.lr=1e6"],
+     "ncjax: pretrain-mlp-digits: non-finite loss nan at step 2 (lower the learning rate, or "
+     "check the input data); the run's learning rate is "
+     "--config.pretrain.optim.lr=1e+06: lower it and rerun with --fresh", True),
     ("method_typo", lambda t: [TINY, "--config.methods=linear,fulll"],
      "--config.methods=linear,fulll: unknown method 'fulll', did you mean 'full'?"),
     ("mlp_width_negative", lambda t: [TINY, "--config.backbone.default.options.width=-3"],
@@ -154,6 +223,29 @@ CASES = [
     ("config_takes_no_argument",
      own_config(_CONFIG_HEAD + "  return default.get_config()\n", ":foo"),
      "get_config() takes no argument; drop ':foo'"),
+    # weights
+    ("weights_nan_everywhere", lambda t: resnet_weights(t, _nan_in("*")),
+     "r18.npz: the weights cannot be used: layer1.0.bn1.bias has 4 of 4 values NaN or Inf; "),
+    ("weights_nan_in_one_tensor", lambda t: resnet_weights(t, _nan_in("layer2.1.conv2.weight")),
+     "r18.npz: the weights cannot be used: layer2.1.conv2.weight has 576 of 576 values NaN"),
+    ("weights_negative_running_variance",
+     lambda t: resnet_weights(t, _set("layer1.0.bn1.running_var", -0.5)),
+     "layer1.0.bn1.running_var (a BatchNorm running variance) has 1 negative value(s), "
+     "down to -0.5"),
+    ("weights_inf_running_variance",
+     lambda t: resnet_weights(t, _set("bn1.running_var", np.inf, 2)),
+     "the weights cannot be used: bn1.running_var has 1 of 4 values NaN or Inf"),
+    # the workdir
+    ("workdir_is_a_file", lambda t: [TINY, f"--workdir={_file(t + '/f')}"],
+     "f is a file, not a directory; pass a directory (it is created if missing)"),
+    ("workdir_under_a_file", lambda t: [TINY, f"--workdir={_file(t + '/f')}/w"],
+     "/f/w lies under "),
+    ("workdir_in_use", held_workdir,
+     "/w is in use by another run (process 4242 on elsewhere); wait for it to end, or pass "
+     "another --workdir"),
+    ("workdir_run_lost_its_fingerprint", lost_fingerprint,
+     "runs/pretrain-mlp-digits: its fingerprint.json is missing or unreadable, so its "
+     "checkpoints and results cannot be matched to this config; pass --fresh to redo it"),
     # image folders
     ("folder_empty_class_in_train",
      lambda t: folder_args(image_folder(f"{t}/d", empty={("train", "b")})),
@@ -171,12 +263,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("make, want", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_before_any_work(make, want, tmp_path):
-  status, _, err = cli(*make(str(tmp_path)), f"--workdir={tmp_path}/w")
+@pytest.mark.parametrize("make, want, after_work", [(*c[1:3], c[3:] == (True,)) for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(make, want, after_work, tmp_path):
+  argv = make(str(tmp_path))
+  runs = lambda: set(map(str, (tmp_path / "w").glob("runs/**/*")))
+  before = runs()
+  status, _, err = cli(f"--workdir={tmp_path}/w", *argv)  # a case's own --workdir wins
   line = one_line(status, err)
   assert want in line, line
-  assert not os.path.exists(tmp_path / "w" / "runs")  # before any work
+  assert after_work or runs() == before  # before any work
 
 
 def test_verbose_adds_the_traceback(tmp_path, monkeypatch):
@@ -187,3 +283,35 @@ def test_verbose_adds_the_traceback(tmp_path, monkeypatch):
   path = config_file(str(tmp_path), _CONFIG_HEAD + "  raise RuntimeError('no GPU')\n")
   status, _, err = cli(f"--config={path}", f"--workdir={tmp_path}")
   assert status == 2 and "Traceback" in err and "RuntimeError: no GPU" in err
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+  """kill -9 of the process holding the workdir lock: the next run takes it at once."""
+  import signal
+  import subprocess
+  from ncjax.experiment import records
+  code = ("import sys, time; from ncjax.experiment import records\n"
+          f"with records.workdir_lock({str(tmp_path)!r}):\n  print('held', flush=True)\n"
+          "  time.sleep(60)\n")
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+  try:
+    assert proc.stdout.readline() == "held\n"
+    with pytest.raises(Exception, match=f"process {proc.pid} on "):
+      with records.workdir_lock(str(tmp_path)):
+        pass
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  with records.workdir_lock(str(tmp_path)):
+    assert f"process {os.getpid()} " in (tmp_path / ".lock").read_text()
+
+
+def test_a_run_directory_without_fingerprint_or_results_starts_anew(tmp_path):
+  from ncjax.experiment import records, runner, spec
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  from tiny_config import tiny_mlp_config
+  runs = spec.build(tiny_mlp_config("transfer"))[0].runs()
+  os.makedirs(tmp_path / "runs" / runs[0].id)
+  assert runner._check_workdir_runs(str(tmp_path), runs, fresh=False) == [
+      f"{tmp_path}/runs/{runs[0].id}"]
