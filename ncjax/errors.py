@@ -26,3 +26,8 @@ class Diverged(UserError, FloatingPointError):
 class WorkdirError(UserError):
   """The workdir cannot be used: a file, read-only, or in use by another run (the message
   names the path and, for a lock, the process holding it)."""
+
+
+class DataError(UserError, ValueError):
+  """A data file that cannot be used (truncated, not an image, a decompression bomb): the
+  message names the file. A `ValueError` too, as the loaders raised it."""

@@ -101,6 +101,21 @@ def bomb_png(path, side=100_000) -> None:
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
+def _text(path) -> None:
+  with open(path, "w") as f:
+    f.write("not an image\n")
+
+
+def _truncated_jpeg(path) -> None:
+  """An 8 x 8 JPEG cut in the middle of its data (its header intact)."""
+  from PIL import Image
+  buf = _io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+      buf, "JPEG")
+  with open(path, "wb") as f:
+    f.write(buf.getvalue()[:-60])
+
+
 def config_file(tmp, body: str) -> str:
   path = os.path.join(tmp, "mine.py")
   with open(path, "w") as f:
@@ -246,6 +261,21 @@ CASES = [
     ("workdir_run_lost_its_fingerprint", lost_fingerprint,
      "runs/pretrain-mlp-digits: its fingerprint.json is missing or unreadable, so its "
      "checkpoints and results cannot be matched to this config; pass --fresh to redo it"),
+    # images
+    ("image_decompression_bomb",
+     lambda t: folder_args(image_folder(f"{t}/d") and bomb_png(f"{t}/d/train/b/bomb.png")
+                           or f"folder:{t}/d"),
+     "/d/train/b/bomb.png: Image size (10000000000 pixels) exceeds limit of 178956970 pixels, "
+     "could be decompression bomb DOS attack.; refused as a decompression bomb"),
+    ("image_not_an_image",
+     lambda t: folder_args(image_folder(f"{t}/d") and _text(f"{t}/d/test/a/notes.jpg")
+                           or f"folder:{t}/d"),
+     "/d/test/a/notes.jpg: cannot be decoded (UnidentifiedImageError: cannot identify image "
+     "file"),
+    ("image_truncated",  # found when decoded (after the assets check: see the note)
+     lambda t: folder_args(image_folder(f"{t}/d") and _truncated_jpeg(f"{t}/d/train/c/t.jpg")
+                           or f"folder:{t}/d") + ["--config.pretrain.enabled=False"],
+     "/d/train/c/t.jpg: cannot be decoded (OSError: image file is truncated", True),
     # image folders
     ("folder_empty_class_in_train",
      lambda t: folder_args(image_folder(f"{t}/d", empty={("train", "b")})),
@@ -315,3 +345,22 @@ def test_a_run_directory_without_fingerprint_or_results_starts_anew(tmp_path):
   os.makedirs(tmp_path / "runs" / runs[0].id)
   assert runner._check_workdir_runs(str(tmp_path), runs, fresh=False) == [
       f"{tmp_path}/runs/{runs[0].id}"]
+
+
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
+  """A 16-bit gray PNG (a 0..65535 gradient) decodes to 0..255, not to 99.6% white."""
+  from ncjax import data
+  image_folder(str(tmp_path), size=64)
+  ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+  _png(str(tmp_path / "train" / "a" / "0.png"), ramp)
+  ds = data.load(f"folder:{tmp_path}", "train")
+  img = np.asarray(ds.images[0:1])[0]
+  assert img.shape == (64, 64, 3) and (img[..., 0] == img[..., 2]).all()
+  np.testing.assert_array_equal(img[..., 0], np.round(ramp / 257).astype(np.uint8))
+
+
+def test_hidden_directories_are_not_classes(tmp_path):
+  from ncjax import data
+  image_folder(str(tmp_path))
+  image_folder(str(tmp_path), classes=(".ipynb_checkpoints",), splits=("train",))
+  assert data.load(f"folder:{tmp_path}", "train").class_names == ["a", "b", "c"]
