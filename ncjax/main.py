@@ -552,12 +552,37 @@ def _quiet_disk_full_in_threads() -> None:
   threading.excepthook = hook
 
 
+def _closed_loop_callback(exc: BaseException | None) -> bool:
+  """Whether `exc` is asyncio's "Event loop is closed" from `call_soon_threadsafe`: a
+  tensorstore callback of an orbax save or restore that already failed (and was reported, or
+  recovered from), arriving after orbax closed its loop. Nothing is lost by it."""
+  if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    return False
+  return any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(exc.__traceback__))
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Keeps `_closed_loop_callback` tracebacks (16 of them per failed checkpoint read) off
+  the console; any other exception is printed as before."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def on_exception(kind, value, tb):
+    if not _closed_loop_callback(value):
+      excepthook(kind, value, tb)
+
+  def on_unraisable(u):
+    if not _closed_loop_callback(u.exc_value):
+      unraisablehook(u)
+  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
 def main(argv):
   del argv  # parse_flags rejected positional arguments
   if not FLAGS["verbosity"].present:
     # Keep the console to progress bars and results (orbax logs every checkpoint at INFO).
     logging.set_verbosity(logging.WARNING)
   _quiet_disk_full_in_threads()
+  _quiet_closed_loop_callbacks()
   try:
     _run()
   except KeyboardInterrupt:

@@ -276,6 +276,12 @@ CASES = [
      lambda t: folder_args(image_folder(f"{t}/d") and _truncated_jpeg(f"{t}/d/train/c/t.jpg")
                            or f"folder:{t}/d") + ["--config.pretrain.enabled=False"],
      "/d/train/c/t.jpg: cannot be decoded (OSError: image file is truncated", True),
+    ("images_of_mixed_sizes",
+     lambda t: folder_args(image_folder(f"{t}/d") and image_folder(f"{t}/d", size=12,
+                                                                    classes=("c",))),
+     "images have different sizes (e.g. [(8, 8, 3), (12, 12, 3)]); set "
+     "--config.backbone.default.image_size=<the model's input side> (or "
+     "backbone.<model>.image_size) to fit them"),
     # image folders
     ("folder_empty_class_in_train",
      lambda t: folder_args(image_folder(f"{t}/d", empty={("train", "b")})),
@@ -364,3 +370,44 @@ def test_hidden_directories_are_not_classes(tmp_path):
   image_folder(str(tmp_path))
   image_folder(str(tmp_path), classes=(".ipynb_checkpoints",), splits=("train",))
   assert data.load(f"folder:{tmp_path}", "train").class_names == ["a", "b", "c"]
+
+
+def test_closed_event_loop_callbacks_are_kept_off_the_console():
+  """tensorstore's callbacks into orbax's closed loop (after a failed save or restore)."""
+  import asyncio
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:
+    closed = e
+  assert main._closed_loop_callback(closed)
+  assert not main._closed_loop_callback(RuntimeError("Event loop is closed"))  # raised by us
+  assert not main._closed_loop_callback(ValueError("Event loop is closed"))
+
+
+def test_ctrl_c_twice_exits_130_with_one_line(tmp_path):
+  """Two SIGINTs in a row during training: exit status 130 (not -2, the signal's), the
+  interrupted line last, no traceback."""
+  import signal
+  import subprocess
+  import time
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "ncjax.main", f"--workdir={tmp_path}", TINY,
+       "--config.pretrain.optim.steps=100000", "--config.checkpoint_every=0"],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+  try:
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+      assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, (proc.returncode, err[-3000:])
+  assert "Traceback" not in err, err[-3000:]
+  assert err.strip().splitlines()[-1] == "ncjax: interrupted; rerun the same command to resume"

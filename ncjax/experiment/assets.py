@@ -71,6 +71,10 @@ def check_assets(specs: list[Spec], progress=print) -> None:
     except (OSError, ValueError, ImportError, KeyError) as e:
       failed.add(key[:2])
       why, value = " ".join(str(e).split()), key[1] if key[0] == "data" else what
+      # `data.load`'s hint names its argument; a config sets it as the backbone's image_size.
+      why = why.replace("pass decode_size=... (the model's input size)",
+                        "set --config.backbone.default.image_size=<the model's input side> "
+                        "(or backbone.<model>.image_size)")
       set_by = _set_by(specs, value)
       if set_by:  # a data source is shown with its field; the split goes with the reason
         p.add(set_by, value, f"{what}: {why}" if key[0] == "data" else why)
