@@ -552,6 +552,10 @@ def _quiet_disk_full_in_threads() -> None:
   threading.excepthook = hook
 
 
+# Seconds an interrupted command has to close its files before it exits regardless.
+_WIND_DOWN_S = 20
+
+
 def _closed_loop_callback(exc: BaseException | None) -> bool:
   """Whether `exc` is asyncio's "Event loop is closed" from `call_soon_threadsafe`: a
   tensorstore callback of an orbax save or restore that already failed (and was reported, or
@@ -586,9 +590,14 @@ def main(argv):
   try:
     _run()
   except KeyboardInterrupt:
-    # A second Ctrl-C while the process winds down (threads joined at exit) would end it by
-    # the signal itself (status -2) and print another traceback: the first one decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A further Ctrl-C while the process winds down (atexit hooks, threads joined at exit)
+    # would end it by the signal itself (status -2) with another traceback: it ends it at
+    # once, with 130. So does a wind-down that hangs (a second Ctrl-C that arrived during
+    # the unwinding can leave a writer thread unclosed).
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    watchdog = threading.Timer(_WIND_DOWN_S, os._exit, (130,))
+    watchdog.daemon = True  # a normal exit does not wait for it
+    watchdog.start()
     _fail(130, "interrupted; rerun the same command to resume")
   except Exception as e:  # noqa: BLE001 - reported if the user can act on it, else re-raised
     _report(e, hard_exit=True)
