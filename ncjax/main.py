@@ -554,6 +554,29 @@ def _quiet_disk_full_in_threads() -> None:
 
 # Seconds an interrupted command has to close its files before it exits regardless.
 _WIND_DOWN_S = 20
+_INTERRUPTED = "interrupted; rerun the same command to resume"
+_interrupted = threading.Event()  # the line above was printed
+
+
+def _interrupt_once() -> None:
+  """The first Ctrl-C raises KeyboardInterrupt (files are closed on the way out, main says
+  so); a second one ends the process at once with 130 and that one line. Python's own
+  handler would raise again wherever the unwinding is (a gc callback, an atexit hook:
+  another traceback, or an exit by the signal, status -2). A SIGINT the parent ignores
+  (nohup) stays ignored."""
+  if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    return
+
+  def again(signum, frame):
+    if not _interrupted.is_set():
+      _hard_exit(130, _INTERRUPTED)
+    os._exit(130)
+
+  def first(signum, frame):
+    signal.signal(signal.SIGINT, again)
+    raise KeyboardInterrupt
+
+  signal.signal(signal.SIGINT, first)
 
 
 def _closed_loop_callback(exc: BaseException | None) -> bool:
@@ -590,15 +613,12 @@ def main(argv):
   try:
     _run()
   except KeyboardInterrupt:
-    # A further Ctrl-C while the process winds down (atexit hooks, threads joined at exit)
-    # would end it by the signal itself (status -2) with another traceback: it ends it at
-    # once, with 130. So does a wind-down that hangs (a second Ctrl-C that arrived during
-    # the unwinding can leave a writer thread unclosed).
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    # A wind-down that hangs (atexit hooks, threads joined at exit) still ends, with 130.
     watchdog = threading.Timer(_WIND_DOWN_S, os._exit, (130,))
     watchdog.daemon = True  # a normal exit does not wait for it
     watchdog.start()
-    _fail(130, "interrupted; rerun the same command to resume")
+    _interrupted.set()
+    _fail(130, _INTERRUPTED)
   except Exception as e:  # noqa: BLE001 - reported if the user can act on it, else re-raised
     _report(e, hard_exit=True)
     raise
@@ -607,7 +627,8 @@ def main(argv):
 def _run() -> None:
   """Joins the other processes (multi-host), then runs the config's job."""
   if FLAGS.coordinator:
-    initialize_distributed()
+    initialize_distributed()  # (a Ctrl-C while it waits ends the process at once)
+  _interrupt_once()
   from ncjax.experiment import runner  # jax loads here, after the flags' checks and --help
   config = FLAGS.config
   logging.info("config:\n%s", config)

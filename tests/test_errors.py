@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io as _io
 import os
+import signal
 import struct
 import sys
 import zlib
@@ -33,7 +34,7 @@ def cli(*args, cwd=None) -> tuple[int, str, str]:
     delattr(main.FLAGS, name)  # --config and its overrides are defined anew per command
   out, err = _io.StringIO(), _io.StringIO()
   status = 0
-  here = os.getcwd()
+  here, interrupt = os.getcwd(), signal.getsignal(signal.SIGINT)
   try:
     if cwd:
       os.chdir(cwd)
@@ -45,6 +46,7 @@ def cli(*args, cwd=None) -> tuple[int, str, str]:
   finally:
     os.chdir(here)
     sys.argv = saved
+    signal.signal(signal.SIGINT, interrupt)  # main's Ctrl-C handler
   return status, out.getvalue(), err.getvalue()
 
 
@@ -323,7 +325,6 @@ def test_verbose_adds_the_traceback(tmp_path, monkeypatch):
 
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
   """kill -9 of the process holding the workdir lock: the next run takes it at once."""
-  import signal
   import subprocess
   from ncjax.experiment import records
   code = ("import sys, time; from ncjax.experiment import records\n"
@@ -389,7 +390,6 @@ def test_closed_event_loop_callbacks_are_kept_off_the_console():
 def test_ctrl_c_twice_exits_130_with_one_line(tmp_path):
   """Two SIGINTs in a row during training: exit status 130 (not -2, the signal's), the
   interrupted line last, no traceback."""
-  import signal
   import subprocess
   import time
   proc = subprocess.Popen(
