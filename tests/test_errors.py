@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io as _io
 import os
+import shutil
 import signal
 import struct
 import sys
@@ -417,3 +418,42 @@ def test_ctrl_c_twice_exits_130_with_one_line(tmp_path):
   assert proc.returncode == 130, (proc.returncode, err[-3000:])
   assert "Traceback" not in err, err[-3000:]
   assert err.strip().splitlines()[-1] == "ncjax: interrupted; rerun the same command to resume"
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs util-linux unshare")
+def test_a_read_only_workdir(tmp_path):
+  """On a read-only mount (a private mount namespace; root ignores permission bits): a new
+  workdir is one line; a finished one prints its table from its records and writes nothing."""
+  import subprocess
+  from ncjax.experiment import records, spec
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  from tiny_config import tiny_mlp_config
+  probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+  if probe.returncode != 0:
+    pytest.skip(f"unprivileged mount namespaces unavailable: {probe.stderr.decode()[:200]}")
+  done = tmp_path / "done"
+  for r in spec.build(tiny_mlp_config("transfer"))[0].runs():
+    records.save_record(str(done), records.Record(
+        model="mlp", dataset=r.dataset, method=r.method or "pretrain", unit=r.unit or "",
+        accuracy=50.0, stage="pretrain" if r.kind == "pretrain" else "transfer", run=r.id))
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  cmd = f"{sys.executable} -m ncjax.main {TINY} --config.compile_cache_dir= --workdir={ro}"
+  # The finished workdir is copied in before the bind mount turns read-only.
+  script = (f"cp -r {done} {ro}/done\n"
+            f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} || exit 97\n"
+            f"{cmd}/new; echo rc=$?\n{cmd}/done; echo rc=$?\n")
+  out = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+  if out.returncode == 97:
+    pytest.skip("cannot mount read-only here")
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  lines = out.stderr.strip().splitlines()
+  assert lines[0] == (f"ncjax: --workdir={ro}/new: cannot write in {ro} (Read-only file "
+                      "system); make it writable or pass another --workdir"), out.stderr
+  rcs = [l for l in out.stdout.splitlines() if l.startswith("rc=")]
+  assert rcs == ["rc=2", "rc=0"], out.stdout
+  assert "| 50.0" in out.stdout and (f"ncjax: --workdir={ro}/done is read-only; every run is "
+                                     "finished, so the table above is from its records "
+                                     "(nothing was written)") in out.stdout
