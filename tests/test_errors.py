@@ -213,6 +213,9 @@ CASES = [
      "ncjax: pretrain-mlp-digits: non-finite loss nan at step 2 (lower the learning rate, or "
      "check the input data); the run's learning rate is "
      "--config.pretrain.optim.lr=1e+06: lower it and rerun with --fresh", True),
+    ("model_typo", lambda t: [TINY, "--config.models=resnet19"],
+     "ncjax: invalid config: --config.models=resnet19: unknown model 'resnet19', did you mean "
+     "'resnet18'? (valid: resnet18, "),
     ("method_typo", lambda t: [TINY, "--config.methods=linear,fulll"],
      "--config.methods=linear,fulll: unknown method 'fulll', did you mean 'full'?"),
     ("mlp_width_negative", lambda t: [TINY, "--config.backbone.default.options.width=-3"],
@@ -230,6 +233,16 @@ CASES = [
      lambda t: [f"--config={ROOT}/tests/tiny_config.py:fewshot", "--config.fewshot.ways=12"],
      "--config.fewshot.ways=12: digits:train has 5 class(es) among --config.downstream_classes "
      "with at least shots + queries = 5 + 15 images; lower --config.fewshot.ways"),
+    ("compile_cache_dir_not_creatable",
+     lambda t: [TINY, "--config.compile_cache_dir=/proc/no/c"],
+     "--config.compile_cache_dir=/proc/no/c: cannot create it (No such file or directory: "
+     "/proc/no); pass another directory, or '' for no cache"),
+    ("train_size_past_the_split", lambda t: [TINY, "--config.train_sizes=10,100000"],
+     "--config.train_sizes=100000: digits:train: class 5 has 146 images, fewer than the 20000 "
+     "a class-balanced subset of 100000 takes (5 classes are short)"),
+    ("pretrain_train_size_under_the_classes", lambda t: [TINY, "--config.pretrain.train_size=3"],
+     "--config.pretrain.train_size=3: digits:train: size 3 < num_classes 5: a balanced subset "
+     "needs at least one example per class"),
     # the user's own config file
     ("config_raises", own_config(_CONFIG_HEAD + "  raise RuntimeError('no GPU')\n"),
      "mine.py:5: RuntimeError: no GPU (fix the config file)"),
@@ -258,6 +271,8 @@ CASES = [
      "f is a file, not a directory; pass a directory (it is created if missing)"),
     ("workdir_under_a_file", lambda t: [TINY, f"--workdir={_file(t + '/f')}/w"],
      "/f/w lies under "),
+    ("workdir_empty", lambda t: [TINY, "--workdir="],
+     "ncjax: --workdir is empty; pass a directory (it is created if missing)"),
     ("workdir_in_use", held_workdir,
      "/w is in use by another run (process 4242 on elsewhere); wait for it to end, or pass "
      "another --workdir"),

@@ -120,6 +120,21 @@ def _class_problems(p: spec_lib.Problems, spec: Spec, counts: dict) -> None:
                 f"{what} has {len(n)} class ({', '.join(map(str, class_names))}); a "
                 "classifier needs at least 2 (an image folder: one directory per class)")
           break
+        sizes = (() if split != "train" else spec.train_sizes if field == "downstream_classes"
+                 else (spec.pretrain.train_size,) if spec.pretrain.train_size else ())
+        size_field = "train_sizes" if field == "downstream_classes" else "pretrain.train_size"
+        for size in sizes:  # what `assemble.balanced` would meet after pre-training
+          try:
+            need = data.balanced_need(len(ids), size, spec.seed)
+          except ValueError as e:
+            p.add(size_field, size, f"{what}: {e}")
+            continue
+          short = [(c, int(n[c]), int(k)) for c, k in zip(ids, need) if n[c] < k]
+          if short:
+            c, have, want = short[0]
+            p.add(size_field, size, f"{what}: class {c} has {have} images, fewer than the "
+                  f"{want} a class-balanced subset of {size} takes"
+                  + (f" ({len(short)} classes are short)" if len(short) > 1 else ""))
         if splits:
           empty = [c for c in ids if n[c] == 0]
           if empty:

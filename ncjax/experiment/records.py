@@ -103,6 +103,8 @@ def workdir_problem(workdir: str) -> tuple[str, bool] | None:
   only cannot be written (a finished job there can still be reported); None when it can.
   Writing is probed with a file (permission bits say nothing for root, nor for a read-only
   mount)."""
+  if not workdir.strip():
+    return "--workdir is empty; pass a directory (it is created if missing)", False
   path = os.path.abspath(workdir)
   existing = path
   while not os.path.exists(existing):

@@ -241,7 +241,12 @@ def _run_specs(specs, workdir: str) -> list[dict]:
     io.write_json(os.path.join(workdir, "config.json"),
                        {**records.version_info(), "config": specs[0].resolved,
                         "variants": {s.tag: s.resolved for s in specs if s.tag}})
-  cache = train.enable_compilation_cache(specs[0].compile_cache_dir)
+  try:
+    cache = train.enable_compilation_cache(specs[0].compile_cache_dir)
+  except OSError as e:  # spec checked its nearest ancestor; some (/proc, /sys) refuse anyway
+    raise ConfigError(f"--config.compile_cache_dir={specs[0].compile_cache_dir}: cannot "
+                      f"create it ({e.strerror}: {e.filename}); pass another directory, or '' "
+                      "for no cache") from e
   compiles = train.compile_stats()
   since, t0 = compiles.snapshot(), time.time()
   mesh = train.data_mesh()

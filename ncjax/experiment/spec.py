@@ -596,7 +596,8 @@ def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
   if not model_names:
     p.add("models", c.models, "must name at least one model")
   datasets = _names(p, "datasets", c.datasets, what="dataset")
-  backbones = tuple(_backbone(p, c, m, datasets) for m in model_names)
+  # An unknown model is reported once, by name (not again by its options).
+  backbones = tuple(_backbone(p, c, m, datasets) for m in model_names if m in models.names())
   method_names = tuple(m for m in _names(p, "methods", c.methods, methods.METHODS, "method")
                        if m in methods.METHODS)
   if job in TRAINS_CELLS and not method_names:
