@@ -139,22 +139,24 @@ def restore_latest(directory: str, abstract_state: TrainState
     return None
   directory = os.path.abspath(directory)
   target = _abstract(abstract_state)
-  mngr = _checkpoint_manager(directory)
   failed, restored = [], None
-  try:
-    steps = sorted(mngr.all_steps(), reverse=True)
-    for step in steps:
-      try:
-        with _quiet_orbax_errors():
+  # orbax also logs the unreadable steps it meets (from reading their metadata on): they are
+  # this function's warning below, or its error.
+  with _quiet_orbax_errors():
+    mngr = _checkpoint_manager(directory)
+    try:
+      steps = sorted(mngr.all_steps(), reverse=True)
+      for step in steps:
+        try:
           r = mngr.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore()))
-        restored = (step, r.state, _checked_history(r.history, int(r.state.step)))
-        break
-      # Whatever fails (orbax, tensorstore, json, a missing item), this step cannot be used.
-      except Exception as e:  # noqa: BLE001
-        failed.append((step, e))
-  finally:
-    mngr.close()
+          restored = (step, r.state, _checked_history(r.history, int(r.state.step)))
+          break
+        # Whatever fails (orbax, tensorstore, json, a missing item), this step cannot be used.
+        except Exception as e:  # noqa: BLE001
+          failed.append((step, e))
+    finally:
+      mngr.close()
   if not steps:
     return None
   if restored is None:
