@@ -8,8 +8,10 @@ path from the current directory first, then a config of the installed ones
 purpose, the main fields and the flags, and exits 0.
 
 A mistake on the command line, in the config or on disk is one ``ncjax: ...`` line on stderr,
-never a traceback. Exit statuses: 0 done, 2 a user error (flags, config, checkpoints), 1 the
-run could not go on (no space left, multi-host processes that never met), 130 interrupted.
+never a traceback (``--verbose`` or NCJAX_TRACEBACK=1 adds it). Exit statuses: 0 done, 2 a user
+error (flags, config, data, weights, the workdir, a diverged run), 1 the run could not go on
+(no space left, multi-host processes that never met), 130 interrupted (Ctrl-C; a second one
+ends the process at once).
 """
 from __future__ import annotations
 
