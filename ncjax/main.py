@@ -8,20 +8,24 @@ path from the current directory first, then a config of the installed ones
 purpose, the main fields and the flags, and exits 0.
 
 A mistake on the command line, in the config or on disk is one ``ncjax: ...`` line on stderr,
-never a traceback. Exit statuses: 0 done, 2 a user error (flags, config, checkpoints), 1 the
-run could not go on (no space left, multi-host processes that never met), 130 interrupted.
+never a traceback (``--verbose`` or NCJAX_TRACEBACK=1 adds it). Exit statuses: 0 done, 2 a user
+error (flags, config, data, weights, the workdir, a diverged run), 1 the run could not go on
+(no space left, multi-host processes that never met), 130 interrupted (Ctrl-C; a second one
+ends the process at once).
 """
 from __future__ import annotations
 
 import ast
 import importlib.machinery
 import importlib.util
+import inspect
 import os
 import re
 import signal
 import socket
 import sys
 import threading
+import traceback
 
 from absl import app, flags, logging
 import ml_collections
@@ -120,6 +124,8 @@ flags.DEFINE_string("coordinator", "", "host:port of process 0, for multi-host r
                     "(jax.distributed); empty on a single host. IPv6: [::1]:1234.")
 flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", 0, "This process's index, 0..num_processes-1 (multi-host).")
+flags.DEFINE_bool("verbose", False, "With a user error's one line, print its traceback too "
+                  "(also NCJAX_TRACEBACK=1).")
 flags.DEFINE_integer("init_timeout", 120, "Seconds a multi-host process waits for all the "
                      "others to join the coordinator before giving up.")
 
@@ -138,20 +144,68 @@ def _fail_all(problems) -> None:
     _fail(2, "\nncjax: ".join(problems))
 
 
+def _where_in(exc: BaseException, path: str) -> str:
+  """``<path>:<line>``: the innermost line of the config file `path` in `exc`'s traceback
+  (a syntax error: its own line), or the file alone."""
+  if isinstance(exc, SyntaxError) and exc.lineno:
+    return f"{exc.filename or path}:{exc.lineno}"
+  same = [f for f in traceback.extract_tb(exc.__traceback__)
+          if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f"{path}:{same[-1].lineno}" if same else path
+
+
 def _load_config(value: str):
-  """The ConfigDict of ``--config=path[:arg]``, loaded as ml_collections loads it, or None
-  when its own code fails: ml_collections then reports that, with the config's traceback."""
+  """The ConfigDict of ``--config=path[:arg]``, loaded as ml_collections loads it. A config
+  whose own code fails (it raises, does not parse, imports a missing name, takes no
+  ``:arg``) or whose `get_config` returns no ConfigDict ends the command with one line
+  naming the file and its line. None: not a ConfigDict but something ml_collections takes."""
   path, *arg = value.split(":", 1)
   loader = importlib.machinery.SourceFileLoader("_ncjax_cli_config", path)
   module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
   try:
     loader.exec_module(module)
-    config = module.get_config(*arg)
+  except Exception as e:  # noqa: BLE001 - the config file's own error, reported as such
+    _config_file_error(value, e, f"{_where_in(e, path)}: {_exc_line(e)}")
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    _fail(2, f"--config={value}: {path} defines no get_config() (a config file returns its "
+          "ml_collections.ConfigDict from get_config(), see configs/default.py)")
+  try:
+    config = get_config(*arg)
   except ValueError as e:  # the config refuses its argument (``--config=<file>:<arg>``)
     _fail(2, f"--config={value}: {e}")
-  except Exception:  # noqa: BLE001 - a bug in the config file, not a flag mistake
-    return None
+  except TypeError as e:
+    if arg and _takes_no_argument(get_config):
+      _fail(2, f"--config={value}: {path}'s get_config() takes no argument; drop "
+            f"':{arg[0]}'")
+    _config_file_error(value, e, f"{_where_in(e, path)}: {_exc_line(e)}")
+  except Exception as e:  # noqa: BLE001
+    _config_file_error(value, e, f"{_where_in(e, path)}: {_exc_line(e)}")
+  if config is None:
+    _fail(2, f"--config={value}: {path}'s get_config() returned None; it must return the "
+          "ml_collections.ConfigDict (a missing `return`?)")
   return config if isinstance(config, ml_collections.ConfigDict) else None
+
+
+def _takes_no_argument(fn) -> bool:
+  try:
+    return not inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _exc_line(exc: BaseException) -> str:
+  """``Type: message`` on one line."""
+  if isinstance(exc, SyntaxError):
+    return f"{type(exc).__name__}: {exc.msg}"
+  return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _config_file_error(value: str, exc: BaseException, what: str) -> None:
+  """Ends the command: the config file failed; `what` says where and how."""
+  if _verbose():
+    traceback.print_exception(exc)
+  _fail(2, f"--config={value}: the config file failed: {what} (fix the config file)")
 
 
 def _config_overrides(argv) -> list[str]:
@@ -463,13 +517,24 @@ def initialize_distributed() -> None:
 
 # --- errors a user acts on ----------------------------------------------------------------------
 
+def _verbose() -> bool:
+  """--verbose or NCJAX_TRACEBACK=1: a user error's traceback is printed before its line."""
+  if os.environ.get("NCJAX_TRACEBACK", "") not in ("", "0"):
+    return True
+  if FLAGS.is_parsed():
+    return FLAGS.verbose
+  return any(a in ("--verbose", "-verbose") for a in sys.argv[1:])  # while parsing flags
+
+
 def _report(exc: Exception, hard_exit: bool = False) -> None:
   """Exits with one line if `exc` is a user error or a full disk; returns otherwise (a bug:
   the caller re-raises it, traceback and all). `hard_exit`: a full disk ends the process
   at once (`os._exit`), skipping exit hooks."""
+  full = None if isinstance(exc, UserError) else io.disk_full(exc)
+  if _verbose() and (isinstance(exc, UserError) or full is not None):
+    traceback.print_exception(exc)
   if isinstance(exc, UserError):
     _fail(2, str(exc))
-  full = io.disk_full(exc)
   if full is not None:
     where = getattr(full, "filename", None) or FLAGS.workdir
     print(f"ncjax: {where}: No space left on device", file=sys.stderr, flush=True)
@@ -489,16 +554,73 @@ def _quiet_disk_full_in_threads() -> None:
   threading.excepthook = hook
 
 
+# Seconds an interrupted command has to close its files before it exits regardless.
+_WIND_DOWN_S = 20
+_INTERRUPTED = "interrupted; rerun the same command to resume"
+_interrupted = threading.Event()  # the line above was printed
+
+
+def _interrupt_once() -> None:
+  """The first Ctrl-C raises KeyboardInterrupt (files are closed on the way out, main says
+  so); a second one ends the process at once with 130 and that one line. Python's own
+  handler would raise again wherever the unwinding is (a gc callback, an atexit hook:
+  another traceback, or an exit by the signal, status -2). A SIGINT the parent ignores
+  (nohup) stays ignored."""
+  if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    return
+
+  def again(signum, frame):
+    if not _interrupted.is_set():
+      _hard_exit(130, _INTERRUPTED)
+    os._exit(130)
+
+  def first(signum, frame):
+    signal.signal(signal.SIGINT, again)
+    raise KeyboardInterrupt
+
+  signal.signal(signal.SIGINT, first)
+
+
+def _closed_loop_callback(exc: BaseException | None) -> bool:
+  """Whether `exc` is asyncio's "Event loop is closed" from `call_soon_threadsafe`: a
+  tensorstore callback of an orbax save or restore that already failed (and was reported, or
+  recovered from), arriving after orbax closed its loop. Nothing is lost by it."""
+  if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    return False
+  return any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(exc.__traceback__))
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Keeps `_closed_loop_callback` tracebacks (16 of them per failed checkpoint read) off
+  the console; any other exception is printed as before."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def on_exception(kind, value, tb):
+    if not _closed_loop_callback(value):
+      excepthook(kind, value, tb)
+
+  def on_unraisable(u):
+    if not _closed_loop_callback(u.exc_value):
+      unraisablehook(u)
+  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
 def main(argv):
   del argv  # parse_flags rejected positional arguments
   if not FLAGS["verbosity"].present:
     # Keep the console to progress bars and results (orbax logs every checkpoint at INFO).
     logging.set_verbosity(logging.WARNING)
   _quiet_disk_full_in_threads()
+  _quiet_closed_loop_callbacks()
   try:
     _run()
   except KeyboardInterrupt:
-    _fail(130, "interrupted; rerun the same command to resume")
+    # A wind-down that hangs (atexit hooks, threads joined at exit) still ends, with 130.
+    watchdog = threading.Timer(_WIND_DOWN_S, os._exit, (130,))
+    watchdog.daemon = True  # a normal exit does not wait for it
+    watchdog.start()
+    _interrupted.set()
+    _fail(130, _INTERRUPTED)
   except Exception as e:  # noqa: BLE001 - reported if the user can act on it, else re-raised
     _report(e, hard_exit=True)
     raise
@@ -507,7 +629,8 @@ def main(argv):
 def _run() -> None:
   """Joins the other processes (multi-host), then runs the config's job."""
   if FLAGS.coordinator:
-    initialize_distributed()
+    initialize_distributed()  # (a Ctrl-C while it waits ends the process at once)
+  _interrupt_once()
   from ncjax.experiment import runner  # jax loads here, after the flags' checks and --help
   config = FLAGS.config
   logging.info("config:\n%s", config)

@@ -555,6 +555,7 @@ def _load_ncjax(path, name: str, variables, *, keep_head: bool, strict: bool):
                                tuple(flat_vars[p].shape) for p in head_paths)
   skipped: list[str] = []
   errors: list[str] = []
+  unusable: list[str] = []
   if keep_head and not use_head:
     logging.warning("keep_head=True but the head of %s does not fit the model; keeping the fresh "
                     "head", step_dir)
@@ -573,7 +574,10 @@ def _load_ncjax(path, name: str, variables, *, keep_head: bool, strict: bool):
                     f"{want}")
       skipped.append(f"{key(p)} (shape {got} != {want})")
     else:
+      is_var = p[0] == "batch_stats" and p[-1] == "var"
+      unusable += _unusable(key(p), flat_src[p], variance=is_var)
       new_flat[p] = jnp.asarray(flat_src[p], dtype=v.dtype)
+  _refuse_unusable(step_dir, unusable)
   for p in sorted(set(flat_src) - set(flat_vars)):
     if p[1] != "head":  # the source's classifier is never needed
       errors.append(f"unexpected {key(p)} (shape {tuple(flat_src[p].shape)}) in the checkpoint")
@@ -587,6 +591,30 @@ def _load_ncjax(path, name: str, variables, *, keep_head: bool, strict: bool):
   for col in loaded:
     out[col] = loaded[col]
   return out, skipped
+
+
+def _unusable(name: str, arr, *, variance: bool) -> list[str]:
+  """Why tensor `name` of a checkpoint cannot be trained from: NaN or Inf values (they reach
+  the first loss), a negative BatchNorm running variance (its square root is NaN)."""
+  a = np.asarray(arr)
+  if not np.issubdtype(a.dtype, np.floating):
+    return []
+  bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+  if bad:
+    return [f"{name} has {bad} of {a.size} values NaN or Inf"]
+  if variance and a.size and a.min() < 0:
+    return [f"{name} (a BatchNorm running variance) has {int(np.sum(a < 0))} negative "
+            f"value(s), down to {float(a.min()):.3g}"]
+  return []
+
+
+def _refuse_unusable(path, unusable: list[str]) -> None:
+  if unusable:
+    shown = "; ".join(unusable[:5]) + (f"; and {len(unusable) - 5} more tensors"
+                                       if len(unusable) > 5 else "")
+    raise CheckpointError(f"{os.fspath(path)}: the weights cannot be used: {shown} (the file "
+                          "is damaged or was saved from a diverged run: re-download or "
+                          "re-export it)")
 
 
 # ----------------------------------------------------------------------------- key maps
@@ -1169,6 +1197,7 @@ def _load(path, name: str, variables, *, keep_head: bool, strict: bool):
                  os.fspath(path), " and ".join(notes))
   skipped: list[str] = []
   errors: list[str] = []
+  unusable: list[str] = []
   new_flat = dict(flat_vars)
   used = set()
 
@@ -1242,6 +1271,7 @@ def _load(path, name: str, variables, *, keep_head: bool, strict: bool):
       continue
     if fn is not None:
       arr = fn(arr)
+    unusable += _unusable(src(k), arr, variance=k.endswith("running_var"))
     new_flat[p] = jnp.asarray(arr, dtype=flat_vars[p].dtype)
 
   for k in sorted(set(ckpt) - used):
@@ -1253,6 +1283,7 @@ def _load(path, name: str, variables, *, keep_head: bool, strict: bool):
       errors.append(f"unexpected key {src(k)!r} (shape {tuple(ckpt[k].shape)}) in "
                     f"{os.fspath(path)}")
     skipped.append(f"{src(k)} (unexpected)")
+  _refuse_unusable(path, unusable)
   if errors:
     note = ""
     if layout != "native":

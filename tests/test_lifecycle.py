@@ -112,8 +112,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_results(tmp_path):
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
 def test_a_full_disk_ends_with_one_clear_line_and_keeps_earlier_results(tmp_path):
   """In a 6 MB tmpfs (a private mount namespace): a finished run, then the disk filled, then a
-  --fresh rerun: it ends with one line naming the path and "No space left on device", and
-  the earlier results.json is intact."""
+  --fresh rerun: it ends with one line naming the path and "No space left on device" (no
+  traceback before it), and the earlier results.json is intact."""
   probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
   if probe.returncode != 0:
     pytest.skip(f"unprivileged mount namespaces unavailable: {probe.stderr.decode()[:200]}")
@@ -128,6 +128,7 @@ head -c $(( $(df -B1 --output=avail {mnt} | tail -1) - 150000 )) /dev/zero > {mn
 {cmd} --config.optim.steps=400 --config.checkpoint_every=1 --fresh > {tmp_path}/out 2> {tmp_path}/err
 echo "rc=$?"
 tail -n 1 {tmp_path}/err
+echo "tracebacks=$(grep -c Traceback {tmp_path}/err)"
 {sys.executable} -c "import json; print('records', len(json.load(open('{mnt}/w/results.json'))))"
 """
   out = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True,
@@ -139,4 +140,5 @@ tail -n 1 {tmp_path}/err
   assert lines[0] == "rc=1", out.stdout
   assert lines[1].startswith(f"ncjax: {mnt}/w") and lines[1].endswith(
       ": No space left on device"), lines[1]
-  assert lines[2] == "records 4"
+  assert lines[2] == "tracebacks=0", out.stdout  # orbax's error log, tensorstore's callbacks
+  assert lines[3] == "records 4"

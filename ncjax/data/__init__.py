@@ -61,8 +61,8 @@ Normalize``), and at the dataset's native resolution before any up-sizing (cheap
 from __future__ import annotations
 
 from ncjax.data.dataset import (
-    ArrayDataset, balanced_subset, class_counts, concatenate, fit_image, holdout_mask,
-    ImageSource, materialize, select_classes,
+    ArrayDataset, balanced_need, balanced_subset, class_counts, concatenate, fit_image,
+    holdout_mask, ImageSource, materialize, select_classes,
 )
 from ncjax.data.classes import (
     CIFAR100_LABEL_NAMES, cifar_fs_class_ids, CIFAR_FS_CLASSES, load_mini_imagenet,
@@ -89,6 +89,7 @@ __all__ = [
     "materialize",
     "concatenate",
     "holdout_mask",
+    "balanced_need",
     "balanced_subset",
     "select_classes",
     "CIFAR100_LABEL_NAMES",

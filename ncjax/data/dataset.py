@@ -243,6 +243,20 @@ def holdout_mask(labels, fraction: float, seed: int) -> np.ndarray:
   return out
 
 
+def balanced_need(k: int, size: int, seed) -> np.ndarray:
+  """How many examples of each of `k` classes `balanced_subset` takes for `size` (`seed`: its
+  seed, or its generator, which this advances as it does), so that a caller can check a
+  split's class counts before any image is read. ValueError if ``size < k``."""
+  if size < k:
+    raise ValueError(f"size {size} < num_classes {k}: a balanced subset needs at least one "
+                     "example per class")
+  rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+  class_order = rng.permutation(k)
+  need = np.full(k, size // k)
+  need[class_order[:size % k]] += 1
+  return need
+
+
 def balanced_subset(ds: ArrayDataset, size: int, seed: int) -> ArrayDataset:
   """A class-balanced random subset with ``size`` examples in total.
 
@@ -253,13 +267,8 @@ def balanced_subset(ds: ArrayDataset, size: int, seed: int) -> ArrayDataset:
   """
   k = ds.num_classes
   size = int(size)
-  if size < k:
-    raise ValueError(f"size {size} < num_classes {k}: a balanced subset needs at least one "
-                     "example per class")
   rng = np.random.default_rng(seed)
-  class_order = rng.permutation(k)
-  need = np.full(k, size // k)
-  need[class_order[:size % k]] += 1
+  need = balanced_need(k, size, rng)
   chosen = []
   for c in range(k):
     idx = rng.permutation(np.flatnonzero(ds.labels == c))  # consumed regardless of size

@@ -18,6 +18,7 @@ from ncjax.data.classes import (
     CIFAR100_LABEL_NAMES, cifar_fs_class_ids, load_mini_imagenet, MINI_IMAGENET_HOWTO,
 )
 from ncjax.data.pipeline import _threaded
+from ncjax.errors import DataError
 
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -301,15 +302,39 @@ def _load_idx_dir(directory: str, split: str, name: str) -> ArrayDataset:
 def _read_image(path) -> np.ndarray:
   from PIL import Image
 
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+  try:
+    with Image.open(path) as im:
+      if im.mode.startswith("I;16") or im.mode == "I":
+        # 16-bit gray: PIL's convert("RGB") clips at 255 (a 0..65535 gradient comes out 99.6%
+        # white); scale to 8 bits instead, as the 16-bit RGB decoder does.
+        gray = np.round(np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255)
+        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
+      return np.asarray(im.convert("RGB"), dtype=np.uint8)
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise _unusable_image(path, e) from e
 
 
 def _image_size(path) -> tuple[int, int, int]:
   from PIL import Image
 
-  with Image.open(path) as im:  # reads the header only
-    return im.size[1], im.size[0], 3
+  try:
+    with Image.open(path) as im:  # reads the header only
+      return im.size[1], im.size[0], 3
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise _unusable_image(path, e) from e
+
+
+def _unusable_image(path, e: Exception) -> DataError:
+  """The error naming the image file that cannot be decoded (the run stops: a dataset with a
+  file missing is not the dataset the config names)."""
+  from PIL import Image
+
+  if isinstance(e, Image.DecompressionBombError):
+    why = (f"{' '.join(str(e).split())}; refused as a decompression bomb (raise "
+           "PIL.Image.MAX_IMAGE_PIXELS if it is a real image)")
+  else:
+    why = f"cannot be decoded ({type(e).__name__}: {' '.join(str(e).split())})"
+  return DataError(f"image {os.fspath(path)}: {why}; replace or remove the file")
 
 
 def _load_folder(directory: str, split: str, hw) -> ArrayDataset:
@@ -320,8 +345,10 @@ def _load_folder(directory: str, split: str, hw) -> ArrayDataset:
         f"image folder split {str(split_dir)!r} not found; expected the layout "
         "<dir>/<split>/<class>/<image>.jpg|png. " + _AIRCRAFT_HELP)
   # Classes are the union over all split folders, sorted, so label ids agree across splits.
+  # Hidden directories (.ipynb_checkpoints, .DS_Store folders, ...) are tools' files, not
+  # classes.
   classes = sorted({c.name for s in root.iterdir() if s.is_dir()
-                    for c in s.iterdir() if c.is_dir()})
+                    for c in s.iterdir() if c.is_dir() and not c.name.startswith(".")})
   files, labels = [], []
   for k, c in enumerate(classes):
     cdir = split_dir / c

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ncjax import data, models, telemetry, weights
 from ncjax.errors import ConfigError
@@ -47,7 +48,7 @@ def check_assets(specs: list[Spec], progress=print) -> None:
   see: its `image_size` / `channels`, else its data's). Raises `ConfigError` listing every
   missing or unfit asset, each under the field the user set (`_set_by`)."""
   p = spec_lib.Problems()
-  todo, failed, shapes = list(assets(specs)), set(), {}
+  todo, failed, shapes, counts = list(assets(specs)), set(), {}, {}
   # TFDS label passes over large splits take a while.
   for field, what, key in telemetry.progress(todo, total=len(todo), desc="checking assets"):
     progress(f"checking {what}")
@@ -56,8 +57,9 @@ def check_assets(specs: list[Spec], progress=print) -> None:
     try:
       if key[0] == "data":
         _, source, split, size, data_dir = key
-        shapes[key] = data.load(source, split, data_dir=data_dir,
-                                decode_size=size).images.shape[1:]
+        ds = data.load(source, split, data_dir=data_dir, decode_size=size)
+        shapes[key] = ds.images.shape[1:]
+        counts[key] = (np.bincount(ds.labels, minlength=ds.num_classes), ds.class_names)
       else:
         _, path, model, spec, bb = key
         # This backbone's data splits came first in `assets`: one check per input shape.
@@ -70,13 +72,89 @@ def check_assets(specs: list[Spec], progress=print) -> None:
     except (OSError, ValueError, ImportError, KeyError) as e:
       failed.add(key[:2])
       why, value = " ".join(str(e).split()), key[1] if key[0] == "data" else what
+      # `data.load`'s hint names its argument; a config sets it as the backbone's image_size.
+      why = why.replace("pass decode_size=... (the model's input size)",
+                        "set --config.backbone.default.image_size=<the model's input side> "
+                        "(or backbone.<model>.image_size)")
       set_by = _set_by(specs, value)
       if set_by:  # a data source is shown with its field; the split goes with the reason
         p.add(set_by, value, f"{what}: {why}" if key[0] == "data" else why)
       else:
         p.add(field, what, why)
+  for spec in specs:
+    _class_problems(p, spec, counts)
   if p.lines:
     raise ConfigError("missing or unusable assets:\n  " + "\n  ".join(p.lines))
+
+
+def _class_problems(p: spec_lib.Problems, spec: Spec, counts: dict) -> None:
+  """What only the labels reveal, before any work: class ids past a dataset's classes, fewer
+  than 2 classes, a class without images in a split it is trained or evaluated on (an empty
+  or missing class directory), few-shot ways and shots the split cannot fill. `counts`:
+  data key -> (images per class, class names) of every split `check_assets` opened."""
+  for bb in spec.backbones:
+    uses = []  # (field of the classes, their ids or None, dataset, splits)
+    if spec.job == "pretrain" or spec.uses_pretraining(bb):
+      uses.append(("pretrain.classes", spec.pretrain.classes, spec.pretrain.dataset,
+                   ("train", "test")))
+    if spec.job == "fewshot":
+      uses += [("downstream_classes", spec.downstream_classes, d, ()) for d in bb.datasets]
+    elif spec.job != "pretrain":
+      uses += [("downstream_classes", spec.downstream_classes, d, ("train", spec.test_split))
+               for d in bb.datasets]
+    for field, classes, name, splits in uses:
+      key = lambda split: ("data", spec.source(name), split, bb.image_size or None,
+                           spec.data_dir)
+      for split in splits or (spec.fewshot.split,):
+        if key(split) not in counts:
+          continue  # not readable: reported already
+        n, class_names = counts[key(split)]
+        what = f"{name}:{split}"
+        out = [c for c in classes or () if c >= len(n)]
+        if out:  # one line per dataset: its splits share the classes
+          p.add(field, classes, f"class {out[0]} is out of range: {what} has {len(n)} "
+                f"class(es) (ids 0-{len(n) - 1})")
+          break
+        ids = list(classes) if classes else list(range(len(n)))
+        if classes is None and len(n) < 2:
+          p.add("pretrain.dataset" if field == "pretrain.classes" else "datasets", name,
+                f"{what} has {len(n)} class ({', '.join(map(str, class_names))}); a "
+                "classifier needs at least 2 (an image folder: one directory per class)")
+          break
+        sizes = (() if split != "train" else spec.train_sizes if field == "downstream_classes"
+                 else (spec.pretrain.train_size,) if spec.pretrain.train_size else ())
+        size_field = "train_sizes" if field == "downstream_classes" else "pretrain.train_size"
+        for size in sizes:  # what `assemble.balanced` would meet after pre-training
+          try:
+            need = data.balanced_need(len(ids), size, spec.seed)
+          except ValueError as e:
+            p.add(size_field, size, f"{what}: {e}")
+            continue
+          short = [(c, int(n[c]), int(k)) for c, k in zip(ids, need) if n[c] < k]
+          if short:
+            c, have, want = short[0]
+            p.add(size_field, size, f"{what}: class {c} has {have} images, fewer than the "
+                  f"{want} a class-balanced subset of {size} takes"
+                  + (f" ({len(short)} classes are short)" if len(short) > 1 else ""))
+        if splits:
+          empty = [c for c in ids if n[c] == 0]
+          if empty:
+            shown = ", ".join(f"{c} ({class_names[c]!r})" if c < len(class_names) else str(c)
+                              for c in empty[:5]) + (" ..." if len(empty) > 5 else "")
+            p.add(field if classes else "datasets" if field != "pretrain.classes" else
+                  "pretrain.dataset", ",".join(map(str, classes)) if classes else name,
+                  f"{what}: {len(empty)} class(es) without images: {shown} (every split "
+                  "needs images of every class: add them, or remove the class everywhere)")
+        else:  # few-shot episodes draw `ways` classes with shots + queries images each
+          f = spec.fewshot
+          need = max(f.shots) + f.queries
+          full = sum(1 for c in ids if n[c] >= need)
+          if f.ways > full:
+            among = " among --config.downstream_classes" if classes else ""
+            p.add("fewshot.ways", f.ways, f"{what} has {full} class(es){among} with at least "
+                  f"shots + queries = {max(f.shots)} + {f.queries} images; lower "
+                  "--config.fewshot.ways" + (" or the shots / queries" if full < len(ids)
+                                             else ""))
 
 
 # Top-level config fields `build` reads. Any other top-level field can only matter by reference

@@ -14,6 +14,7 @@ by name); the runner walks them in order, reuses finished ones and writes their 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 
 from ncjax import data, io, metrics, report, telemetry, train
-from ncjax.errors import CheckpointError, ConfigError
+from ncjax.errors import CheckpointError, ConfigError, Diverged, WorkdirError
 from ncjax.experiment import assemble, assets, records, spec as spec_lib
 from ncjax.experiment.spec import AUTO_UNIT, Run, Spec
 from ncjax.experiment.stages import autounit, fewshot, finetune, pretrain, probe, score
@@ -59,6 +60,45 @@ def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> 
   if dry_run:
     print("assets: all present and readable")
     return []
+  problem = records.workdir_problem(workdir) if jax.process_index() == 0 else None
+  if problem:
+    finished = [records.load_record(workdir, r.id) for r in runs]
+    if problem[1] and not fresh and all(finished):
+      return _report_only(specs, workdir, finished)
+    raise WorkdirError(problem[0])
+  # Reads only: a refusal leaves the workdir as it was.
+  interrupted = _check_workdir_runs(workdir, runs, fresh)
+  with (records.workdir_lock(workdir) if jax.process_index() == 0 else
+        contextlib.nullcontext()):
+    for d in interrupted:
+      print(f"ncjax: {d} has no fingerprint.json and no checkpoint or result (its start was "
+            "interrupted): the run starts anew")
+      shutil.rmtree(d)
+    if fresh:
+      _remove_runs(workdir, [r for r in runs if records.read_fingerprint(workdir, r.id)
+                             is not None])
+    return _run_specs(specs, workdir)
+
+
+def _check_workdir_runs(workdir: str, runs, fresh: bool) -> list[str]:
+  """Stops the job before any work when a run in the workdir was made with a different
+  config, or lost its fingerprint.json while it holds checkpoints or results (unless
+  `fresh`). Returns the run directories that lost it with nothing in them: they start anew."""
+  lost, interrupted = [], []
+  for r in runs:
+    if records.NO_FINGERPRINT not in (records.read_fingerprint(workdir, r.id) or {}):
+      continue
+    d = records.run_dir(workdir, r.id)
+    if records.load_record(workdir, r.id) is None and not records.has_checkpoints(workdir, r.id):
+      interrupted.append(d)
+    else:
+      lost.append(d)
+  if lost and not fresh:
+    raise CheckpointError(
+        f"{lost[0]}: its fingerprint.json is missing or unreadable, so its checkpoints and "
+        "results cannot be matched to this config"
+        + (f" (and {len(lost) - 1} more run(s))" if len(lost) > 1 else "")
+        + "; pass --fresh to redo it (removes them), or use another --workdir")
   stale = _stale_runs(workdir, runs)
   if stale and not fresh:
     lines = [f"{records.run_dir(workdir, r.id)}: " + "; ".join(diff) for r, diff in stale]
@@ -67,10 +107,24 @@ def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> 
         + "\n  ".join(lines) + "\nRerun with that config, use another --workdir, or pass "
         "--fresh to start all runs of this config over (removes their checkpoints and "
         "results).")
-  if fresh:
-    _remove_runs(workdir, [r for r in runs if records.read_fingerprint(workdir, r.id)
-                           is not None])
-  return _run_specs(specs, workdir)
+  return interrupted
+
+
+def _results(specs, out: list[dict]) -> list[dict]:
+  """The report's rows of the job's records `out`: pre-training records only when
+  pre-training is the job; job rank: one row per candidate."""
+  if specs[0].job == "rank":  # one record per candidate: its scores beside its accuracy
+    return score.summarize(out)
+  return [r for r in out if r["stage"] != "pretrain"] or out
+
+
+def _report_only(specs, workdir: str, finished) -> list[dict]:
+  """A read-only workdir whose runs are all finished: their table, nothing written."""
+  results = _results(specs, [rec.to_dict() for rec in finished])
+  print(report.markdown_table(results))
+  print(f"ncjax: --workdir={workdir} is read-only; every run is finished, so the table above "
+        "is from its records (nothing was written)")
+  return results
 
 
 def _schedule_problems(specs) -> list[str]:
@@ -106,7 +160,7 @@ def _stale_runs(workdir: str, runs) -> list:
   out = []
   for r in runs:
     stored = records.read_fingerprint(workdir, r.id)
-    if stored is not None:
+    if stored is not None and records.NO_FINGERPRINT not in stored:
       diff = spec_lib.fingerprint_diff(stored, dict(r.fingerprint))
       if diff:
         out.append((r, diff))
@@ -148,8 +202,14 @@ def run_spec(spec: Spec, workdir: str, mesh, on_record, on_log=None,
     done = records.load_record(workdir, r.id)
     if primary and records.read_fingerprint(workdir, r.id) is None:
       records.write_fingerprint(workdir, r.id, dict(r.fingerprint))
-    rec = (STAGES[stage_of(r)](ctx, r, done) if done is None or r.kind in RUN_WHEN_DONE
-           else done)
+    try:
+      rec = (STAGES[stage_of(r)](ctx, r, done) if done is None or r.kind in RUN_WHEN_DONE
+             else done)
+    except Diverged as e:  # the loop knows the step, not the field to change
+      optim, field = ((spec.pretrain.optim, "pretrain.optim") if r.kind == "pretrain" else
+                      (spec.optim, "optim"))
+      raise Diverged(f"{e}; the run's learning rate is --config.{field}.lr={optim.lr:g}: "
+                     "lower it and rerun with --fresh") from e
     src = ctx.source.get(r.backbone.model)
     if done is None and src is not None and r.kind != "pretrain":
       rec.source_nc1, rec.source_accuracy = src.nc1, src.accuracy  # Table 1 / Fig. 4
@@ -181,7 +241,12 @@ def _run_specs(specs, workdir: str) -> list[dict]:
     io.write_json(os.path.join(workdir, "config.json"),
                        {**records.version_info(), "config": specs[0].resolved,
                         "variants": {s.tag: s.resolved for s in specs if s.tag}})
-  cache = train.enable_compilation_cache(specs[0].compile_cache_dir)
+  try:
+    cache = train.enable_compilation_cache(specs[0].compile_cache_dir)
+  except OSError as e:  # spec checked its nearest ancestor; some (/proc, /sys) refuse anyway
+    raise ConfigError(f"--config.compile_cache_dir={specs[0].compile_cache_dir}: cannot "
+                      f"create it ({e.strerror}: {e.filename}); pass another directory, or '' "
+                      "for no cache") from e
   compiles = train.compile_stats()
   since, t0 = compiles.snapshot(), time.time()
   mesh = train.data_mesh()
@@ -200,12 +265,7 @@ def _run_specs(specs, workdir: str) -> list[dict]:
       return write
     for s in specs:
       run_spec(s, workdir, mesh, on_record=on_record, on_log=on_log, primary=primary)
-  # The report holds the job's results; pre-training records (in records.jsonl) only when
-  # pre-training is the job.
-  if specs[0].job == "rank":  # one record per candidate: its scores beside its accuracy
-    results = score.summarize(out)
-  else:
-    results = [r for r in out if r["stage"] != "pretrain"] or out
+  results = _results(specs, out)
   if primary:
     paths = report.write_all(results, workdir, plots=specs[0].plots)
     print(report.markdown_table(results))

@@ -16,6 +16,7 @@ resuming in a used workdir.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -334,6 +335,14 @@ def parse_classes(value) -> tuple[int, ...] | None:
   return tuple(out) or None
 
 
+def _two_or_more(classes: tuple[int, ...] | None) -> tuple[int, ...] | None:
+  """`classes` (None: all), refused when it names one class: a 1-way classifier learns
+  nothing and its collapse metrics are undefined."""
+  if classes is not None and len(classes) < 2:
+    raise ValueError("needs at least 2 classes (a range lo-hi, or ids a,b,...)")
+  return classes
+
+
 def _int(p: Problems, field: str, value, lo: int, hi: int | None = None) -> int:
   if not isinstance(value, int) or isinstance(value, bool) or value < lo or (
       hi is not None and value > hi):
@@ -343,8 +352,12 @@ def _int(p: Problems, field: str, value, lo: int, hi: int | None = None) -> int:
   return value
 
 
-def _float(p: Problems, field: str, value, *, positive=False, lo=None, hi=None) -> float:
+def _float(p: Problems, field: str, value, *, positive=False, lo=None, hi=None,
+           finite=True) -> float:
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+  if ok and finite and not math.isfinite(value):  # an infinite rate diverges at step 1
+    p.add(field, value, "must be a finite number")
+    return 0.0
   if ok and ((positive and not value > 0) or (lo is not None and value < lo)
              or (hi is not None and value > hi)):
     low = "(0" if positive else f"[{lo:g}" if lo is not None else "(-inf"
@@ -442,14 +455,20 @@ def _backbone(p: Problems, config, model: str, default_datasets) -> Backbone:
   name = lambda k: f"backbone.{where.get(k, model)}.{k}"
   get = lambda k, d: fields.get(k, d)
   options = dict(get("options", {}) or {})
+  bad_sizes = _size_options(p, name("options"), options)
   try:
+    if bad_sizes:  # the model cannot be built with them: its units are unknown
+      raise _Reported
     model_units = models.units(model, **{k: v for k, v in options.items()
                                          if k in ("depth", "widths")})
   except (TypeError, ValueError) as e:
     p.add(name("options"), options, str(e))
     model_units = ()
+  except _Reported:
+    model_units = ()
   try:
-    models.get(model, 2, **options)
+    if not bad_sizes:
+      models.get(model, 2, **options)
   except (TypeError, ValueError) as e:
     p.add(name("options"), options, str(e))
   units = _names(p, name("unit"), get("unit", ()),
@@ -469,6 +488,32 @@ def _backbone(p: Problems, config, model: str, default_datasets) -> Backbone:
       channels=_int(p, name("channels"), get("channels", 0), 0, 4),
       normalization=norm, datasets=datasets, options=options,
       origin={k: f"backbone.{v}.{k}" for k, v in where.items()})
+
+
+class _Reported(Exception):
+  """A problem already added to `Problems`."""
+
+
+# Model options that are sizes (layers, units, a reduction ratio): a zero or negative one
+# builds no layer or fails deep inside flax with a broadcasting TypeError.
+_SIZE_OPTIONS = ("depth", "width", "widths", "se_reduction", "representation_size")
+
+
+def _size_options(p: Problems, field: str, options: dict) -> bool:
+  """Adds a problem for every size option of `options` that is not a positive integer
+  (``widths``: a list of them); returns whether there was one."""
+  bad = False
+  for k in _SIZE_OPTIONS:
+    v = options.get(k)
+    if v is None:
+      continue
+    values = v if k == "widths" and isinstance(v, (tuple, list)) else (v,)
+    if not values or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                             for x in values):
+      p.add(f"{field}.{k}", v, "must be " + ("positive integers" if k == "widths" else
+                                             "an integer >= 1"))
+      bad = True
+  return bad
 
 
 def _resolved(config) -> dict:
@@ -553,7 +598,8 @@ def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
   if not model_names:
     p.add("models", c.models, "must name at least one model")
   datasets = _names(p, "datasets", c.datasets, what="dataset")
-  backbones = tuple(_backbone(p, c, m, datasets) for m in model_names)
+  # An unknown model is reported once, by name (not again by its options).
+  backbones = tuple(_backbone(p, c, m, datasets) for m in model_names if m in models.names())
   method_names = tuple(m for m in _names(p, "methods", c.methods, methods.METHODS, "method")
                        if m in methods.METHODS)
   if job in TRAINS_CELLS and not method_names:
@@ -564,7 +610,7 @@ def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
     if job in TRAINS_CELLS and any(methods.needs_unit(m) for m in method_names) and not bb.units:
       p.add(f"backbone.{bb.model}.unit", "", "Layer FT / SCL FT need a unit")
   try:
-    classes = parse_classes(c.downstream_classes)
+    classes = _two_or_more(parse_classes(c.downstream_classes))
   except (ValueError, TypeError) as e:
     p.add("downstream_classes", c.downstream_classes, str(e))
     classes = None
@@ -577,7 +623,7 @@ def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
   optim = _optim(p, "optim", c.optim)
   pre_p = p if pretraining else Problems()  # pre-training fields matter only when used
   try:
-    pre_classes = parse_classes(pc.classes)
+    pre_classes = _two_or_more(parse_classes(pc.classes))
   except (ValueError, TypeError) as e:
     pre_p.add("pretrain.classes", pc.classes, str(e))
     pre_classes = None
@@ -606,7 +652,7 @@ def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
             "the mean and std")
   sources = c.get("dataset_sources", {}) or {}
   dtype = _str(p, "dtype", c.dtype, COMPUTE_DTYPES)
-  budget = _float(p, "data_budget_mb", c.data_budget_mb, lo=0.0)
+  budget = _float(p, "data_budget_mb", c.data_budget_mb, lo=0.0, finite=False)
   cache_dir = _str(p, "compile_cache_dir", c.compile_cache_dir)
   if cache_dir:
     why = not_creatable(os.path.expanduser(cache_dir))

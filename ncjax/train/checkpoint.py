@@ -3,7 +3,9 @@ resume from the newest readable step, set an unreadable one aside, never delete 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import shutil
 
@@ -18,6 +20,25 @@ from ncjax.train.step import PyTree, TrainState
 # orbax writes a step under `<step>.orbax-checkpoint-tmp…` and renames it once complete.
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _UNREADABLE = ".unreadable"
+
+
+class _NoOrbaxErrors(logging.Filter):
+  """Drops orbax's own ERROR log of an exception it raises to us: the save or restore that
+  failed is reported once, by its caller (a full disk: one line; an unreadable step: a
+  warning and the step before it)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+@contextlib.contextmanager
+def _quiet_orbax_errors():
+  logger, quiet = logging.getLogger("absl"), _NoOrbaxErrors()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
 
 
 def _checkpoint_manager(directory: str, max_to_keep: int = 2):
@@ -118,21 +139,24 @@ def restore_latest(directory: str, abstract_state: TrainState
     return None
   directory = os.path.abspath(directory)
   target = _abstract(abstract_state)
-  mngr = _checkpoint_manager(directory)
   failed, restored = [], None
-  try:
-    steps = sorted(mngr.all_steps(), reverse=True)
-    for step in steps:
-      try:
-        r = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore()))
-        restored = (step, r.state, _checked_history(r.history, int(r.state.step)))
-        break
-      # Whatever fails (orbax, tensorstore, json, a missing item), this step cannot be used.
-      except Exception as e:  # noqa: BLE001
-        failed.append((step, e))
-  finally:
-    mngr.close()
+  # orbax also logs the unreadable steps it meets (from reading their metadata on): they are
+  # this function's warning below, or its error.
+  with _quiet_orbax_errors():
+    mngr = _checkpoint_manager(directory)
+    try:
+      steps = sorted(mngr.all_steps(), reverse=True)
+      for step in steps:
+        try:
+          r = mngr.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore()))
+          restored = (step, r.state, _checked_history(r.history, int(r.state.step)))
+          break
+        # Whatever fails (orbax, tensorstore, json, a missing item), this step cannot be used.
+        except Exception as e:  # noqa: BLE001
+          failed.append((step, e))
+    finally:
+      mngr.close()
   if not steps:
     return None
   if restored is None:
@@ -159,8 +183,9 @@ def _save_checkpoint(mngr, step: int, state: TrainState, history: list[dict]) ->
   args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                             history=ocp.args.JsonSave([dict(h) for h in history]))
   try:
-    mngr.save(step, args=args, force=True)
-    mngr.wait_until_finished()
+    with _quiet_orbax_errors():
+      mngr.save(step, args=args, force=True)
+      mngr.wait_until_finished()
   except Exception as e:
     if io.disk_full(e, by_message=True) is not None:
       path = os.path.join(str(mngr.directory), str(step))

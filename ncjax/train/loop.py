@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ncjax import data, telemetry
-from ncjax.errors import CheckpointError
+from ncjax.errors import CheckpointError, Diverged
 from ncjax.train.step import (
     cross_entropy, Forward, init_state, lr_schedule, make_optimizer, make_train_step,
     OptimConfig, Prepare, PyTree, TrainState,
@@ -79,8 +79,8 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
     Python floats) per window since step 0: windows before a resume come from the checkpoint,
     so a killed and resumed run returns the history of an uninterrupted one, bit for bit.
   Raises:
-    FloatingPointError: a loss, or a parameter before a save, was NaN or Inf (the message
-      names the step; the checkpoints on disk, all finite, are kept).
+    Diverged: (a FloatingPointError) a loss, or a parameter before a save, was NaN or Inf
+      (the message names the step; the checkpoints on disk, all finite, are kept).
     CheckpointError: `checkpoint_dir` holds checkpoints but none is readable, or the newest
       one is past `total_steps`.
     OSError: errno ENOSPC, the disk filled up while saving (filename: the checkpoint's path).
@@ -124,7 +124,7 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
       s = upto_step - len(window) + int(bad[0])
-      raise FloatingPointError(f"{desc}: non-finite loss {losses[bad[0]]} at step {s} "
+      raise Diverged(f"{desc}: non-finite loss {losses[bad[0]]} at step {s} "
                                f"(lower the learning rate, or check the input data)")
     means = {"step": upto_step, "loss": float(losses.mean()),
              "accuracy": float(np.mean([float(m["accuracy"]) for m in window]))}
@@ -138,7 +138,7 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
     # The window's losses were checked by `flush`; never write diverged parameters either:
     # they could rotate the last finite checkpoints out.
     if not bool(_all_finite((state.params, state.opt_state))):
-      raise FloatingPointError(f"{desc}: non-finite parameters after step {upto_step} "
+      raise Diverged(f"{desc}: non-finite parameters after step {upto_step} "
                                "(lower the learning rate); the checkpoints on disk are kept")
     _save_checkpoint(mngr, upto_step, state, history)
 
