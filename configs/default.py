@@ -114,4 +114,7 @@ def get_config():
   # A rerun into the same --workdir resumes each run from its last readable checkpoint (and
   # skips finished runs); --fresh starts them over.
   c.plots = True
+  # Runs that cannot learn: fewer than 20 optimizer steps, or a batch larger than the
+  # training data (capped at it), print one WARNING line before any work; True: an error.
+  c.strict = False
   return c

@@ -34,8 +34,10 @@ from ncjax import io, metrics
 
 def warn(message: str) -> None:
   """ncjax's one warning path: the absl log (cluster and file logs) and stderr (the terminal,
-  whatever the absl verbosity)."""
-  absl_logging.warning("%s", message)
+  whatever the absl verbosity), as one line ``WARNING: <message>``: on the command line
+  without a log file, absl's own log is stderr, and it is not written twice there."""
+  if not _absl_log_is_stderr():
+    absl_logging.warning("%s", message)
   print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
@@ -50,6 +52,18 @@ def defined(compute, where: str) -> float:
   except metrics.ZeroSpreadError as e:
     warn(f"{where}: {e}; recorded as NaN (null)")
     return math.nan
+
+
+def _absl_log_is_stderr() -> bool:
+  """Whether absl writes its log to stderr: flags parsed (``absl.app.run``, the command
+  line) and no log file (``--logtostderr``, or no ``--log_dir`` file opened)."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    return False  # a library caller (tests, notebooks): absl's log is theirs to route
+  if flags.FLAGS["logtostderr"].value:
+    return True
+  stream = getattr(absl_logging.get_absl_handler().python_handler, "stream", None)
+  return stream in (sys.stderr, sys.__stderr__)
 
 
 METRICS = "metrics.jsonl"

@@ -1143,17 +1143,24 @@ def head_classes(path, name: str) -> int | None:
 
 
 def load(path, name: str, variables, *, keep_head: bool = False) -> dict:
-  """Loads a checkpoint into (a copy of) `variables`, strictly; see the module docstring.
+  """Loads a checkpoint into (a copy of) `variables`, strictly: every tensor must fit.
 
   Args:
-    path: a checkpoint file or directory (see the module docstring for the sources).
+    path: a checkpoint file or directory: a torchvision or timm state dict (``.pth`` /
+      ``.safetensors`` / ``.npz`` / ``.bin``; ResNet, DenseNet, MobileNetV2, timm ViT), a
+      timm or Hugging Face model folder (``config.json`` + ``model.safetensors``), a
+      vit_jax ``.npz``, or an ncjax run (``<workdir>/runs/<run id>``, its ``checkpoints/``
+      or one ``checkpoints/<step>/``). ``~`` is expanded. docs/weights.md: one line per
+      source; the module docstring: how each is read.
     name: the ncjax model `variables` belong to (`resnet18`, `vit_b16`, ...).
-    variables: the model's freshly initialised variables (arrays, or ShapeDtypeStructs to
-      check a checkpoint without loading it onto a device).
+    variables: the model's freshly initialised ``{'params', 'batch_stats'}`` (arrays, or
+      ShapeDtypeStructs to check a checkpoint without loading it onto a device); they fix
+      the expected shapes, the new head and a ViT's position-embedding grid.
     keep_head: load the checkpoint's classifier too, when its shape fits.
 
   Returns:
-    The new variables (`variables` is not changed).
+    The new variables, same structure (`variables` is not changed): the checkpoint's
+    values, with the fresh head unless `keep_head`.
 
   Raises:
     CheckpointError: the file is not a readable checkpoint, holds another architecture

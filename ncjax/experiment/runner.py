@@ -57,6 +57,12 @@ def run(config, workdir: str, *, fresh: bool = False, dry_run: bool = False) -> 
   late = autounit.budget_problems(specs) + _schedule_problems(specs)
   if late:  # what only the data's sizes reveal, still before any work
     raise ConfigError("invalid config:\n  " + "\n  ".join(late))
+  cannot_learn = schedule_warnings(specs)
+  if cannot_learn and any(s.strict for s in specs):
+    raise ConfigError("runs that cannot learn (--config.strict=True):\n  "
+                      + "\n  ".join(cannot_learn))
+  for line in cannot_learn:
+    telemetry.warn(line)
   if dry_run:
     print("assets: all present and readable")
     return []
@@ -127,32 +133,87 @@ def _report_only(specs, workdir: str, finished) -> list[dict]:
   return results
 
 
+def _training_runs(specs):
+  """``(spec, run, optim, field)`` for every run that trains: pre-trainings (`optim` the
+  pre-training's, `field` ``'pretrain.optim'``), fine-tuning cells and layer probes."""
+  for s in specs:
+    for r in s.runs():
+      if r.kind == "pretrain":
+        yield s, r, s.pretrain.optim, "pretrain.optim"
+      elif r.kind in ("finetune", "probe"):
+        yield s, r, s.optim, "optim"
+
+
 def _schedule_problems(specs) -> list[str]:
   """Step decays (in epochs) past the end of a run whose length ``steps`` sets: the steps per
   epoch come from the (lazily opened) training split's size, so spec cannot see them."""
   mesh, out = train.data_mesh(), []
-  for s in specs:
-    for r in s.runs():
-      if r.kind == "pretrain":
-        optim, field = s.pretrain.optim, "pretrain.optim"
-      elif r.kind in ("finetune", "probe"):
-        optim, field = s.optim, "optim"
-      else:
-        continue
-      if optim.schedule != "step" or not optim.steps:
-        continue  # with epochs, spec already checks the decays against them
-      ds = (assemble.source_train(s, r.backbone) if r.kind == "pretrain" else
-            assemble.downstream_train(s, r.backbone, r.dataset, r.size))
-      batch = assemble.effective_batch(optim.batch_size, len(ds), mesh)
-      try:
-        train.lr_schedule(assemble.optimizer(optim, len(ds), batch), optim.steps)
-      except ValueError as e:
-        line = (f"--config.{field}.decay_epochs={','.join(map(str, optim.decay_epochs))}: {e} "
-                f"({r.id}: --config.{field}.steps={optim.steps}, "
-                f"{assemble.steps_per_epoch(len(ds), batch)} steps per epoch)")
-        if line not in out:
-          out.append(line)
+  for s, r, optim, field in _training_runs(specs):
+    if optim.schedule != "step" or not optim.steps:
+      continue  # with epochs, spec already checks the decays against them
+    ds = (assemble.source_train(s, r.backbone) if r.kind == "pretrain" else
+          assemble.downstream_train(s, r.backbone, r.dataset, r.size))
+    batch = assemble.effective_batch(optim.batch_size, len(ds), mesh)
+    try:
+      train.lr_schedule(assemble.optimizer(optim, len(ds), batch), optim.steps)
+    except ValueError as e:
+      line = (f"--config.{field}.decay_epochs={','.join(map(str, optim.decay_epochs))}: {e} "
+              f"({r.id}: --config.{field}.steps={optim.steps}, "
+              f"{assemble.steps_per_epoch(len(ds), batch)} steps per epoch)")
+      if line not in out:
+        out.append(line)
   return out
+
+
+#: A run of fewer optimizer steps cannot learn: it is warned about (`schedule_warnings`).
+MIN_STEPS = 20
+
+
+def schedule_warnings(specs) -> list[str]:
+  """One line per schedule under which runs cannot learn, from the training splits' sizes
+  (opened lazily, before any work): fewer than `MIN_STEPS` optimizer steps, or a configured
+  batch larger than the training data, which `assemble.effective_batch` caps at its size.
+  Each line names the runs, the steps they take and the override that gives more. E.g.::
+
+    resnet18-custom-linear ... resnet18-custom-full (4 runs): 1 optimizer step each (1 epoch
+    of 120 training images; --config.optim.batch_size=128 exceeds them: capped at 120), too
+    few to learn: --config.optim.epochs=20 gives 20 steps (or set --config.optim.steps)
+
+  (one line). Runs that train nothing (few-shot, scores) and unit=auto's short probes are
+  not checked."""
+  mesh, groups, sizes = train.data_mesh(), {}, {}
+  for s, r, optim, field in _training_runs(specs):
+    key = ((s.source(s.pretrain.dataset), s.pretrain.classes, s.pretrain.train_size)
+           if r.kind == "pretrain" else (s.source(r.dataset), s.downstream_classes, r.size),
+           r.backbone.image_size, s.data_dir)
+    if key not in sizes:  # a lazy split: labels only; once per split
+      sizes[key] = len(assemble.source_train(s, r.backbone) if r.kind == "pretrain" else
+                       assemble.downstream_train(s, r.backbone, r.dataset, r.size))
+    n = sizes[key]
+    batch = assemble.effective_batch(optim.batch_size, n, mesh)
+    steps = assemble.total_steps(optim, n, batch)
+    if steps < MIN_STEPS or optim.batch_size > n:
+      groups.setdefault((field, optim, n, batch, steps), []).append(r.id)
+  return [_cannot_learn(ids, *k) for k, ids in groups.items()]
+
+
+def _cannot_learn(ids: list[str], field: str, optim, n: int, batch: int, steps: int) -> str:
+  """The line of `schedule_warnings` for runs `ids`."""
+  runs = ids[0] if len(ids) == 1 else f"{ids[0]} ... {ids[-1]} ({len(ids)} runs)"
+  per_epoch = assemble.steps_per_epoch(n, batch)
+  how = (f"--config.{field}.steps={optim.steps}" if optim.steps else
+         f"{optim.epochs} epoch{'s' * (optim.epochs != 1)} of {n} training images")
+  if optim.batch_size > n:
+    how += (f"; --config.{field}.batch_size={optim.batch_size} exceeds them: capped at "
+            f"{batch}")
+  line = f"{runs}: {steps} optimizer step{'s' * (steps != 1)} each ({how})"
+  if steps >= MIN_STEPS:
+    return line + f"; --config.{field}.batch_size={batch} or less says so"
+  if optim.steps:
+    return line + f", too few to learn: --config.{field}.steps={MIN_STEPS} or more"
+  epochs = -(-MIN_STEPS // per_epoch)
+  return line + (f", too few to learn: --config.{field}.epochs={epochs} gives "
+                 f"{epochs * per_epoch} steps (or set --config.{field}.steps)")
 
 
 def _stale_runs(workdir: str, runs) -> list:

@@ -157,6 +157,8 @@ class Spec:
   unit_probe_fraction: float   # AUTO_UNIT: each probe's steps, a fraction of the cell's steps
   rank_estimators: tuple[str, ...]  # job 'rank': `ncjax.transferability.ESTIMATORS` to compute
   resolved: dict               # the resolved config as plain data (config.json)
+  strict: bool = False         # a run that cannot learn (`runner.schedule_warnings`) is
+                               # an error, not a warning
 
   def source(self, dataset: str) -> str:
     return self.dataset_sources.get(dataset) or dataset
@@ -676,7 +678,7 @@ def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
       unit_probe_fraction=_float(p, "unit_probe_fraction", c.unit_probe_fraction, positive=True,
                                  hi=1.0),
       rank_estimators=_estimators(p, c.rank.estimators),
-      resolved=_resolved(c))
+      resolved=_resolved(c), strict=_bool(p, "strict", c.get("strict", False)))
   return None if p.lines else spec
 
 

@@ -27,6 +27,12 @@ from ncjax.train.checkpoint import (
 )
 
 
+#: Between log windows the progress display's loss (the mean of the window so far) is
+#: refreshed at most this often, in wall-clock seconds: a long run's progress line shows its
+#: loss before the first window ends, at the cost of one wait for the device per refresh.
+LOSS_EVERY_S = 1.0
+
+
 def batch_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
                    start_step: int, total_steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Global batches for steps ``start_step..total_steps-1``; epoch ``e`` is shuffled by
@@ -148,6 +154,7 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
                                          start_step=start, total_steps=total_steps), size=3)
   bar = telemetry.progress(batches, total=total_steps, initial=start, desc=desc)
   step, since = start, time.perf_counter()
+  shown = since  # when the progress display's loss was last refreshed
   try:
     for x, y in bar:
       state, m = train_step(state, to_global(mesh, x[rows]), to_global(mesh, y[rows]), rng)
@@ -161,6 +168,9 @@ def fit(state: TrainState, step_fn, images: np.ndarray, labels: np.ndarray, *,
         if on_log is not None:
           on_log(entry)
         since = time.perf_counter()  # the next window's time excludes saving and logging
+      elif time.perf_counter() - shown >= LOSS_EVERY_S:
+        bar.set_postfix(loss=float(np.mean([float(w["loss"]) for w in window])))
+        shown = time.perf_counter()
     if mngr is not None and mngr.latest_step() != step:
       save(step)  # a state that took no step here (already at total_steps)
   finally:
