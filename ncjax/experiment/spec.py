@@ -19,7 +19,7 @@ import dataclasses
 import os
 import re
 
-from ncjax import data, methods, models, train
+from ncjax import data, lora, methods, models, train
 from ncjax.errors import ConfigError
 from ncjax.experiment.fields import did_you_mean, field_names, suggest_fields
 from ncjax.transferability import ESTIMATORS
@@ -110,6 +110,24 @@ class Fewshot:
 
 
 @dataclasses.dataclass(frozen=True)
+class Peft:
+  """The settings of the parameter-efficient methods (issue 19; `ncjax.lora`, the ViT's VPT)."""
+  lora_rank: int = 8
+  lora_alpha: float = 8.0             # the update is (alpha / rank) * A @ B
+  lora_targets: tuple[str, ...] = ("attention", "mlp", "conv")  # `ncjax.lora.TARGETS`
+  lp_ft_probe_fraction: float = 0.5   # LP-FT: the linear probe's share of the steps, (0, 1)
+  vpt_tokens: int = 10
+  vpt_deep: bool = True
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank
+
+
+UNIT_SELECTORS = ("nc", "rgn", "both")  # unit=auto: NC probes, Auto-RGN, or both side by side
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
   """One unit of work with its own checkpoints and record.
 
@@ -123,6 +141,7 @@ class Run:
   method: str = ""
   unit: str | None = None
   fingerprint: tuple = ()      # ((dotted field, value), ...) that define the run
+  selector: str = ""           # unit AUTO_UNIT: 'nc' or 'rgn' (`UNIT_SELECTORS`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +173,8 @@ class Spec:
   unit_probe_fraction: float   # AUTO_UNIT: each probe's steps, a fraction of the cell's steps
   rank_estimators: tuple[str, ...]  # job 'rank': `ncjax.transferability.ESTIMATORS` to compute
   resolved: dict               # the resolved config as plain data (config.json)
+  peft: Peft = Peft()          # lora.*, lp_ft.*, vpt.*
+  unit_selector: str = "nc"    # AUTO_UNIT: `UNIT_SELECTORS`
 
   def source(self, dataset: str) -> str:
     return self.dataset_sources.get(dataset) or dataset
@@ -191,12 +212,19 @@ class Spec:
             # The NC choice runs after the sweep, so it can reuse the chosen unit's run.
             units = sorted(bb.units, key=lambda u: u == AUTO_UNIT)
             for unit in units if methods.needs_unit(method) else (None,):
-              name = "-".join(p for p in (bb.model, ds, method, unit,
-                                          f"n{size}" if size else "") if p)
-              out.append(Run("finetune", prefix + name, bb, ds, size, method, unit,
-                             self._fingerprint(bb, "finetune", dataset=ds, size=size,
-                                               method=method, unit=unit)))
+              # unit_selector 'both': one auto run per selector, NC's keeping the plain id.
+              for sel in self._selectors() if unit == AUTO_UNIT else ("",):
+                shown = f"{unit}-{sel}" if sel not in ("", "nc") else unit
+                name = "-".join(p for p in (bb.model, ds, method, shown,
+                                            f"n{size}" if size else "") if p)
+                out.append(Run("finetune", prefix + name, bb, ds, size, method, unit,
+                               self._fingerprint(bb, "finetune", dataset=ds, size=size,
+                                                 method=method, unit=unit, selector=sel),
+                               selector=sel))
     return out
+
+  def _selectors(self) -> tuple[str, ...]:
+    return ("nc", "rgn") if self.unit_selector == "both" else (self.unit_selector,)
 
   def _fingerprint(self, bb: Backbone, kind: str, **cell) -> tuple:
     """The config values a run's checkpoints and record depend on, as dotted fields."""
@@ -222,6 +250,14 @@ class Spec:
       fields.update(train_size=cell["size"], method=cell["method"], unit=cell["unit"])
       if cell["unit"] == AUTO_UNIT:
         fields.update(unit_budget=self.unit_budget, unit_probe_fraction=self.unit_probe_fraction)
+        if cell.get("selector", "nc") != "nc":  # NC's runs keep their fingerprints
+          fields["unit_selector"] = cell["selector"]
+      pf = self.peft
+      fields.update({"lora": {"lora.rank": pf.lora_rank, "lora.alpha": pf.lora_alpha,
+                              "lora.targets": pf.lora_targets},
+                     "lp_ft": {"lp_ft.probe_fraction": pf.lp_ft_probe_fraction},
+                     "vpt": {"vpt.tokens": pf.vpt_tokens, "vpt.deep": pf.vpt_deep},
+                     }.get(cell["method"], {}))
       if cell["method"] == "linear":
         fields["cache_linear_features"] = self.cache_linear_features
     return tuple(sorted((k, _plain(v)) for k, v in fields.items() if not _unset(k, v, fields)))
@@ -624,8 +660,57 @@ def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
       unit_probe_fraction=_float(p, "unit_probe_fraction", c.unit_probe_fraction, positive=True,
                                  hi=1.0),
       rank_estimators=_estimators(p, c.rank.estimators),
-      resolved=_resolved(c))
+      resolved=_resolved(c), peft=_peft(p, c, backbones, method_names),
+      unit_selector=_str(p, "unit_selector", c.get("unit_selector", "nc"), UNIT_SELECTORS))
   return None if p.lines else spec
+
+
+def _peft(p: Problems, c, backbones, method_names) -> Peft:
+  """``lora.*``, ``lp_ft.*`` and ``vpt.*`` (absent groups: `Peft`'s defaults), checked only
+  where a method of the grid reads them: LoRA targets against every backbone's kernels, VPT
+  against its architecture."""
+  d = Peft()
+  lo, lp, vp = (c.get(g) or {} for g in ("lora", "lp_ft", "vpt"))
+  used = lambda m: m in method_names
+  q = p if used("lora") else Problems()
+  rank = _int(q, "lora.rank", lo.get("rank", d.lora_rank), 1)
+  alpha = _float(q, "lora.alpha", lo.get("alpha", d.lora_alpha), positive=True)
+  targets = _names(q, "lora.targets", lo.get("targets", d.lora_targets)) or d.lora_targets
+  if used("lora"):
+    for bb in backbones:
+      why = lora.check_targets(targets, models.units(bb.model, **_unit_options(bb)))
+      for line in why:
+        q.add("lora.targets", targets, line)
+      if not why and not _lora_sites(bb, targets):
+        q.add("lora.targets", targets, f"selects no kernel of {bb.model}'s units")
+  q = p if used("lp_ft") else Problems()
+  frac = _float(q, "lp_ft.probe_fraction", lp.get("probe_fraction", d.lp_ft_probe_fraction),
+                positive=True, hi=1.0)
+  if frac == 1.0:
+    q.add("lp_ft.probe_fraction", frac, "must be < 1 (1 leaves no fine-tuning)")
+  q = p if used("vpt") else Problems()
+  tokens = _int(q, "vpt.tokens", vp.get("tokens", d.vpt_tokens), 1)
+  deep = _bool(q, "vpt.deep", vp.get("deep", d.vpt_deep))
+  for bb in backbones if used("vpt") else ():
+    if not bb.model.startswith("vit"):
+      p.add("methods", method_names, f"vpt prompts a ViT; {bb.model} is not one")
+  return Peft(lora_rank=rank, lora_alpha=alpha, lora_targets=targets,
+              lp_ft_probe_fraction=frac, vpt_tokens=tokens, vpt_deep=deep)
+
+
+def _unit_options(bb: Backbone) -> dict:
+  return {k: v for k, v in bb.options.items() if k in ("depth", "widths")}
+
+
+def _lora_sites(bb: Backbone, targets) -> list:
+  """The kernels `targets` select in `bb`'s units, from its abstract parameters."""
+  size = bb.image_size or (224 if bb.model.startswith("vit") else 32)
+  try:
+    params = models.param_shapes(bb.model, 2, image_size=size, channels=bb.channels or 3,
+                                 **bb.options)["params"]
+  except (TypeError, ValueError):
+    return [None]  # the options' own problem, reported under backbone.*.options
+  return lora.targeted(params, targets, models.units(bb.model, **_unit_options(bb)))
 
 
 def _positive_ints(p: Problems, field: str, value, why: str, *, distinct: bool = False,

@@ -20,6 +20,10 @@ METHOD_NAMES = {
     "layer": "Layer FT",
     "scl": "SCL FT",
     "full": "Full Model FT",
+    "bitfit": "BitFit",
+    "lora": "LoRA",
+    "lp_ft": "LP-FT",
+    "vpt": "VPT",
 }
 
 MODEL_NAMES = {
@@ -168,9 +172,11 @@ def _row_key(r: Mapping, split: set) -> tuple:
 
 
 def _unit(r: Mapping) -> str:
-  """The unit a row shows: 'auto' for a unit chosen by NC (`stages.autounit`; its record's
-  ``unit`` is the chosen one, shown in `auto_unit_table`)."""
-  return "auto" if r.get("unit_choice") else r["unit"]
+  """The unit a row shows: 'auto' for a unit chosen by NC, 'auto-rgn' by Auto-RGN
+  (`stages.autounit`; its record's ``unit`` is the chosen one, shown in `auto_unit_table`)."""
+  if not r.get("unit_choice"):
+    return r["unit"]
+  return "auto" if r.get("unit_selector", "nc") in ("", "nc") else f"auto-{r['unit_selector']}"
 
 
 def _row_label(row: tuple) -> str:
