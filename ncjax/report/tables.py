@@ -187,26 +187,34 @@ def auto_unit_table(records: Sequence[Mapping]) -> str:
     return ""
   cols = _Columns(records)
   best = _best_units(records, cols.key)
-  lines = [_md_row(["Model / dataset", "Method", "Chosen unit", "Accuracy", "Best swept unit",
-                    "Its accuracy", "Regret (points)", "Probe cost", "Choice cost"]),
-           "|:--|:--|:--|--:|:--|--:|--:|--:|--:|"]
-  probes = []
+  lines = [_md_row(["Model / dataset", "Method", "Selector", "Chosen unit", "Accuracy",
+                    "Best swept unit", "Its accuracy", "Regret (points)", "Probe cost",
+                    "Choice cost"]),
+           "|:--|:--|:--|:--|--:|:--|--:|--:|--:|--:|"]
+  probes, scores = [], []
   for r in auto:
     label, method = cols.label(cols.key(r)), method_name(r["method"])
+    rgn = r.get("unit_selector") == "rgn"
     b_unit, b_rs = best.get((cols.key(r), r["method"]), (None, []))
     covered = _num(r.get("regret")) is not None
     lines.append(_md_row([
-        label, method, r["unit"], fmt_accuracy(r["accuracy"]),
+        label, method, "RGN" if rgn else "NC", r["unit"], fmt_accuracy(r["accuracy"]),
         b_unit if covered else MISSING,
         fmt_accuracy(_mean(x["accuracy"] for x in b_rs)) if covered else MISSING,
         f"{r['regret']:.2f}" if covered else MISSING,
         fmt_percent(_percent_of(r.get("probe_cost_fraction"))),
         fmt_percent(_percent_of(r.get("cost_fraction")))]))
-    nc1 = ", ".join((f"**{u} {fmt_nc1(c.get('nc1'))}**" if u == r["unit"] else
-                     f"{u} {fmt_nc1(c.get('nc1'))}") for u, c in r["unit_choice"].items())
-    probes.append(f"- {label}, {method}: {nc1}")
-  return "\n".join(lines) + "\n\nProbe NC1 (penultimate, downstream training data):\n\n" + \
-      "\n".join(probes) + "\n"
+    key, show = ("rgn", lambda v: f"{v:.3f}") if rgn else ("nc1", fmt_nc1)
+    nc1 = ", ".join((f"**{u} {show(c.get(key))}**" if u == r["unit"] else
+                     f"{u} {show(c.get(key))}") for u, c in r["unit_choice"].items())
+    (scores if rgn else probes).append(f"- {label}, {method}: {nc1}")
+  out = "\n".join(lines) + "\n"
+  if probes:
+    out += "\nProbe NC1 (penultimate, downstream training data):\n\n" + "\n".join(probes) + "\n"
+  if scores:
+    out += ("\nAuto-RGN: mean relative gradient norm |g|/|theta| over each unit's tensors, "
+            "first 5 batches, normalised by the largest:\n\n" + "\n".join(scores) + "\n")
+  return out
 
 
 def unit_sweep_table(records: Sequence[Mapping], min_units: int = 1) -> str:
@@ -489,8 +497,10 @@ def report_markdown(records: Sequence[Mapping]) -> str:
       if auto:
         out.append("## Units chosen by NC\n\nLayer FT / SCL FT with `unit=auto`: a short "
                    "probe per candidate unit, then the unit with the lowest penultimate NC1 "
-                   "on the training data is fine-tuned fully. Costs are fractions of the "
-                   "compute (XLA flops) of fine-tuning every candidate fully.\n\n" + auto)
+                   "on the training data is fine-tuned fully (selector NC), or the unit with "
+                   "the largest relative gradient norm (selector RGN, Auto-RGN). Costs are "
+                   "fractions of the compute (XLA flops) of fine-tuning every candidate "
+                   "fully.\n\n" + auto)
     if kind == "variants":
       out.append("## Does NC1 predict transfer accuracy?\n\nPearson's r of the transfer "
                  "accuracy with log10 NC1 over the pre-training variants (r > 0: more NC1, "
