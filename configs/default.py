@@ -86,8 +86,10 @@ def get_config():
   # lora: W + (alpha / rank) * A @ B beside the kernels `targets` select in the units:
   # query, key, value, out (attention = all four) and mlp on a ViT; conv (every convolution,
   # the kernel as (k*k*C_in, C_out)) and dense (other 2-D kernels) elsewhere; "<unit>/<kind>"
-  # restricts a kind to one unit (e.g. "layer12/query"). B starts at zero.
-  c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=8.0, targets=("attention", "mlp", "conv")))
+  # restricts a kind to one unit (e.g. "layer12/query"). B starts at zero. rank: a tuple,
+  # one lora run per rank (--config.lora.rank=4,16); alpha is fixed across ranks.
+  c.lora = ml_collections.ConfigDict(dict(rank=(8,), alpha=8.0,
+                                          targets=("attention", "mlp", "conv")))
   # lp_ft: a linear probe for `probe_fraction` of the steps, then full FT from that head
   c.lp_ft = ml_collections.ConfigDict(dict(probe_fraction=0.5))
   # vpt (ViT only): `tokens` learnt prompt tokens after the class token, fresh at every layer
@@ -111,6 +113,8 @@ def get_config():
       schedule="cosine",     # cosine: lr -> lr_end | step: lr x decay_factor after each of
       decay_epochs=(),       #   these epochs (increasing, < epochs; RFS: 60,80 of 100), in
       decay_factor=0.1,      #   epochs of the run's own data, also when `steps` sets its length
+      layer_decay=1.0,       # (0, 1]: unit i of L trains at lr x layer_decay^(L - i), the stem
+                             # at layer_decay^L, the head at lr; for full, lp_ft, bitfit, lora
   ))
   c.eval_batch_size = 512
   c.cache_linear_features = True  # linear probe without augmentation: features computed once

@@ -38,6 +38,7 @@ HEAD = "head"
 BITFIT_LEAVES = ("bias", "scale")       # Dense / Conv biases; BatchNorm / LayerNorm scale, bias
 LORA_LEAVES = ("lora_a", "lora_b")      # `ncjax.lora`'s factors, beside the kernel they update
 PROMPTS = "prompts"                     # the ViT's top-level VPT tokens (L or 1, P, D)
+AFTER_UNITS = ("encoder_norm", "pre_logits")  # top-level modules between the units and head
 
 PyTree = Any
 # jax is imported inside the functions that use it: `ncjax.report` reads METHODS without it.
@@ -162,6 +163,24 @@ def percent_trainable(params: PyTree, mask: PyTree) -> float:
   base = sum(int(np.prod(np.shape(p))) for path, p in
              jax.tree_util.tree_flatten_with_path(params)[0] if not is_extra(path))
   return 100.0 * count(params, mask) / base
+
+
+def layer_decay_scales(params: Mapping[str, PyTree], units: Sequence[str],
+                       decay: float) -> PyTree:
+  """Layer-wise learning-rate decay: a float per leaf like `params`. Unit i of L (in
+  order, 1-based) gets ``decay ** (L - i)``; top-level modules before the first unit (stem,
+  embedding, class token, position embedding, VPT prompts) ``decay ** L``; the head and
+  everything after the last unit (`AFTER_UNITS`: the ViT's final norm and pre-logits) 1. LoRA
+  factors go with their kernel's unit. ``decay = 1``: every leaf 1."""
+  import jax
+  units = list(units)
+  n = len(units)
+
+  def scale(k):  # by name: jax's tree functions return dicts with sorted keys
+    if k in units:
+      return decay ** (n - 1 - units.index(k))
+    return 1.0 if k == HEAD or k in AFTER_UNITS else decay ** n
+  return {k: jax.tree.map(lambda _, k=k: float(scale(k)), v) for k, v in params.items()}
 
 
 def model_options(method: str, unit: str | None) -> dict:

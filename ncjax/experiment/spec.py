@@ -53,6 +53,8 @@ class Optim:
   schedule: str = "cosine"                # cosine (lr -> lr_end) | step (x decay_factor)
   decay_epochs: tuple[int, ...] = ()      # step: after these many epochs, increasing
   decay_factor: float = 0.1               # step: in (0, 1]
+  layer_decay: float = 1.0                # unit i of L: lr x layer_decay ** (L - i) (`methods.
+                                          # layer_decay_scales`); methods tuning several units
 
   def optimizer(self, steps_per_epoch: int):
     """`train.OptimConfig` of a run with `steps_per_epoch` optimizer steps per epoch (the
@@ -112,16 +114,15 @@ class Fewshot:
 @dataclasses.dataclass(frozen=True)
 class Peft:
   """The settings of the parameter-efficient methods (issue 19; `ncjax.lora`, the ViT's VPT)."""
-  lora_rank: int = 8
-  lora_alpha: float = 8.0             # the update is (alpha / rank) * A @ B
+  lora_ranks: tuple[int, ...] = (8,)  # several: one lora run per rank (ids -r<rank>)
+  lora_alpha: float = 8.0             # the update is (alpha / rank) * A @ B, alpha fixed
   lora_targets: tuple[str, ...] = ("attention", "mlp", "conv")  # `ncjax.lora.TARGETS`
   lp_ft_probe_fraction: float = 0.5   # LP-FT: the linear probe's share of the steps, (0, 1)
   vpt_tokens: int = 10
   vpt_deep: bool = True
 
-  @property
-  def lora_scale(self) -> float:
-    return self.lora_alpha / self.lora_rank
+  def lora_scale(self, rank: int) -> float:
+    return self.lora_alpha / rank
 
 
 UNIT_SELECTORS = ("nc", "rgn", "both")  # unit=auto: NC probes, Auto-RGN, or both side by side
@@ -142,6 +143,7 @@ class Run:
   unit: str | None = None
   fingerprint: tuple = ()      # ((dotted field, value), ...) that define the run
   selector: str = ""           # unit AUTO_UNIT: 'nc' or 'rgn' (`UNIT_SELECTORS`)
+  lora_rank: int = 0           # method lora: its rank (one of ``peft.lora_ranks``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,13 +216,16 @@ class Spec:
             for unit in units if methods.needs_unit(method) else (None,):
               # unit_selector 'both': one auto run per selector, NC's keeping the plain id.
               for sel in self._selectors() if unit == AUTO_UNIT else ("",):
-                shown = f"{unit}-{sel}" if sel not in ("", "nc") else unit
-                name = "-".join(p for p in (bb.model, ds, method, shown,
-                                            f"n{size}" if size else "") if p)
-                out.append(Run("finetune", prefix + name, bb, ds, size, method, unit,
-                               self._fingerprint(bb, "finetune", dataset=ds, size=size,
-                                                 method=method, unit=unit, selector=sel),
-                               selector=sel))
+                for rank in self.peft.lora_ranks if method == "lora" else (0,):
+                  shown = f"{unit}-{sel}" if sel not in ("", "nc") else unit
+                  r_id = f"r{rank}" if rank and len(self.peft.lora_ranks) > 1 else ""
+                  name = "-".join(p for p in (bb.model, ds, method, r_id, shown,
+                                              f"n{size}" if size else "") if p)
+                  out.append(Run("finetune", prefix + name, bb, ds, size, method, unit,
+                                 self._fingerprint(bb, "finetune", dataset=ds, size=size,
+                                                   method=method, unit=unit, selector=sel,
+                                                   rank=rank),
+                                 selector=sel, lora_rank=rank))
     return out
 
   def _selectors(self) -> tuple[str, ...]:
@@ -253,7 +258,7 @@ class Spec:
         if cell.get("selector", "nc") != "nc":  # NC's runs keep their fingerprints
           fields["unit_selector"] = cell["selector"]
       pf = self.peft
-      fields.update({"lora": {"lora.rank": pf.lora_rank, "lora.alpha": pf.lora_alpha,
+      fields.update({"lora": {"lora.rank": cell.get("rank"), "lora.alpha": pf.lora_alpha,
                               "lora.targets": pf.lora_targets},
                      "lp_ft": {"lp_ft.probe_fraction": pf.lp_ft_probe_fraction},
                      "vpt": {"vpt.tokens": pf.vpt_tokens, "vpt.deep": pf.vpt_deep},
@@ -265,7 +270,8 @@ class Spec:
 
 # Fields added after workdirs existed: at these values they are left out of fingerprints, so
 # the runs made before them stay resumable. The step decays count only with schedule 'step'.
-_ADDED_DEFAULTS = {"optim.schedule": "cosine", "fewshot.split": "train", "pretrain.train_size": 0}
+_ADDED_DEFAULTS = {"optim.schedule": "cosine", "fewshot.split": "train", "pretrain.train_size": 0,
+                   "optim.layer_decay": 1.0}
 _STEP_ONLY = ("optim.decay_epochs", "optim.decay_factor")
 
 
@@ -435,6 +441,8 @@ def _optim(p: Problems, prefix: str, o, own=None) -> Optim:
       steps=steps,
       batch_size=_int(p, field("batch_size"), o.batch_size, 1),
       aug_level=_int(p, field("aug_level"), o.aug_level, 1, 5),
+      layer_decay=_float(p, field("layer_decay"), o.get("layer_decay", 1.0), positive=True,
+                         hi=1.0),
       **_decays(p, field, o, steps))
   if out.lr_end > out.lr > 0 and out.schedule == "cosine":
     p.add(field("lr_end"), o.lr_end, f"must not exceed lr ({out.lr})")
@@ -673,7 +681,10 @@ def _peft(p: Problems, c, backbones, method_names) -> Peft:
   lo, lp, vp = (c.get(g) or {} for g in ("lora", "lp_ft", "vpt"))
   used = lambda m: m in method_names
   q = p if used("lora") else Problems()
-  rank = _int(q, "lora.rank", lo.get("rank", d.lora_rank), 1)
+  ranks = lo.get("rank", d.lora_ranks)
+  ranks = _positive_ints(q, "lora.rank", ranks if isinstance(ranks, (tuple, list, str))
+                         else (ranks,), "must be an integer >= 1 or distinct ones (a sweep)",
+                         distinct=True, nonempty=True) or d.lora_ranks
   alpha = _float(q, "lora.alpha", lo.get("alpha", d.lora_alpha), positive=True)
   targets = _names(q, "lora.targets", lo.get("targets", d.lora_targets)) or d.lora_targets
   if used("lora"):
@@ -694,7 +705,7 @@ def _peft(p: Problems, c, backbones, method_names) -> Peft:
   for bb in backbones if used("vpt") else ():
     if not bb.model.startswith("vit"):
       p.add("methods", method_names, f"vpt prompts a ViT; {bb.model} is not one")
-  return Peft(lora_rank=rank, lora_alpha=alpha, lora_targets=targets,
+  return Peft(lora_ranks=ranks, lora_alpha=alpha, lora_targets=targets,
               lp_ft_probe_fraction=frac, vpt_tokens=tokens, vpt_deep=deep)
 
 

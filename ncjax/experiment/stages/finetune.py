@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from absl import logging
 
 from ncjax import data, lora, measure, methods, models, train
 from ncjax.experiment import assemble, records
 from ncjax.experiment.spec import Run, Spec
 from ncjax.experiment.stages.base import Context
+
+
+LAYER_DECAY_METHODS = ("full", "lp_ft", "bitfit", "lora")  # optim.layer_decay applies to these
 
 
 def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
@@ -27,19 +31,29 @@ def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
   variables, origin = assemble.initial_variables(spec, bb, model, train_ds, pretrained)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   forward = train.model_forward(model)
+  rank = run.lora_rank or spec.peft.lora_ranks[0]
   if run.method == "lora":  # the factors join the parameters; the forward merges them
-    params = lora.add(params, spec.peft.lora_targets, spec.peft.lora_rank, seed,
-                      models.units(model))
-    forward = lora.forward(forward, spec.peft.lora_scale)
+    params = lora.add(params, spec.peft.lora_targets, rank, seed, models.units(model))
+    forward = lora.forward(forward, spec.peft.lora_scale(rank))
   phases = methods.phase_masks(params, run.method, run.unit)
   mask = phases[-1]
+  # Layer-wise lr decay is for methods that train several units (Layer FT tunes one).
+  decayed = run.method in LAYER_DECAY_METHODS and optim.layer_decay != 1.0
+  lr_scale = (methods.layer_decay_scales(params, models.units(model), optim.layer_decay)
+              if decayed else None)
   prepare = assemble.prepare_for(bb, train_ds, optim.aug_level)
   batch = assemble.effective_batch(optim.batch_size, len(train_ds), mesh)
   steps = assemble.total_steps(optim, len(train_ds), batch)
   eval_batch = assemble.eval_batch(spec, mesh)
   recipe = assemble.optimizer(optim, len(train_ds), batch)
+  rates = []  # examples per second of every log window, for the record's step time
+
+  def log(entry):
+    rates.append(entry["examples_per_s"])
+    if on_log is not None:
+      on_log(entry)
   common = dict(batch_size=batch, steps=steps, seed=seed, mesh=mesh,
-                checkpoint_every=spec.checkpoint_every, desc=run.id, on_log=on_log,
+                checkpoint_every=spec.checkpoint_every, desc=run.id, on_log=log,
                 checkpoint_dir=workdir and records.checkpoint_dir(workdir, run.id))
   if run.method == "linear" and optim.aug_level <= 1 and spec.cache_linear_features:
     # Frozen backbone and no augmentation: its features are the same every epoch, so
@@ -58,12 +72,14 @@ def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
     common.pop("steps")
     state, history = train.train_phases(
         forward, params, batch_stats, [(phases[0], switch), (phases[1], steps - switch)],
-        recipe, train_ds.images, train_ds.labels, prepare=prepare, **common)
+        recipe, train_ds.images, train_ds.labels, prepare=prepare, lr_scale=lr_scale, **common)
   else:
     state, history = train.train(forward, params, batch_stats, mask, recipe,
-                                 train_ds.images, train_ds.labels, prepare=prepare, **common)
+                                 train_ds.images, train_ds.labels, prepare=prepare,
+                                 lr_scale=lr_scale, **common)
   # LoRA's factors merged into plain weights: what evaluation, NC and the caller see.
-  final = lora.merge(state.params, spec.peft.lora_scale) if run.method == "lora" else state.params
+  final = (lora.merge(state.params, spec.peft.lora_scale(rank)) if run.method == "lora"
+           else state.params)
   variables = {"params": final, "batch_stats": state.batch_stats}
   acc = records.NAN if test_ds is None else train.accuracy(
       train.model_forward(model), final, state.batch_stats, prepare, test_ds.images,
@@ -74,7 +90,9 @@ def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
       num_train=len(train_ds), num_test=0 if test_ds is None else len(test_ds),
       num_classes=train_ds.num_classes,
       steps=steps, batch_size=batch, weights=origin, seed=seed, run=run.id, pretrain=spec.tag,
-      final_train_loss=records.final_loss(history))
+      final_train_loss=records.final_loss(history),
+      lora_rank=rank if run.method == "lora" else 0,
+      step_s=batch / float(np.median(rates[1:] or rates)) if rates else records.NAN)
   if spec.collapse:
     pen, record.layerwise_nc1 = measure.collapse(model, variables, prepare, train_ds,
                                                  eval_batch, mesh, desc=run.id)
