@@ -1,11 +1,14 @@
 """Train-step time and compiled memory of each fine-tuning method (issue 4 §7).
 
 ResNet-18 (CIFAR stem) on 32x32 inputs, batch 128, through ncjax.train's one train step:
-full FT, Layer FT block5, SCL FT block5, linear probe (full forward, head-only gradient).
-Prints medians after warm-up and ratios to full FT; temporary memory from XLA's
-memory_analysis() of the compiled step.
+full FT, Layer FT block5, SCL FT block5, linear probe (full forward, head-only gradient),
+and issue 19's BitFit, LoRA (rank 8; ViT: attention + MLP kernels, conv nets: the units'
+convolutions) and, on a ViT, VPT-deep (10 tokens). LP-FT's steps are the linear probe's,
+then full FT's. Prints medians after warm-up and ratios to full FT; temporary memory from
+XLA's memory_analysis() of the compiled step.
 
     python benchmarks/finetune.py [--batch 128] [--reps 10] [--model resnet18] [--size 32]
+    python benchmarks/finetune.py --model vit_b32 --size 224 --unit layer8 --stem ""
 """
 import argparse
 import time
@@ -14,21 +17,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ncjax import methods, models, train
+from ncjax import lora, methods, models, train
 
 
 def bench(model_name, method, unit, batch, size, reps, stem):
-  options = {"stem": stem}
+  options = {"stem": stem} if stem else {}
   if method == "scl":
     options["scl_unit"] = unit
+  if method == "vpt":
+    options.update(vpt_tokens=10, vpt_deep=True)
   model = models.get(model_name, 10, **options)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)), jnp.float32)
   y = jnp.asarray(np.arange(batch) % 10, jnp.int32)
   v = jax.jit(lambda k: model.init(k, x[:1], train=False))(jax.random.PRNGKey(0))
-  mask = methods.trainable_mask(v["params"], method, unit)
+  params, forward = v["params"], train.model_forward(model)
+  if method == "lora":
+    params = lora.add(params, ("attention", "mlp", "conv"), 8, 0, models.units(model))
+    forward = lora.forward(forward, 1.0)
+  mask = methods.trainable_mask(params, method, unit)
   tx = train.make_optimizer(train.OptimConfig(), 1000, mask)
-  state = train.init_state(v["params"], v.get("batch_stats", {}), tx)
-  step = jax.jit(train.make_train_step(train.model_forward(model), tx, mask), donate_argnums=0)
+  state = train.init_state(params, v.get("batch_stats", {}), tx)
+  step = jax.jit(train.make_train_step(forward, tx, mask), donate_argnums=0)
   rng = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
   compiled = step.lower(state, x, y, rng).compile()
@@ -47,7 +56,7 @@ def bench(model_name, method, unit, batch, size, reps, stem):
     state, m = compiled(state, x, y, rng)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t)
-  return float(np.median(times)), temp, flops, compile_s, methods.percent_trainable(v["params"], mask)
+  return float(np.median(times)), temp, flops, compile_s, methods.percent_trainable(params, mask)
 
 
 def main():
@@ -62,7 +71,8 @@ def main():
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  model: {a.model} "
         f"({a.stem} stem) {a.size}x{a.size}, batch {a.batch}, unit {a.unit}")
   rows = {}
-  for method in ("full", "layer", "scl", "linear"):
+  vit = a.model.startswith("vit")
+  for method in ("full", "layer", "scl", "linear", "bitfit", "lora") + (("vpt",) if vit else ()):
     rows[method] = bench(a.model, method, a.unit, a.batch, a.size, a.reps, a.stem)
   full_t, full_m, full_f = rows["full"][:3]
   print(f"{'method':8s} {'%params':>8s} {'step ms':>9s} {'x full':>7s} {'temp MiB':>9s} "

@@ -20,7 +20,7 @@ def get_config():
   c.models = ("resnet18",)   # registry names (ncjax.models.names())
   c.datasets = ("digits",)   # downstream datasets (ncjax.data.load names)
   c.downstream_classes = "5-9"  # class ids and ranges, e.g. "5-9" or "0,2,4" ('' = all classes)
-  c.methods = ("linear", "layer", "scl", "full")
+  c.methods = ("linear", "layer", "scl", "full")  # + bitfit, lora, lp_ft, vpt (below)
   c.train_sizes = ()         # () = the whole training split; else class-balanced subset sizes
   c.test_split = "test"
   c.data_dir = ""            # TFDS data_dir ('' = TFDS default)
@@ -79,6 +79,23 @@ def get_config():
   # is lowest is then fine-tuned fully.
   c.unit_budget = 1.0           # (0, 1]: a fraction of the backbone's parameters
   c.unit_probe_fraction = 0.1   # (0, 1]: a fraction of the cell's optimizer steps
+  # nc: the probes above | rgn: Auto-RGN (Lee et al.), the unit whose tensors' mean relative
+  # gradient norm |g|/|theta| over the run's first 5 batches is largest | both: one auto run each
+  c.unit_selector = "nc"
+
+  # --- parameter-efficient methods (issue 19): methods bitfit, lora, lp_ft, vpt ---------------
+  # lora: W + (alpha / rank) * A @ B beside the kernels `targets` select in the units:
+  # query, key, value, out (attention = all four) and mlp on a ViT; conv (every convolution,
+  # the kernel as (k*k*C_in, C_out)) and dense (other 2-D kernels) elsewhere; "<unit>/<kind>"
+  # restricts a kind to one unit (e.g. "layer12/query"). B starts at zero. rank: a tuple,
+  # one lora run per rank (--config.lora.rank=4,16); alpha is fixed across ranks.
+  c.lora = ml_collections.ConfigDict(dict(rank=(8,), alpha=8.0,
+                                          targets=("attention", "mlp", "conv")))
+  # lp_ft: a linear probe for `probe_fraction` of the steps, then full FT from that head
+  c.lp_ft = ml_collections.ConfigDict(dict(probe_fraction=0.5))
+  # vpt (ViT only): `tokens` learnt prompt tokens after the class token, fresh at every layer
+  # (deep) or inserted once before the first (shallow)
+  c.vpt = ml_collections.ConfigDict(dict(tokens=10, deep=True))
 
   # --- job 'rank': score every candidate (variant x model) on each downstream dataset from
   # its frozen penultimate features, fine-tune it with `methods` as the ground truth, and
@@ -97,6 +114,8 @@ def get_config():
       schedule="cosine",     # cosine: lr -> lr_end | step: lr x decay_factor after each of
       decay_epochs=(),       #   these epochs (increasing, < epochs; RFS: 60,80 of 100), in
       decay_factor=0.1,      #   epochs of the run's own data, also when `steps` sets its length
+      layer_decay=1.0,       # (0, 1]: unit i of L trains at lr x layer_decay^(L - i), the stem
+                             # at layer_decay^L, the head at lr; for full, lp_ft, bitfit, lora
   ))
   c.eval_batch_size = 512
   c.cache_linear_features = True  # linear probe without augmentation: features computed once

@@ -120,3 +120,52 @@ def _jit_collapse_update(model, mesh):
     return {n: stats[n].update(f[n], y, mask) for n in stats}
   return jax.jit(update, in_shardings=(rep, rep, rep, dat, dat, dat), out_shardings=rep,
                  donate_argnums=(0,))
+
+
+def tensor_rgn(params, grads, units) -> dict[str, float]:
+  """Surgical fine-tuning's relative gradient norm (Lee et al., ICLR 2023) per unit: the mean
+  over the unit's parameter tensors of ``|g| / |theta|`` (Frobenius norms, float64 on the
+  host). Tensors with ``|theta| = 0`` (e.g. zero-initialised biases) have no relative norm
+  and are left out; a unit with none of another kind is NaN."""
+  out = {}
+  for u in units:
+    ratios = []
+    for p, g in zip(jax.tree.leaves(params[u]), jax.tree.leaves(grads[u])):
+      norm = float(np.linalg.norm(np.asarray(p, np.float64).ravel()))
+      if norm > 0:
+        ratios.append(float(np.linalg.norm(np.asarray(g, np.float64).ravel())) / norm)
+    out[u] = float(np.mean(ratios)) if ratios else float("nan")
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_grad(forward):
+  def grads(params, batch_stats, prepare, x, y, rng):
+    def loss(p):
+      return train.cross_entropy(forward(p, batch_stats, prepare(rng, x, True), True)[0], y)
+    return jax.grad(loss)(params)
+  return jax.jit(grads)
+
+
+def relative_gradient_norms(forward, params, batch_stats, prepare, images, labels,
+                            batch_size: int, seed: int, units, batches: int = 5,
+                            desc: str = "rgn") -> tuple[dict[str, float], float]:
+  """Auto-RGN's score of every unit: `tensor_rgn` of the cross-entropy gradient (every
+  parameter, train mode, from the starting `params`) on each of the run's first `batches`
+  batches (`train.batch_iterator` with its seed; augmentation keyed as the train step keys
+  step i), averaged over the batches. Returns ``({unit: score}, flops)``: XLA's flop
+  estimate of the `batches` gradient evaluations. Nothing is updated."""
+  fn = _jit_grad(forward)
+  key = jax.random.PRNGKey(seed)
+  sums, flops = {u: 0.0 for u in units}, 0.0
+  it = train.batch_iterator(images, labels, batch_size, seed=seed, start_step=0,
+                            total_steps=batches)
+  for i, (x, y) in enumerate(telemetry.progress(it, total=batches, desc=f"{desc}: RGN")):
+    rng = jax.random.fold_in(key, i)  # the train step's key of step i
+    if i == 0:
+      flops = batches * float(fn.lower(params, batch_stats, prepare, x, y, rng)
+                              .cost_analysis()["flops"])
+    g = fn(params, batch_stats, prepare, x, y, rng)
+    for u, v in tensor_rgn(params, g, units).items():
+      sums[u] += v / batches
+  return sums, flops

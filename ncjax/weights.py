@@ -81,6 +81,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from ncjax import lora
 from ncjax.errors import CheckpointError
 from ncjax.models.densenet import CONFIGS as DENSENET_CONFIGS
 from ncjax.models.resnet import CONFIGS as RESNET_CONFIGS
@@ -519,6 +520,13 @@ def read_ncjax(step_dir: str) -> dict:
   params = dict(state["params"])
   if set(params) == {"backbone", "projection"}:
     params = params["backbone"]
+  if lora.count(params):  # a LoRA run: its updates merged into plain weights
+    _, fingerprint = _run_fingerprint(step_dir)
+    if not fingerprint or "lora.alpha" not in fingerprint or "lora.rank" not in fingerprint:
+      raise CheckpointError(f"{step_dir} holds LoRA factors, but no fingerprint.json of its "
+                            "run gives lora.alpha and lora.rank to merge them (load the run "
+                            "directory, not a copy of the step)")
+    params = lora.merge(params, float(fingerprint["lora.alpha"]) / int(fingerprint["lora.rank"]))
   return {"params": params, "batch_stats": dict(state.get("batch_stats") or {})}
 
 

@@ -137,3 +137,89 @@ def test_probes_of_a_step_schedule_run_on_a_compressed_cosine(tmp_path):
   assert all(p["steps"] == 2 for p in auto["unit_choice"].values())  # ceil(0.1 * 4 * 5)
   assert auto["steps"] == 20
   assert math.isnan(auto["regret"])  # the sweep lacks layer2: no regret against a partial one
+
+
+# ----------------------------------------------------------------------------- Auto-RGN
+
+def test_rgn_of_a_two_layer_model_by_hand():
+  """`measure.relative_gradient_norms` against a float64 numpy backward pass of x -> tanh(x
+  W1 + b1) -> tanh(. W2 + b2) -> . W3 + b3 -> softmax cross-entropy, on the run's first 5
+  batches (the batch order written out from `train.batch_iterator`'s rule: epoch e is
+  ``default_rng((seed, e)).permutation(n)``, each batch's indices sorted), per unit the mean
+  of |dW|/|W| and |db|/|b| averaged over the batches."""
+  import flax.linen as nn
+  import numpy as np
+  from ncjax import data, measure, train
+
+  class TwoLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = jnp.tanh(nn.Dense(3, name="layer1")(x.reshape(len(x), -1)))
+      h = jnp.tanh(nn.Dense(3, name="layer2")(h))
+      return nn.Dense(2, name="head")(h)
+
+  jnp = jax.numpy
+  rng = np.random.default_rng(0)
+  n, seed, bs = 12, 7, 4
+  x = rng.integers(0, 256, size=(n, 2, 2, 1), dtype=np.uint8)  # -> x / 255 (N, 4)
+  y = (np.arange(n) % 2).astype(np.int32)
+  params = {k: {"kernel": rng.normal(size=s).astype(np.float32),
+                "bias": rng.normal(size=s[1:]).astype(np.float32)}
+            for k, s in (("layer1", (4, 3)), ("layer2", (3, 3)), ("head", (3, 2)))}
+  model = TwoLayer()
+  scores, flops = measure.relative_gradient_norms(
+      train.model_forward(model), params, {}, data.Preprocess(np.zeros(1, np.float32),
+                                                              np.ones(1, np.float32)),
+      x, y, bs, seed,
+      ("layer1", "layer2"))
+  P = {k: {kk: vv.astype(np.float64) for kk, vv in v.items()} for k, v in params.items()}
+  want = {"layer1": 0.0, "layer2": 0.0}
+  order = [np.sort(np.random.default_rng((seed, e)).permutation(n)[j * bs:(j + 1) * bs])
+           for e in range(2) for j in range(3)][:5]
+  for idx in order:
+    xb, yb = x[idx].reshape(len(idx), 4).astype(np.float64) / 255, y[idx]
+    h1 = np.tanh(xb @ P["layer1"]["kernel"] + P["layer1"]["bias"])
+    h2 = np.tanh(h1 @ P["layer2"]["kernel"] + P["layer2"]["bias"])
+    z = h2 @ P["head"]["kernel"] + P["head"]["bias"]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d = (p - np.eye(2)[yb]) / len(idx)
+    dz2 = (d @ P["head"]["kernel"].T) * (1 - h2 ** 2)
+    dz1 = (dz2 @ P["layer2"]["kernel"].T) * (1 - h1 ** 2)
+    for u, a, dz in (("layer1", xb, dz1), ("layer2", h1, dz2)):
+      rel = [np.linalg.norm(a.T @ dz) / np.linalg.norm(P[u]["kernel"]),
+             np.linalg.norm(dz.sum(0)) / np.linalg.norm(P[u]["bias"])]
+      want[u] += np.mean(rel) / 5
+  assert scores == pytest.approx(want, rel=1e-5)
+  assert flops > 0
+  # A tensor with |theta| = 0 has no relative norm and is left out.
+  zero = {"layer1": {"kernel": np.ones((2, 2)), "bias": np.zeros(2)}}
+  got = measure.tensor_rgn(zero, {"layer1": {"kernel": np.full((2, 2), 3.0),
+                                             "bias": np.ones(2)}}, ("layer1",))
+  assert got == {"layer1": pytest.approx(3.0)}
+
+
+def test_rgn_and_nc_choose_side_by_side(tmp_path):
+  """unit_selector 'both': the NC run keeps its id and fingerprint, Auto-RGN's gets
+  ``-auto-rgn``; RGN chooses its largest score (normalised to 1), costs 5 gradient
+  evaluations (less than NC's probes here) and is compared to the same sweep."""
+  c = _config(("layer1", "layer2", "layer3", "auto"), unit_probe_fraction=0.25,
+              unit_selector="both")
+  c.optim.steps = 12
+  c.pretrain.optim.steps = 20
+  spec = spec_lib.build(c)[0]
+  runs = [r for r in spec.runs() if r.kind == "finetune"]
+  assert [r.id for r in runs][-2:] == ["mlp-digits-layer-auto", "mlp-digits-layer-auto-rgn"]
+  assert "unit_selector" not in dict(runs[-2].fingerprint)
+  assert dict(runs[-1].fingerprint)["unit_selector"] == "rgn"
+  recs = runner.run(c, str(tmp_path))
+  sweep = {r["unit"]: r for r in recs if not r["unit_choice"]}
+  nc, rgn = [r for r in recs if r["unit_choice"]]
+  assert (nc["unit_selector"], rgn["unit_selector"]) == ("nc", "rgn")
+  scores = {u: c["rgn"] for u, c in rgn["unit_choice"].items()}
+  assert max(scores.values()) == 1.0 and scores[rgn["unit"]] == 1.0
+  assert rgn["accuracy"] == sweep[rgn["unit"]]["accuracy"]
+  assert rgn["regret"] == max(r["accuracy"] for r in sweep.values()) - rgn["accuracy"]
+  assert 0 < rgn["probe_cost_fraction"] < nc["probe_cost_fraction"]
+  md = (tmp_path / "results.md").read_text()
+  assert "| RGN |" in md and "| NC |" in md and "Auto-RGN: mean relative gradient norm" in md

@@ -20,7 +20,7 @@ BEGIN, END = "<!-- dependency graph: begin -->", "<!-- dependency graph: end -->
 FLOORS = (
     ("base", ("ncjax", "ncjax.errors", "ncjax.io")),
     ("library", ("ncjax.metrics", "ncjax.transferability", "ncjax.losses", "ncjax.methods",
-                 "ncjax.telemetry", "ncjax.models", "ncjax.weights", "ncjax.fewshot",
+                 "ncjax.lora", "ncjax.telemetry", "ncjax.models", "ncjax.weights", "ncjax.fewshot",
                  "ncjax.data", "ncjax.train", "ncjax.measure")),
     ("report", ("ncjax.report",)),
     ("experiment", ("ncjax.experiment",)),

@@ -161,13 +161,13 @@ def test_markdown_exact_cells():
 def test_markdown_missing_cell_and_unknown_method():
   recs = [r for r in make_records()
           if not (r["model"] == "resnet50" and r["dataset"] == "dtd" and r["method"] == "scl")]
-  extra = dict(recs[0], method="lora", unit=None, accuracy=50.0)
+  extra = dict(recs[0], method="adapter", unit=None, accuracy=50.0)
   rows = cells(report.markdown_table(recs + [extra]))
   assert rows[(ACC, "SCL FT")] == ["93.11", "69.84", "94.94", "\u2013"]
   # Unknown methods come after the four known ones, displayed as-is.
   labels = [r[0] for s, r in _sectioned(report.markdown_table(recs + [extra])) if s == ACC]
-  assert labels == ["Linear Probe", "Layer FT", "SCL FT", "Full Model FT", "lora"]
-  assert rows[(ACC, "lora")] == ["50.00", "\u2013", "\u2013", "\u2013"]
+  assert labels == ["Linear Probe", "Layer FT", "SCL FT", "Full Model FT", "adapter"]
+  assert rows[(ACC, "adapter")] == ["50.00", "\u2013", "\u2013", "\u2013"]
 
 
 def test_source_rows_are_one_row_each_not_one_per_method():

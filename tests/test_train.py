@@ -60,8 +60,8 @@ def test_percent_trainable_matches_table3_resnet18():
 
 def test_mask_errors_name_the_problem():
   params = _abstract_params("resnet18")
-  with pytest.raises(ValueError, match="unknown fine-tuning method 'lora'"):
-    methods.trainable_mask(params, "lora", "block5")
+  with pytest.raises(ValueError, match="unknown fine-tuning method 'adapter'"):
+    methods.trainable_mask(params, "adapter", "block5")
   with pytest.raises(ValueError, match="unit 'block9' is not a top-level module"):
     methods.trainable_mask(params, "layer", "block9")
   with pytest.raises(ValueError, match="needs a unit"):

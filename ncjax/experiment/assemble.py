@@ -141,6 +141,8 @@ def build_model(spec: Spec, bb: Backbone, num_classes: int, method: str = "",
   skip) and the spec's compute dtype (parameters, optimizer state and BatchNorm statistics
   stay float32; the loss and the NC metrics are computed in float32)."""
   options = {**bb.options, **(methods.model_options(method, unit) if method else {})}
+  if method == "vpt":  # the prompts are the model's own parameters
+    options.update(vpt_tokens=spec.peft.vpt_tokens, vpt_deep=spec.peft.vpt_deep)
   return models.get(bb.model, num_classes, **options, dtype=spec.dtype)
 
 
@@ -197,6 +199,12 @@ def initial_variables(spec: Spec, bb: Backbone, model, ds: data.ArrayDataset,
   """Initial variables for fine-tuning `model` on `ds` and where they came from: the
   backbone's weights file, the pre-trained source model, or scratch."""
   variables = init_variables(model, input_shape(bb, ds), spec.seed)
+  # A method's extra top-level parameters (VPT's prompts) are in no checkpoint: they keep
+  # their fresh values; everything else comes from the weights.
+  extra = {k: v for k, v in variables["params"].items() if k == methods.PROMPTS}
+  if extra and (bb.weights_path or pretrained is not None):
+    loaded, origin = initial_variables(spec, bb, model.clone(vpt_tokens=0), ds, pretrained)
+    return {**loaded, "params": {**loaded["params"], **extra}}, origin
   if bb.weights_path:
     return weights.load(bb.weights_path, bb.model, variables), bb.weights
   if pretrained is not None:

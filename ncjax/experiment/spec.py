@@ -20,7 +20,7 @@ import math
 import os
 import re
 
-from ncjax import data, methods, models, train
+from ncjax import data, lora, methods, models, train
 from ncjax.errors import ConfigError
 from ncjax.experiment.fields import did_you_mean, field_names, suggest_fields
 from ncjax.transferability import ESTIMATORS
@@ -56,6 +56,8 @@ class Optim:
   schedule: str = "cosine"                # cosine (lr -> lr_end) | step (x decay_factor)
   decay_epochs: tuple[int, ...] = ()      # step: after these many epochs, increasing
   decay_factor: float = 0.1               # step: in (0, 1]
+  layer_decay: float = 1.0                # unit i of L: lr x layer_decay ** (L - i) (`methods.
+                                          # layer_decay_scales`); methods tuning several units
 
   def optimizer(self, steps_per_epoch: int):
     """`train.OptimConfig` of a run with `steps_per_epoch` optimizer steps per epoch (the
@@ -113,6 +115,23 @@ class Fewshot:
 
 
 @dataclasses.dataclass(frozen=True)
+class Peft:
+  """The settings of the parameter-efficient methods (issue 19; `ncjax.lora`, the ViT's VPT)."""
+  lora_ranks: tuple[int, ...] = (8,)  # several: one lora run per rank (ids -r<rank>)
+  lora_alpha: float = 8.0             # the update is (alpha / rank) * A @ B, alpha fixed
+  lora_targets: tuple[str, ...] = ("attention", "mlp", "conv")  # `ncjax.lora.TARGETS`
+  lp_ft_probe_fraction: float = 0.5   # LP-FT: the linear probe's share of the steps, (0, 1)
+  vpt_tokens: int = 10
+  vpt_deep: bool = True
+
+  def lora_scale(self, rank: int) -> float:
+    return self.lora_alpha / rank
+
+
+UNIT_SELECTORS = ("nc", "rgn", "both")  # unit=auto: NC probes, Auto-RGN, or both side by side
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
   """One unit of work with its own checkpoints and record.
 
@@ -126,6 +145,8 @@ class Run:
   method: str = ""
   unit: str | None = None
   fingerprint: tuple = ()      # ((dotted field, value), ...) that define the run
+  selector: str = ""           # unit AUTO_UNIT: 'nc' or 'rgn' (`UNIT_SELECTORS`)
+  lora_rank: int = 0           # method lora: its rank (one of ``peft.lora_ranks``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +180,8 @@ class Spec:
   resolved: dict               # the resolved config as plain data (config.json)
   strict: bool = False         # a run that cannot learn (`runner.schedule_warnings`) is
                                # an error, not a warning
+  peft: Peft = Peft()          # lora.*, lp_ft.*, vpt.*
+  unit_selector: str = "nc"    # AUTO_UNIT: `UNIT_SELECTORS`
 
   def source(self, dataset: str) -> str:
     return self.dataset_sources.get(dataset) or dataset
@@ -196,12 +219,22 @@ class Spec:
             # The NC choice runs after the sweep, so it can reuse the chosen unit's run.
             units = sorted(bb.units, key=lambda u: u == AUTO_UNIT)
             for unit in units if methods.needs_unit(method) else (None,):
-              name = "-".join(p for p in (bb.model, ds, method, unit,
-                                          f"n{size}" if size else "") if p)
-              out.append(Run("finetune", prefix + name, bb, ds, size, method, unit,
-                             self._fingerprint(bb, "finetune", dataset=ds, size=size,
-                                               method=method, unit=unit)))
+              # unit_selector 'both': one auto run per selector, NC's keeping the plain id.
+              for sel in self._selectors() if unit == AUTO_UNIT else ("",):
+                for rank in self.peft.lora_ranks if method == "lora" else (0,):
+                  shown = f"{unit}-{sel}" if sel not in ("", "nc") else unit
+                  r_id = f"r{rank}" if rank and len(self.peft.lora_ranks) > 1 else ""
+                  name = "-".join(p for p in (bb.model, ds, method, r_id, shown,
+                                              f"n{size}" if size else "") if p)
+                  out.append(Run("finetune", prefix + name, bb, ds, size, method, unit,
+                                 self._fingerprint(bb, "finetune", dataset=ds, size=size,
+                                                   method=method, unit=unit, selector=sel,
+                                                   rank=rank),
+                                 selector=sel, lora_rank=rank))
     return out
+
+  def _selectors(self) -> tuple[str, ...]:
+    return ("nc", "rgn") if self.unit_selector == "both" else (self.unit_selector,)
 
   def _fingerprint(self, bb: Backbone, kind: str, **cell) -> tuple:
     """The config values a run's checkpoints and record depend on, as dotted fields."""
@@ -227,6 +260,14 @@ class Spec:
       fields.update(train_size=cell["size"], method=cell["method"], unit=cell["unit"])
       if cell["unit"] == AUTO_UNIT:
         fields.update(unit_budget=self.unit_budget, unit_probe_fraction=self.unit_probe_fraction)
+        if cell.get("selector", "nc") != "nc":  # NC's runs keep their fingerprints
+          fields["unit_selector"] = cell["selector"]
+      pf = self.peft
+      fields.update({"lora": {"lora.rank": cell.get("rank"), "lora.alpha": pf.lora_alpha,
+                              "lora.targets": pf.lora_targets},
+                     "lp_ft": {"lp_ft.probe_fraction": pf.lp_ft_probe_fraction},
+                     "vpt": {"vpt.tokens": pf.vpt_tokens, "vpt.deep": pf.vpt_deep},
+                     }.get(cell["method"], {}))
       if cell["method"] == "linear":
         fields["cache_linear_features"] = self.cache_linear_features
     return tuple(sorted((k, _plain(v)) for k, v in fields.items() if not _unset(k, v, fields)))
@@ -234,7 +275,8 @@ class Spec:
 
 # Fields added after workdirs existed: at these values they are left out of fingerprints, so
 # the runs made before them stay resumable. The step decays count only with schedule 'step'.
-_ADDED_DEFAULTS = {"optim.schedule": "cosine", "fewshot.split": "train", "pretrain.train_size": 0}
+_ADDED_DEFAULTS = {"optim.schedule": "cosine", "fewshot.split": "train", "pretrain.train_size": 0,
+                   "optim.layer_decay": 1.0}
 _STEP_ONLY = ("optim.decay_epochs", "optim.decay_factor")
 
 
@@ -416,6 +458,8 @@ def _optim(p: Problems, prefix: str, o, own=None) -> Optim:
       steps=steps,
       batch_size=_int(p, field("batch_size"), o.batch_size, 1),
       aug_level=_int(p, field("aug_level"), o.aug_level, 1, 5),
+      layer_decay=_float(p, field("layer_decay"), o.get("layer_decay", 1.0), positive=True,
+                         hi=1.0),
       **_decays(p, field, o, steps))
   if out.lr_end > out.lr > 0 and out.schedule == "cosine":
     p.add(field("lr_end"), o.lr_end, f"must not exceed lr ({out.lr})")
@@ -678,8 +722,61 @@ def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
       unit_probe_fraction=_float(p, "unit_probe_fraction", c.unit_probe_fraction, positive=True,
                                  hi=1.0),
       rank_estimators=_estimators(p, c.rank.estimators),
-      resolved=_resolved(c), strict=_bool(p, "strict", c.get("strict", False)))
+      resolved=_resolved(c), strict=_bool(p, "strict", c.get("strict", False)),
+      peft=_peft(p, c, backbones, method_names),
+      unit_selector=_str(p, "unit_selector", c.get("unit_selector", "nc"), UNIT_SELECTORS))
   return None if p.lines else spec
+
+
+def _peft(p: Problems, c, backbones, method_names) -> Peft:
+  """``lora.*``, ``lp_ft.*`` and ``vpt.*`` (absent groups: `Peft`'s defaults), checked only
+  where a method of the grid reads them: LoRA targets against every backbone's kernels, VPT
+  against its architecture."""
+  d = Peft()
+  lo, lp, vp = (c.get(g) or {} for g in ("lora", "lp_ft", "vpt"))
+  used = lambda m: m in method_names
+  q = p if used("lora") else Problems()
+  ranks = lo.get("rank", d.lora_ranks)
+  ranks = _positive_ints(q, "lora.rank", ranks if isinstance(ranks, (tuple, list, str))
+                         else (ranks,), "must be an integer >= 1 or distinct ones (a sweep)",
+                         distinct=True, nonempty=True) or d.lora_ranks
+  alpha = _float(q, "lora.alpha", lo.get("alpha", d.lora_alpha), positive=True)
+  targets = _names(q, "lora.targets", lo.get("targets", d.lora_targets)) or d.lora_targets
+  if used("lora"):
+    for bb in backbones:
+      why = lora.check_targets(targets, models.units(bb.model, **_unit_options(bb)))
+      for line in why:
+        q.add("lora.targets", targets, line)
+      if not why and not _lora_sites(bb, targets):
+        q.add("lora.targets", targets, f"selects no kernel of {bb.model}'s units")
+  q = p if used("lp_ft") else Problems()
+  frac = _float(q, "lp_ft.probe_fraction", lp.get("probe_fraction", d.lp_ft_probe_fraction),
+                positive=True, hi=1.0)
+  if frac == 1.0:
+    q.add("lp_ft.probe_fraction", frac, "must be < 1 (1 leaves no fine-tuning)")
+  q = p if used("vpt") else Problems()
+  tokens = _int(q, "vpt.tokens", vp.get("tokens", d.vpt_tokens), 1)
+  deep = _bool(q, "vpt.deep", vp.get("deep", d.vpt_deep))
+  for bb in backbones if used("vpt") else ():
+    if not bb.model.startswith("vit"):
+      p.add("methods", method_names, f"vpt prompts a ViT; {bb.model} is not one")
+  return Peft(lora_ranks=ranks, lora_alpha=alpha, lora_targets=targets,
+              lp_ft_probe_fraction=frac, vpt_tokens=tokens, vpt_deep=deep)
+
+
+def _unit_options(bb: Backbone) -> dict:
+  return {k: v for k, v in bb.options.items() if k in ("depth", "widths")}
+
+
+def _lora_sites(bb: Backbone, targets) -> list:
+  """The kernels `targets` select in `bb`'s units, from its abstract parameters."""
+  size = bb.image_size or (224 if bb.model.startswith("vit") else 32)
+  try:
+    params = models.param_shapes(bb.model, 2, image_size=size, channels=bb.channels or 3,
+                                 **bb.options)["params"]
+  except (TypeError, ValueError):
+    return [None]  # the options' own problem, reported under backbone.*.options
+  return lora.targeted(params, targets, models.units(bb.model, **_unit_options(bb)))
 
 
 def _positive_ints(p: Problems, field: str, value, why: str, *, distinct: bool = False,

@@ -43,7 +43,8 @@ for _n, (_stages, _block) in _RESNET_CONFIGS.items():
                    _COMMON + ("stem", "width"))
 for _n, (_p, _d, _l, _h, _m) in _VIT_CONFIGS.items():
   _REGISTRY[_n] = (ViT, dict(patch_size=_p, hidden_size=_d, num_layers=_l, num_heads=_h,
-                             mlp_dim=_m), _COMMON + ("pool", "representation_size"))
+                             mlp_dim=_m), _COMMON + ("pool", "representation_size", "vpt_tokens",
+                                                     "vpt_deep"))
 for _n, (_g, _b, _w) in _DENSENET_CONFIGS.items():
   _REGISTRY[_n] = (DenseNet, dict(growth_rate=_g, block_config=_b, num_init_features=_w), _COMMON)
 _REGISTRY["mobilenet_v2"] = (MobileNetV2, {}, _COMMON)
@@ -70,7 +71,8 @@ def get(name: str, num_classes: int, **options) -> nn.Module:
   default float32; params stay float32). ResNet: `stem` ('imagenet' | 'cifar'), `width`.
   DenseNet (densenet121/161/169/201), MobileNetV2 (mobilenet_v2): torchvision's ImageNet
   networks, no further option.
-  ViT: `pool` ('cls' | 'mean'), `representation_size` (adds `pre_logits`). MLP: `depth`
+  ViT: `pool` ('cls' | 'mean'), `representation_size` (adds `pre_logits`), `vpt_tokens`,
+  `vpt_deep` (VPT prompts, see `ncjax.models.vit`). MLP: `depth`
   (9), `width` (784), `batch_norm` (False). ConvNet4: `width`, `flatten`. ResNet12: `widths`.
   SEResNet12: `widths`, `se_reduction` (16; RFS uses 4).
   Options set to None are ignored (model default).

@@ -12,6 +12,14 @@ Pre-LN blocks, LayerNorm eps 1e-6, GELU with the tanh approximation (flax's
 input is the class token after `encoder_norm` (vit_jax's 'token' classifier).
 A unit's output is its encoder block's (N, 1 + g*g, D) tokens; its feature (`unit_feature`)
 is the class token or the token mean, per `pool`.
+
+VPT (Jia et al., ECCV 2022), `vpt_tokens` = P > 0: a top-level parameter `prompts`
+(L or 1, P, D) of learnt tokens placed right after the class token. Deep (`vpt_deep`): layer
+i reads prompts[i - 1] in place of the previous layer's outputs at those positions; shallow:
+prompts[0] is inserted once, before layer1, and flows through every layer. A unit's output
+is then (N, 1 + P + g*g, D); 'mean' pooling leaves the prompt positions out. Init: uniform
+in +-sqrt(6 / (3 P_patch^2 + D)), VPT's (xavier over the patch embedding's fan). P = 0 is
+the plain ViT, parameter for parameter.
 """
 from __future__ import annotations
 
@@ -83,6 +91,8 @@ class ViT(nn.Module):
   pool: str = "cls"
   scl_unit: str | None = None
   dtype: Dtype = jnp.float32
+  vpt_tokens: int = 0      # VPT prompt tokens P (0: none)
+  vpt_deep: bool = True    # prompts at every layer (deep) or once before layer1 (shallow)
 
   @property
   def units(self) -> tuple[str, ...]:
@@ -93,6 +103,8 @@ class ViT(nn.Module):
     if self.pool == "cls":
       return y[:, 0].astype(jnp.float32)
     if self.pool == "mean":
+      p = self.vpt_tokens
+      y = jnp.concatenate([y[:, :1], y[:, 1 + p:]], axis=1) if p else y
       return jnp.mean(y.astype(jnp.float32), axis=1)
     raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
 
@@ -119,8 +131,21 @@ class ViT(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                      (1, x.shape[1], self.hidden_size))
     x = x + pos.astype(x.dtype)
+    P = self.vpt_tokens
+    if P < 0:
+      raise ValueError(f"vpt_tokens must be >= 0, got {P}")
+    if P:
+      bound = (6.0 / (3 * p * p + self.hidden_size)) ** 0.5
+      prompts = self.param(
+          "prompts", lambda k, s: nn.initializers.uniform(2 * bound)(k, s) - bound,
+          (self.num_layers if self.vpt_deep else 1, P, self.hidden_size))
     out = {}  # unit -> its raw output; only the SCL unit's is read
-    for name in units:
+    for i, name in enumerate(units):
+      if P and (i == 0 or self.vpt_deep):
+        tokens = jnp.broadcast_to(prompts[i if self.vpt_deep else 0].astype(x.dtype),
+                                  (n, P, self.hidden_size))
+        rest = x[:, 1:] if i == 0 else x[:, 1 + P:]  # deep: drop the last layer's prompts
+        x = jnp.concatenate([x[:, :1], tokens, rest], axis=1)
       x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=dtype, name=name)(x)
       out[name] = x
     x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name="encoder_norm")(x)

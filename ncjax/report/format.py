@@ -20,6 +20,10 @@ METHOD_NAMES = {
     "layer": "Layer FT",
     "scl": "SCL FT",
     "full": "Full Model FT",
+    "bitfit": "BitFit",
+    "lora": "LoRA",
+    "lp_ft": "LP-FT",
+    "vpt": "VPT",
 }
 
 MODEL_NAMES = {
@@ -168,9 +172,13 @@ def _row_key(r: Mapping, split: set) -> tuple:
 
 
 def _unit(r: Mapping) -> str:
-  """The unit a row shows: 'auto' for a unit chosen by NC (`stages.autounit`; its record's
-  ``unit`` is the chosen one, shown in `auto_unit_table`)."""
-  return "auto" if r.get("unit_choice") else r["unit"]
+  """The unit a row shows: 'auto' for a unit chosen by NC, 'auto-rgn' by Auto-RGN
+  (`stages.autounit`; its record's ``unit`` is the chosen one, shown in `auto_unit_table`)."""
+  if r["method"] == "lora" and r.get("lora_rank"):  # a rank sweep splits like a unit sweep
+    return f"r{r['lora_rank']}"
+  if not r.get("unit_choice"):
+    return r["unit"]
+  return "auto" if r.get("unit_selector", "nc") in ("", "nc") else f"auto-{r['unit_selector']}"
 
 
 def _row_label(row: tuple) -> str:
@@ -195,7 +203,61 @@ def is_variant_sweep(records: Sequence[Mapping]) -> bool:
   for r in records:
     tags.setdefault((r["model"], r["dataset"]), set()).add(_tag(r))
   return (any(len(t) > 1 for t in tags.values())
-          and any(_num(r.get("source_nc1")) is not None for r in records))
+          and any(_num(r.get("source_nc1")) is not None for r in records)
+          and not is_seed_replicates(records))
+
+
+def is_seed_replicates(records: Sequence[Mapping]) -> bool:
+  """Whether the records' variants are seed replicates (configs/peft.py: one tag per seed),
+  not pre-training variants: several tags, each tag one seed, no two tags the same seed."""
+  seeds: dict[str, set] = {}
+  for r in records:
+    seeds.setdefault(_tag(r), set()).add(r.get("seed", 0))
+  flat = [s for ss in seeds.values() for s in ss]
+  return len(seeds) > 1 and all(len(ss) == 1 for ss in seeds.values()) and \
+      len(set(flat)) == len(flat)
+
+
+PEFT_METHODS = ("bitfit", "lora", "lp_ft", "vpt")
+
+
+def peft_label(r: Mapping) -> str:
+  """A method as the PEFT comparison names it: "LoRA r4", "Layer FT auto-rgn", "BitFit"."""
+  name = method_name(r["method"])
+  if r["method"] == "lora" and r.get("lora_rank"):
+    return f"{name} r{r['lora_rank']}"
+  return f"{name} {_unit(r)}" if r.get("unit") else name
+
+
+def peft_groups(records: Sequence[Mapping]) -> list[tuple[str, list[tuple[str, list]]]]:
+  """[(column label, [(method label, records over seeds), ...]), ...] of the transfer
+  records, methods in Table 3's order then first seen."""
+  rank = _method_rank(records)
+  out: dict[tuple, dict[str, list]] = {}
+  key = lambda r: (r["model"], r["dataset"], int(r.get("num_train") or 0))
+  for r in sorted(records, key=lambda r: rank[r["method"]]):
+    out.setdefault(key(r), {}).setdefault(peft_label(r), []).append(r)
+  label = lambda k: f"{model_name(k[0])} / {dataset_name(k[1])}, n={k[2]}"
+  return [(label(k), list(v.items())) for k, v in out.items()]
+
+
+# Student's t quantile t_{0.975, df} for df = 1..30 (95% two-sided); 1.96 beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_ci95(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
+  """(mean, 95% half-width of Student's t interval, n) of the finite values; the half-width
+  is None below 2 values."""
+  v = [x for x in (_num(y) for y in values) if x is not None]
+  if not v:
+    return None, None, 0
+  m = float(np.mean(v))
+  if len(v) < 2:
+    return m, None, 1
+  t = _T975[len(v) - 2] if len(v) - 1 <= len(_T975) else 1.96
+  return m, t * float(np.std(v, ddof=1)) / math.sqrt(len(v)), len(v)
 
 
 _KIND_TITLES = {

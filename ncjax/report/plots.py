@@ -17,7 +17,7 @@ from ncjax.report.format import (
     _layer_units, _log_r, _mean, _mean_layerwise, method_name, _method_rank, MISSING,
     model_name, _natural_key, _num, _ordered_rows, pearson_r, _positive, _pretrain_groups,
     _rank_groups, reference_dataset, _row_key, _row_label, _setting, split_kinds,
-    _split_methods, _tag, _variant_points,
+    _split_methods, _tag, _variant_points, PEFT_METHODS, peft_groups,
 )
 
 
@@ -674,6 +674,50 @@ def plot_scores_vs_accuracy(records: Sequence[Mapping], path: str) -> str | None
 
 
 # What write_all may write, in order; a rerun removes the ones the records no longer support.
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+  """Indices of the points (x = % parameters, y = accuracy) no other point dominates (as
+  few parameters or fewer and as accurate or more, one of them strictly), by increasing x."""
+  out = []
+  for i, (x, y) in enumerate(points):
+    if not any((a <= x and b >= y) and (a < x or b > y) for a, b in points):
+      out.append(i)
+  return sorted(out, key=lambda i: points[i])
+
+
+def plot_accuracy_vs_params(records: Sequence[Mapping], path: str) -> str | None:
+  """Issue 19: accuracy (mean over seeds) against the percentage of parameters trained (log
+  x), one point per method (`format.peft_label`), the Pareto front drawn as a step line; one
+  panel per (model, dataset, train size). None unless a PEFT method ran."""
+  records = split_kinds(records).get("transfer", [])
+  if not any(r["method"] in PEFT_METHODS for r in records):
+    return None
+  panels = []
+  for col, rows in peft_groups(records):
+    pts = [(name, _mean(r.get("percent_params") for r in rs), _mean(r["accuracy"] for r in rs))
+           for name, rs in rows]
+    pts = [(n, x, y) for n, x, y in pts if x is not None and x > 0 and y is not None]
+    if not pts:
+      continue
+
+    def panel(ax, pts=pts, col=col):
+      xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+      ax.scatter(xs, ys, s=18, color="C0", zorder=3)
+      _annotate(ax, xs, ys, [p[0] for p in pts])
+      front = pareto_front(list(zip(xs, ys)))
+      ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="C3",
+              lw=1.2, label="Pareto front")
+      _log_axis(ax, "x", xs)
+      ax.set_xlabel("parameters trained (%)", fontsize=_LABEL_SIZE)
+      ax.set_ylabel("transfer test accuracy (%)", fontsize=_LABEL_SIZE)
+      ax.set_title(col, fontsize=9)
+      ax.legend(fontsize=7)
+    panels.append(panel)
+  if not panels:
+    return None
+  return _draw(path, [(row, False) for row in _pack(panels)],
+               "Accuracy vs parameters trained (issue 19)")
+
+
 PLOTS = (
     ("layerwise_nc1.png", plot_layerwise_nc1),
     ("nc1_vs_accuracy.png", plot_nc1_vs_accuracy),
@@ -682,4 +726,5 @@ PLOTS = (
     ("accuracy_vs_size.png", plot_accuracy_vs_size),
     ("nc1_vs_fewshot_accuracy.png", plot_nc1_vs_fewshot_accuracy),
     ("scores_vs_accuracy.png", plot_scores_vs_accuracy),
+    ("accuracy_vs_params.png", plot_accuracy_vs_params),
 )

@@ -54,6 +54,10 @@ class Record:
   episodes: int = 0
   ci95: float = NAN          # few-shot: 95% confidence half-width of `accuracy`, percent
   unit_choice: dict = dataclasses.field(default_factory=dict)  # unit=auto: unit -> its probe
+  unit_selector: str = ""    # unit=auto: nc (probe NC1) | rgn (Auto-RGN)
+  lora_rank: int = 0         # method lora: the rank of its updates
+  step_s: float = NAN        # median seconds per train step over the log windows after the
+                             # first (which compiles); the machine's load included
   probe_cost_fraction: float = NAN  # unit=auto: probes' compute / the whole unit sweep's
   cost_fraction: float = NAN  # unit=auto: (probes + the chosen unit's run) / the unit sweep
   regret: float = NAN        # unit=auto: best swept unit's accuracy - the chosen's, points

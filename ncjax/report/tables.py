@@ -13,7 +13,8 @@ from ncjax.report.format import (
     method_name, _method_rank, MISSING, model_name, _natural_key, _num, _ordered_rows,
     _positive, _pretrain_groups, _pretrain_label, _rank_groups, reference_dataset, _row_key,
     _row_label, _SECTION_TITLES, _setting, _SOURCE_FIELDS, _SOURCE_SECTION, split_kinds,
-    _split_methods, _tag, _unit, _variant_keys, _variant_points,
+    _split_methods, _tag, _unit, _variant_keys, _variant_points, mean_ci95, PEFT_METHODS,
+    peft_groups, peft_label, is_seed_replicates,
 )
 
 
@@ -187,26 +188,58 @@ def auto_unit_table(records: Sequence[Mapping]) -> str:
     return ""
   cols = _Columns(records)
   best = _best_units(records, cols.key)
-  lines = [_md_row(["Model / dataset", "Method", "Chosen unit", "Accuracy", "Best swept unit",
-                    "Its accuracy", "Regret (points)", "Probe cost", "Choice cost"]),
-           "|:--|:--|:--|--:|:--|--:|--:|--:|--:|"]
-  probes = []
+  lines = [_md_row(["Model / dataset", "Method", "Selector", "Chosen unit", "Accuracy",
+                    "Best swept unit", "Its accuracy", "Regret (points)", "Probe cost",
+                    "Choice cost"]),
+           "|:--|:--|:--|:--|--:|:--|--:|--:|--:|--:|"]
+  probes, scores = [], []
   for r in auto:
     label, method = cols.label(cols.key(r)), method_name(r["method"])
+    rgn = r.get("unit_selector") == "rgn"
     b_unit, b_rs = best.get((cols.key(r), r["method"]), (None, []))
     covered = _num(r.get("regret")) is not None
     lines.append(_md_row([
-        label, method, r["unit"], fmt_accuracy(r["accuracy"]),
+        label, method, "RGN" if rgn else "NC", r["unit"], fmt_accuracy(r["accuracy"]),
         b_unit if covered else MISSING,
         fmt_accuracy(_mean(x["accuracy"] for x in b_rs)) if covered else MISSING,
         f"{r['regret']:.2f}" if covered else MISSING,
         fmt_percent(_percent_of(r.get("probe_cost_fraction"))),
         fmt_percent(_percent_of(r.get("cost_fraction")))]))
-    nc1 = ", ".join((f"**{u} {fmt_nc1(c.get('nc1'))}**" if u == r["unit"] else
-                     f"{u} {fmt_nc1(c.get('nc1'))}") for u, c in r["unit_choice"].items())
-    probes.append(f"- {label}, {method}: {nc1}")
-  return "\n".join(lines) + "\n\nProbe NC1 (penultimate, downstream training data):\n\n" + \
-      "\n".join(probes) + "\n"
+    key, show = ("rgn", lambda v: f"{v:.3f}") if rgn else ("nc1", fmt_nc1)
+    nc1 = ", ".join((f"**{u} {show(c.get(key))}**" if u == r["unit"] else
+                     f"{u} {show(c.get(key))}") for u, c in r["unit_choice"].items())
+    (scores if rgn else probes).append(f"- {label}, {method}: {nc1}")
+  out = "\n".join(lines) + "\n"
+  if probes:
+    out += "\nProbe NC1 (penultimate, downstream training data):\n\n" + "\n".join(probes) + "\n"
+  if scores:
+    out += ("\nAuto-RGN: mean relative gradient norm |g|/|theta| over each unit's tensors, "
+            "first 5 batches, normalised by the largest:\n\n" + "\n".join(scores) + "\n")
+  return out
+
+
+def peft_table(records: Sequence[Mapping]) -> str:
+  """The comparison of configs/peft.py (issue 19): per (model, dataset, train size) and
+  method (LoRA per rank, Layer FT / SCL FT per unit, ``auto`` / ``auto-rgn`` for the chosen
+  ones) the accuracy mean ± 95% CI over seeds (Student's t), the penultimate NC1 (mean),
+  the percentage of parameters trained and the median train-step time (ms, measured on the
+  machine as loaded). "" unless a PEFT method ran or the records hold several seeds."""
+  records = [r for r in validate(records) if stage(r) == "transfer"]
+  if not records or not (any(r["method"] in PEFT_METHODS for r in records)
+                         or is_seed_replicates(records)):
+    return ""
+  lines = [_md_row(["Method", "Accuracy (mean ± 95% CI)", "Seeds", "NC1", "% parameters",
+                    "Step (ms)"]), "|:--|--:|--:|--:|--:|--:|"]
+  for col, rows in peft_groups(records):
+    lines.append(_md_row([f"**{col}**"] + [""] * 5))
+    for name, rs in rows:
+      m, ci, n = mean_ci95(r["accuracy"] for r in rs)
+      step = _mean(r.get("step_s") for r in rs)
+      lines.append(_md_row([name, fmt_accuracy_ci(m, ci), str(n),
+                            fmt_nc1(_mean(r.get("nc1") for r in rs)),
+                            fmt_percent(_mean(r.get("percent_params") for r in rs)),
+                            MISSING if step is None else f"{1e3 * step:.1f}"]))
+  return "\n".join(lines) + "\n"
 
 
 def unit_sweep_table(records: Sequence[Mapping], min_units: int = 1) -> str:
@@ -489,8 +522,17 @@ def report_markdown(records: Sequence[Mapping]) -> str:
       if auto:
         out.append("## Units chosen by NC\n\nLayer FT / SCL FT with `unit=auto`: a short "
                    "probe per candidate unit, then the unit with the lowest penultimate NC1 "
-                   "on the training data is fine-tuned fully. Costs are fractions of the "
-                   "compute (XLA flops) of fine-tuning every candidate fully.\n\n" + auto)
+                   "on the training data is fine-tuned fully (selector NC), or the unit with "
+                   "the largest relative gradient norm (selector RGN, Auto-RGN). Costs are "
+                   "fractions of the compute (XLA flops) of fine-tuning every candidate "
+                   "fully.\n\n" + auto)
+    peft = peft_table(rs) if kind == "transfer" else ""
+    if peft:
+      out.append("## Fine-tuning methods compared (configs/peft.py)\n\nAccuracy over seeds "
+                 "(Student's t 95% interval), penultimate NC1, the share of parameters trained "
+                 "(adapters and prompts counted as trained, the denominator the backbone and "
+                 "head) and the median train-step time (measured under the machine's load "
+                 "at the time).\n\n" + peft)
     if kind == "variants":
       out.append("## Does NC1 predict transfer accuracy?\n\nPearson's r of the transfer "
                  "accuracy with log10 NC1 over the pre-training variants (r > 0: more NC1, "

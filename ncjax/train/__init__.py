@@ -56,7 +56,7 @@ from ncjax.train.evaluate import (
     accuracy, logits_fn, padded_batches, predict,
 )
 from ncjax.train.loop import (
-    batch_iterator, fit, train,
+    batch_iterator, fit, phase_dirs, train, train_phases,
 )
 
 __all__ = [
@@ -96,4 +96,6 @@ __all__ = [
     "batch_iterator",
     "fit",
     "train",
+    "train_phases",
+    "phase_dirs",
 ]

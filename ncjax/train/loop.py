@@ -192,16 +192,57 @@ def train(forward: Forward, params: PyTree, batch_stats: PyTree, mask: PyTree | 
           optim: OptimConfig, inputs, labels, *, batch_size: int, steps: int, seed: int,
           mesh: Mesh | None = None, prepare: Prepare | None = None, loss_fn=cross_entropy,
           adversary=None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-          desc: str = "train", on_log=None) -> tuple[TrainState, list[dict]]:
+          desc: str = "train", on_log=None, lr_scale: PyTree | None = None
+          ) -> tuple[TrainState, list[dict]]:
   """Trains the `mask`-ed leaves of `params` (None: all) for `steps` steps of `batch_size`:
   the optimizer (`make_optimizer`), the one train step (`make_train_step`), the state and
   the loop (`fit`, which resumes from `checkpoint_dir`'s newest readable checkpoint).
-  Returns the final state and the history of log windows."""
+  `lr_scale`: per-leaf learning-rate factors (`make_optimizer`). Returns the final state and
+  the history of log windows."""
   if mask is None:
     mask = jax.tree.map(lambda _: True, params)
-  tx = make_optimizer(optim, steps, mask)
+  tx = make_optimizer(optim, steps, mask, lr_scale)
   step = make_train_step(forward, tx, mask, prepare, loss_fn=loss_fn, adversary=adversary)
   return fit(init_state(params, batch_stats, tx), step, inputs, labels, batch_size=batch_size,
              total_steps=steps, seed=seed, mesh=mesh, checkpoint_dir=checkpoint_dir,
              checkpoint_every=checkpoint_every, desc=desc, lr_fn=lr_schedule(optim, steps),
              on_log=on_log)
+
+
+def phase_dirs(checkpoint_dir: str | None, phases: int) -> list[str | None]:
+  """Where each of `phases` phases keeps its checkpoints: the last in `checkpoint_dir` itself
+  (so the run's final weights are where a one-phase run keeps them), phase i < last in
+  ``<checkpoint_dir>-phase<i>`` (its optimizer state has another structure)."""
+  if not checkpoint_dir:
+    return [None] * phases
+  return [f"{checkpoint_dir}-phase{i + 1}" for i in range(phases - 1)] + [checkpoint_dir]
+
+
+def train_phases(forward: Forward, params: PyTree, batch_stats: PyTree,
+                 phases: list[tuple[PyTree, int]], optim: OptimConfig, inputs, labels, *,
+                 batch_size: int, seed: int, prepare: Prepare | None = None,
+                 checkpoint_dir: str | None = None, lr_scale: PyTree | None = None,
+                 **kw) -> tuple[TrainState, list[dict]]:
+  """`train` in consecutive phases ``[(mask, steps), ...]`` (LP-FT: the linear probe's mask,
+  then every parameter): each phase has its own optimizer on its own schedule of `steps`
+  (`optim`'s recipe; momentum starts at zero) and starts from the previous one's parameters
+  and BatchNorm statistics. The step counter runs on across phases, so the data order and
+  the augmentation of a step are those of a one-phase run. Phase checkpoints go to
+  `phase_dirs`; a killed run resumes in the phase it was in (the earlier phases' final
+  checkpoints are restored, not retrained). Returns the final state and the history of
+  every phase's windows."""
+  if not phases or any(n < 1 for _, n in phases):
+    raise ValueError(f"every phase needs >= 1 step, got {[n for _, n in phases]}")
+  start, history, state = 0, [], None
+  lr_of = lambda sched, s0: (lambda count: sched(count - s0))
+  for (mask, n), ckpt in zip(phases, phase_dirs(checkpoint_dir, len(phases))):
+    tx = make_optimizer(optim, n, mask, lr_scale)
+    step = make_train_step(forward, tx, mask, prepare)
+    state = init_state(params, batch_stats, tx).replace(step=jnp.asarray(start, jnp.int32))
+    state, h = fit(state, step, inputs, labels, batch_size=batch_size, total_steps=start + n,
+                   seed=seed, checkpoint_dir=ckpt, lr_fn=lr_of(lr_schedule(optim, n), start),
+                   **kw)
+    params, batch_stats = state.params, state.batch_stats
+    history += h
+    start += n
+  return state, history

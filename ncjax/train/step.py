@@ -93,14 +93,24 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
       end_value=cfg.lr_end)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, mask: PyTree) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int, mask: PyTree,
+                   lr_scale: PyTree | None = None) -> optax.GradientTransformation:
   """Masked SGD on `lr_schedule`: frozen leaves (``mask`` False) get neither updates nor
-  optimizer state."""
+  optimizer state. `lr_scale` (a float per leaf like the parameters, e.g.
+  `methods.layer_decay_scales`) multiplies each leaf's update: its learning rate."""
   inner = optax.chain(
       optax.add_decayed_weights(cfg.weight_decay),  # PyTorch-style L2 on the gradient
       optax.sgd(lr_schedule(cfg, total_steps), momentum=cfg.momentum),
   )
-  return optax.masked(inner, mask)
+  tx = optax.masked(inner, mask)
+  if lr_scale is None:
+    return tx
+  factors = methods.partition(lr_scale, mask)[0]  # the updates' structure: None where frozen
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u * f, updates, factors), state
+  return optax.chain(tx, optax.GradientTransformation(lambda _: optax.EmptyState(), update))
 
 
 def init_state(params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation) -> TrainState:

@@ -12,6 +12,12 @@ decision for one cell (model, dataset, train size, method):
    no test data is looked at;
 3. the candidate with the lowest probe NC1 is fine-tuned with the full schedule.
 
+With ``unit_selector`` ``rgn`` (or ``both``: one run per selector) the choice is Auto-RGN's
+instead (Lee et al., ICLR 2023, `rgn_scores`): per candidate, the mean over its tensors of
+the relative gradient norm ``|g| / |theta|`` of the cross-entropy gradient on the run's first
+5 batches from the starting weights (normalised by the largest); the largest is chosen. It
+costs 5 gradient evaluations of the whole model, not probes.
+
 Compute is counted in XLA's flop estimate of the compiled programs (`step_flops`), not in wall
 time, so the fractions do not depend on the machine's load: a probe costs its train steps plus
 one forward pass over the training split (the NC1); the exhaustive sweep costs every
@@ -31,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ncjax import data, methods, models, train
+from ncjax import data, measure, methods, models, train
 from ncjax.errors import ConfigError
 from ncjax.experiment import assemble, records
 from ncjax.experiment.spec import AUTO_UNIT, Run, Spec
@@ -112,6 +118,33 @@ def step_flops(spec: Spec, run: Run, unit: str, train_ds: data.ArrayDataset, bat
   return train_flops, infer_flops
 
 
+RGN_BATCHES = 5  # Lee et al.: the relative gradient norms of the first few batches
+
+
+def rgn_scores(spec: Spec, run: Run, train_ds: data.ArrayDataset, pretrained: dict | None,
+               mesh, batch: int, units) -> tuple[dict[str, float], float]:
+  """Auto-RGN's score of each of `units` (`measure.relative_gradient_norms` over the run's
+  first `RGN_BATCHES` batches, from its starting weights: the plain backbone, no SCL skip,
+  and its new head) and the flops that took.
+
+  A zero-initialised head (the ViT's) passes no gradient to the backbone, so every score
+  would be 0: the measurement then uses a LeCun-normal head drawn with the run's seed (the
+  fine-tuning itself keeps the model's own head)."""
+  model = assemble.build_model(spec, run.backbone, train_ds.num_classes)
+  variables, _ = assemble.initial_variables(spec, run.backbone, model, train_ds, pretrained)
+  params = dict(variables["params"])
+  head = params[methods.HEAD]
+  if not np.any(np.asarray(head["kernel"])):
+    kernel = jax.nn.initializers.lecun_normal()(jax.random.PRNGKey(spec.seed),
+                                                head["kernel"].shape, jnp.float32)
+    params[methods.HEAD] = {**head, "kernel": kernel}
+  prepare = assemble.prepare_for(run.backbone, train_ds, spec.optim.aug_level)
+  return measure.relative_gradient_norms(
+      train.model_forward(model), params, variables.get("batch_stats", {}), prepare,
+      train_ds.images, train_ds.labels, batch, spec.seed, tuple(units), RGN_BATCHES,
+      desc=run.id)
+
+
 def _sweep_runs(spec: Spec, run: Run) -> dict[str, Run]:
   """The job's explicit-unit runs of `run`'s cell: unit -> run."""
   return {r.unit: r for r in spec.runs()
@@ -144,7 +177,14 @@ def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
   n_measured = len(train_ds)
 
   choice, full_flops, probe_flops = {}, {}, 0.0
-  for unit, fraction in fractions.items():
+  if run.selector == "rgn":
+    scores, probe_flops = rgn_scores(spec, run, train_ds, pretrained, mesh, batch, fractions)
+    top = max((v for v in scores.values() if v == v), default=float("nan"))
+    for unit, fraction in fractions.items():
+      full_flops[unit] = full_steps * step_flops(spec, run, unit, train_ds, batch)[0]
+      choice[unit] = {"rgn": scores[unit] / top, "params_fraction": fraction,
+                      "steps": RGN_BATCHES, "flops": probe_flops / len(fractions)}
+  for unit, fraction in fractions.items() if run.selector != "rgn" else ():
     train_f, infer_f = step_flops(spec, run, unit, train_ds, batch)
     probe_id = f"{run.id}/probe-{unit}"
     rec = workdir and records.load_record(workdir, probe_id)
@@ -159,11 +199,13 @@ def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
                     "flops": cost, "wall_s": rec.wall_s}
     full_flops[unit] = full_steps * train_f
     probe_flops += cost
-  finite = {u: c["nc1"] for u, c in choice.items() if c["nc1"] == c["nc1"]}
+  what = "rgn" if run.selector == "rgn" else "nc1"
+  finite = {u: c[what] for u, c in choice.items() if c[what] == c[what]}
   if not finite:
-    raise FloatingPointError(f"{run.id}: every probe's NC1 is NaN; no unit can be chosen")
-  chosen = min(finite, key=finite.get)
-  logging.info("%s: probe NC1 %s -> %s", run.id,
+    raise FloatingPointError(f"{run.id}: every candidate's {what} is NaN; no unit can be chosen")
+  # NC: the lowest probe NC1; Auto-RGN: the largest relative gradient norm.
+  chosen = (max if what == "rgn" else min)(finite, key=finite.get)
+  logging.info("%s: %s %s -> %s", run.id, "RGN" if what == "rgn" else "probe NC1",
                ", ".join(f"{u} {c:.4g}" for u, c in finite.items()), chosen)
 
   swept = {u: workdir and records.load_record(workdir, r.id)  # the sweep's finished runs
@@ -176,6 +218,7 @@ def choose_and_finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
                                      test_ds, pretrained, workdir, mesh, on_log)
   sweep_flops = sum(full_flops.values())
   rec.unit_choice = choice
+  rec.unit_selector = run.selector or "nc"
   rec.probe_cost_fraction = probe_flops / sweep_flops
   rec.cost_fraction = (probe_flops + full_flops[chosen]) / sweep_flops
   if all(swept.get(u) for u in fractions):  # the job's sweep covers every candidate
