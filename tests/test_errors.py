@@ -238,11 +238,11 @@ CASES = [
      "--config.compile_cache_dir=/proc/no/c: cannot create it (No such file or directory: "
      "/proc/no); pass another directory, or '' for no cache"),
     ("train_size_past_the_split", lambda t: [TINY, "--config.train_sizes=10,100000"],
-     "--config.train_sizes=100000: digits:train: class 5 has 146 images, fewer than the 20000 "
-     "a class-balanced subset of 100000 takes (5 classes are short)"),
+     "--config.train_sizes=100000: class 0 ('5') has 146 examples in digits:train, fewer "
+     "than the 20000 a balanced subset of 100000 needs (5 classes are short)"),
     ("pretrain_train_size_under_the_classes", lambda t: [TINY, "--config.pretrain.train_size=3"],
-     "--config.pretrain.train_size=3: digits:train: size 3 < num_classes 5: a balanced subset "
-     "needs at least one example per class"),
+     "--config.pretrain.train_size=3: size 3 < num_classes 5: a balanced subset needs at "
+     "least one example per class (digits:train)"),
     # the user's own config file
     ("config_raises", own_config(_CONFIG_HEAD + "  raise RuntimeError('no GPU')\n"),
      "mine.py:5: RuntimeError: no GPU (fix the config file)"),
