@@ -156,7 +156,8 @@ def resnet_weights(tmp, poison) -> list[str]:
           "from tiny_config import tiny_mlp_config\n\n\ndef get_config():\n"
           "  c = tiny_mlp_config('transfer')\n  c.models = ('resnet18',)\n"
           "  c.backbone.default.options = {'width': 4, 'stem': 'cifar'}\n"
-          f"  c.backbone.default.unit = ('block2',)\n  c.backbone.default.weights = '{tmp}/r18.npz'\n"
+          "  c.backbone.default.unit = ('block2',)\n"
+          f"  c.backbone.default.weights = '{tmp}/r18.npz'\n"
           "  return c\n")
   return [f"--config={config_file(tmp, body)}"]
 
