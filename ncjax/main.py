@@ -593,6 +593,8 @@ def _closed_loop_callback(exc: BaseException | None) -> bool:
 def _quiet_closed_loop_callbacks() -> None:
   """Keeps `_closed_loop_callback` tracebacks (16 of them per failed checkpoint read) off
   the console; any other exception is printed as before."""
+  if getattr(sys.excepthook, "_ncjax", False):
+    return  # installed by an earlier main() of this process
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
   def on_exception(kind, value, tb):
@@ -602,6 +604,7 @@ def _quiet_closed_loop_callbacks() -> None:
   def on_unraisable(u):
     if not _closed_loop_callback(u.exc_value):
       unraisablehook(u)
+  on_exception._ncjax = True
   sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
 
 

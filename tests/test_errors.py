@@ -129,6 +129,11 @@ def config_file(tmp, body: str) -> str:
 _CONFIG_HEAD = "from configs import default\n\n\ndef get_config():\n"
 
 
+def tiny(*args: str):
+  """A case's `make`: tests/tiny_config.py (transfer) with `args`."""
+  return lambda tmp: [TINY, *args]
+
+
 def own_config(body: str, arg: str = ""):
   """A case's `make`: the config file `body` as ``tmp/mine.py``, given as --config."""
   return lambda tmp: [f"--config={config_file(tmp, body)}{arg}"]
@@ -151,7 +156,8 @@ def resnet_weights(tmp, poison) -> list[str]:
           "from tiny_config import tiny_mlp_config\n\n\ndef get_config():\n"
           "  c = tiny_mlp_config('transfer')\n  c.models = ('resnet18',)\n"
           "  c.backbone.default.options = {'width': 4, 'stem': 'cifar'}\n"
-          f"  c.backbone.default.unit = ('block2',)\n  c.backbone.default.weights = '{tmp}/r18.npz'\n"
+          "  c.backbone.default.unit = ('block2',)\n"
+          f"  c.backbone.default.weights = '{tmp}/r18.npz'\n"
           "  return c\n")
   return [f"--config={config_file(tmp, body)}"]
 
@@ -205,44 +211,44 @@ def _file(path) -> str:
 
 CASES = [
     # the config
-    ("lr_inf", lambda t: [TINY, "--config.optim.lr=inf"],
+    ("lr_inf", tiny("--config.optim.lr=inf"),
      "--config.optim.lr=inf: must be a finite number"),
-    ("pretrain_lr_inf", lambda t: [TINY, "--config.pretrain.optim.lr=inf"],
+    ("pretrain_lr_inf", tiny("--config.pretrain.optim.lr=inf"),
      "--config.pretrain.optim.lr=inf: must be a finite number"),
-    ("lr_diverges", lambda t: [TINY, "--config.pretrain.optim.lr=1e6"],
+    ("lr_diverges", tiny("--config.pretrain.optim.lr=1e6"),
      "ncjax: pretrain-mlp-digits: non-finite loss nan at step 2 (lower the learning rate, or "
      "check the input data); the run's learning rate is "
      "--config.pretrain.optim.lr=1e+06: lower it and rerun with --fresh", True),
-    ("model_typo", lambda t: [TINY, "--config.models=resnet19"],
+    ("model_typo", tiny("--config.models=resnet19"),
      "ncjax: invalid config: --config.models=resnet19: unknown model 'resnet19', did you mean "
      "'resnet18'? (valid: resnet18, "),
-    ("method_typo", lambda t: [TINY, "--config.methods=linear,fulll"],
+    ("method_typo", tiny("--config.methods=linear,fulll"),
      "--config.methods=linear,fulll: unknown method 'fulll', did you mean 'full'?"),
-    ("mlp_width_negative", lambda t: [TINY, "--config.backbone.default.options.width=-3"],
+    ("mlp_width_negative", tiny("--config.backbone.default.options.width=-3"),
      "--config.backbone.default.options.width=-3: must be an integer >= 1"),
-    ("mlp_depth_zero", lambda t: [TINY, "--config.backbone.default.options.depth=0"],
+    ("mlp_depth_zero", tiny("--config.backbone.default.options.depth=0"),
      "--config.backbone.default.options.depth=0: must be an integer >= 1"),
-    ("one_downstream_class", lambda t: [TINY, "--config.downstream_classes=3"],
+    ("one_downstream_class", tiny("--config.downstream_classes=3"),
      "--config.downstream_classes=3: needs at least 2 classes"),
-    ("downstream_classes_out_of_range", lambda t: [TINY, "--config.downstream_classes=5-12"],
+    ("downstream_classes_out_of_range", tiny("--config.downstream_classes=5-12"),
      "--config.downstream_classes=5,6,7,8,9,10,11,12: class 10 is out of range: digits:train "
      "has 10 class(es) (ids 0-9)"),
-    ("pretrain_classes_out_of_range", lambda t: [TINY, "--config.pretrain.classes=0,10"],
+    ("pretrain_classes_out_of_range", tiny("--config.pretrain.classes=0,10"),
      "--config.pretrain.classes=0,10: class 10 is out of range: digits:train has 10 class(es)"),
     ("fewshot_ways_past_classes",
      lambda t: [f"--config={ROOT}/tests/tiny_config.py:fewshot", "--config.fewshot.ways=12"],
      "--config.fewshot.ways=12: digits:train has 5 class(es) among --config.downstream_classes "
      "with at least shots + queries = 5 + 15 images; lower --config.fewshot.ways"),
     ("compile_cache_dir_not_creatable",
-     lambda t: [TINY, "--config.compile_cache_dir=/proc/no/c"],
+     tiny("--config.compile_cache_dir=/proc/no/c"),
      "--config.compile_cache_dir=/proc/no/c: cannot create it (No such file or directory: "
      "/proc/no); pass another directory, or '' for no cache"),
-    ("train_size_past_the_split", lambda t: [TINY, "--config.train_sizes=10,100000"],
-     "--config.train_sizes=100000: digits:train: class 5 has 146 images, fewer than the 20000 "
-     "a class-balanced subset of 100000 takes (5 classes are short)"),
-    ("pretrain_train_size_under_the_classes", lambda t: [TINY, "--config.pretrain.train_size=3"],
-     "--config.pretrain.train_size=3: digits:train: size 3 < num_classes 5: a balanced subset "
-     "needs at least one example per class"),
+    ("train_size_past_the_split", tiny("--config.train_sizes=10,100000"),
+     "--config.train_sizes=100000: class 0 ('5') has 146 examples in digits:train, fewer "
+     "than the 20000 a balanced subset of 100000 needs (5 classes are short)"),
+    ("pretrain_train_size_under_the_classes", tiny("--config.pretrain.train_size=3"),
+     "--config.pretrain.train_size=3: size 3 < num_classes 5: a balanced subset needs at "
+     "least one example per class (digits:train)"),
     # the user's own config file
     ("config_raises", own_config(_CONFIG_HEAD + "  raise RuntimeError('no GPU')\n"),
      "mine.py:5: RuntimeError: no GPU (fix the config file)"),
@@ -271,7 +277,7 @@ CASES = [
      "f is a file, not a directory; pass a directory (it is created if missing)"),
     ("workdir_under_a_file", lambda t: [TINY, f"--workdir={_file(t + '/f')}/w"],
      "/f/w lies under "),
-    ("workdir_empty", lambda t: [TINY, "--workdir="],
+    ("workdir_empty", tiny("--workdir="),
      "ncjax: --workdir is empty; pass a directory (it is created if missing)"),
     ("workdir_in_use", held_workdir,
      "/w is in use by another run (process 4242 on elsewhere); wait for it to end, or pass "

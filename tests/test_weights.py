@@ -51,15 +51,18 @@ def _save_all(tmp_path, name, sd=None):
 
 def _random_like(shapes, seed=0):
   """Random variables of the given abstract shapes (numpy; much faster than compiling
-  `model.init` on CPU). Kernels ~ N(0, 1/fan_in), other leaves small noise."""
+  `model.init` on CPU). Kernels ~ N(0, 1/fan_in), other leaves small noise; BatchNorm
+  running variances its absolute value (`weights.load` refuses negative ones)."""
   rng = np.random.default_rng(seed)
 
-  def make(s):
+  def make(path, s):
     if len(s.shape) >= 2:
       fan_in = int(np.prod(s.shape[:-1]))
       return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype)
-    return jnp.asarray(0.1 * rng.normal(size=s.shape), s.dtype)
-  return jax.tree_util.tree_map(make, shapes)
+    noise = 0.1 * rng.normal(size=s.shape)
+    return jnp.asarray(np.abs(noise) if getattr(path[-1], "key", None) == "var" else noise,
+                       s.dtype)
+  return jax.tree_util.tree_map_with_path(make, shapes)
 
 
 @functools.lru_cache(maxsize=None)

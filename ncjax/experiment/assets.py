@@ -128,13 +128,16 @@ def _class_problems(p: spec_lib.Problems, spec: Spec, counts: dict) -> None:
           try:
             need = data.balanced_need(len(ids), size, spec.seed)
           except ValueError as e:
-            p.add(size_field, size, f"{what}: {e}")
+            p.add(size_field, size, f"{e} ({what})")
             continue
-          short = [(c, int(n[c]), int(k)) for c, k in zip(ids, need) if n[c] < k]
+          # As `data.balanced_subset` says it, classes numbered as selected.
+          short = [(j, c, int(n[c]), int(k)) for j, (c, k) in enumerate(zip(ids, need))
+                   if n[c] < k]
           if short:
-            c, have, want = short[0]
-            p.add(size_field, size, f"{what}: class {c} has {have} images, fewer than the "
-                  f"{want} a class-balanced subset of {size} takes"
+            j, c, have, want = short[0]
+            name = f" ({class_names[c]!r})" if c < len(class_names) else ""
+            p.add(size_field, size, f"class {j}{name} has {have} examples in {what}, fewer "
+                  f"than the {want} a balanced subset of {size} needs"
                   + (f" ({len(short)} classes are short)" if len(short) > 1 else ""))
         if splits:
           empty = [c for c in ids if n[c] == 0]
