@@ -1,5 +1,38 @@
 """Neural-collapse metrics in JAX: NC1, CDNV, numerical rank, NC2, NC3, streaming statistics.
 
+The API (features ``(N, d)`` float, labels ``(N,)`` int in ``[0, K)``; ``num_classes=None``:
+K = the largest label + 1; every class needs an example):
+
+* ``nc1(features, labels, num_classes=None)`` -> scalar jax.Array >= 0:
+  tr(Sigma_W Sigma_B^+)/K, exact, without a d x d matrix. ``nc1_pinv``: the same by the
+  literal d x d pseudo-inverse (the paper's eq. (4), a reference).
+* ``cdnv(...)`` -> scalar: (Var_i + Var_j) / (2 ||mu_i - mu_j||^2) averaged over class pairs
+  (``inf`` when two class means coincide).
+* ``numerical_rank(..., exact=False, num_iters=20)`` -> scalar in [0, min(n_k, d)]:
+  (1/K) sum_k ||H_k||_F^2 / ||H_k||_2^2 (an all-zero class counts 0).
+* ``nc2_etf(...)`` -> scalar >= 0: distance of the centred class means from a simplex ETF.
+* ``nc3_duality(features, labels, classifier, ..., flax_kernel=False)`` -> scalar >= 0:
+  distance between the classifier rows (K, d) and the centred class means.
+* ``layerwise({layer: features}, labels, num_classes=None, token_index=None,
+  metrics=("nc1", "cdnv", "numerical_rank"))`` -> ``{layer: {metric: float}}``; 4-D maps
+  and 3-D tokens are pooled first (``token_index=0``: a ViT's class token).
+* ``CollapseStats.create(num_classes, dim)``, ``.update(features, labels, mask=None)``,
+  ``.merge(other)``, ``.psum(axis_name)``, then ``.nc1()`` / ``.cdnv()`` /
+  ``.numerical_rank()``: the same metrics streamed over batches, hosts and devices
+  (jittable).
+
+Raises ``ValueError`` (naming the function) for features of the wrong rank, labels that are
+not (N,) integers in [0, K), a class without examples, K < 2 or non-finite features, and
+``ZeroSpreadError`` (a ValueError) where NC1 or CDNV is 0/0 (a dead layer; see "Zero
+spread: one rule"); inside a caller's ``jax.jit`` these are NaN instead. float64 input is
+computed in float32 unless ``jax_enable_x64`` is on (one warning).
+
+Example::
+
+  h = np.random.default_rng(0).normal(size=(100, 16)).astype(np.float32)  # (N, d)
+  y = np.arange(100) % 4                                                   # (N,) in [0, K)
+  metrics.nc1(h, y), metrics.layerwise({"penultimate": h}, y)["penultimate"]["cdnv"]
+
 Notation: features ``H`` of shape ``(N, d)``, integer labels ``y`` of shape ``(N,)`` in
 ``[0, K)``, ``n_k`` samples in class ``k`` (classes may be imbalanced), class means
 ``mu_k = (1/n_k) sum_{i: y_i = k} h_i``.

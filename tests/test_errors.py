@@ -56,7 +56,8 @@ def one_line(status: int, err: str, want: int = 2) -> str:
   its header and indented problems) and that no traceback was printed."""
   assert status == want, (status, err[-3000:])
   assert "Traceback" not in err, err[-3000:]
-  lines = err.strip().splitlines()
+  # The tiny configs' schedules are too short to learn: their WARNING lines come first.
+  lines = [l for l in err.strip().splitlines() if not l.startswith("WARNING: ")]
   assert lines and lines[0].startswith("ncjax: "), err
   assert all(l.startswith("  ") for l in lines[1:]), err  # the problems of one list
   return " ".join(l.strip() for l in lines)
@@ -470,7 +471,7 @@ def test_a_read_only_workdir(tmp_path):
   if out.returncode == 97:
     pytest.skip("cannot mount read-only here")
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
-  lines = out.stderr.strip().splitlines()
+  lines = [l for l in out.stderr.strip().splitlines() if not l.startswith("WARNING: ")]
   assert lines[0] == (f"ncjax: --workdir={ro}/new: cannot write in {ro} (Read-only file "
                       "system); make it writable or pass another --workdir"), out.stderr
   rcs = [l for l in out.stdout.splitlines() if l.startswith("rc=")]

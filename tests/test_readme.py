@@ -14,7 +14,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import ncjax  # noqa: E402
-from ncjax import weights  # noqa: E402
+from ncjax import metrics, weights  # noqa: E402
 from test_weights import torchvision_state_dict  # noqa: E402
 
 
@@ -75,6 +75,15 @@ def test_help_reads_as_api_documentation():
   lines = [line[2:] for line in example.splitlines()]
   assert 3 <= len(lines) <= 4
   exec("\n".join(lines), {})  # noqa: S102
+  doc = pydoc.render_doc(metrics, renderer=pydoc.plaintext)
+  for part in ("nc1(features, labels", "Raises", "ValueError", "ZeroSpreadError", "Example::"):
+    assert part in doc, part
+  example = metrics.__doc__.split("Example::\n\n", 1)[1].split("\n\n", 1)[0]
+  lines = [line[2:] for line in example.splitlines()]
+  scope = {"np": np, "metrics": metrics}
+  exec("\n".join(lines[:-1]), scope)  # noqa: S102 - the docstring's own example
+  nc1, cdnv = eval(lines[-1], scope)  # noqa: S307
+  assert float(nc1) > 0 and cdnv > 0
   doc = pydoc.render_doc(weights.load, renderer=pydoc.plaintext)
   for part in ("Args:", "Returns:", "Raises:", "CheckpointError", "FileNotFoundError",
                "Example::", "weights.load("):
