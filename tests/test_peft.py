@@ -444,3 +444,21 @@ def test_layer_decay_scales_and_the_update_they_give():
   np.testing.assert_allclose(up["['embedding']['kernel']"], -0.2 * 0.125 * 3.0)
   np.testing.assert_allclose(up["['layer2']['w']"], -0.2 * 0.5 * 3.0)
   np.testing.assert_allclose(up["['head']['kernel']"], -0.2 * 3.0)
+
+
+def test_vpt_through_the_pipeline_from_a_pretrained_vit(tmp_path):
+  """VPT-deep end to end: the pre-trained ViT's weights transplanted into the prompted model
+  (the prompts, in no checkpoint, keep their fresh values), then the prompts and head train."""
+  from ncjax.experiment import runner
+  c = _config(**{"models": ("vit_ti16",), "methods": ("vpt",), "vpt.tokens": 2,
+                 "optim.steps": 2, "pretrain.optim.steps": 2, "collapse": False})
+  c.backbone.default.options = {"pool": "mean"}
+  c.backbone.default.unit = ()
+  c.backbone.default.image_size = 32
+  c.backbone.default.channels = 3
+  (rec,) = [r for r in runner.run(c, str(tmp_path)) if r["stage"] == "transfer"]
+  assert rec["method"] == "vpt" and rec["weights"] == "pretrain"
+  # 12 x 2 prompts of width 192 + the 5-way head, over the plain ViT-Ti/16 at 32x32.
+  total = models.count_params(_abstract("vit_ti16", 5, image_size=32))
+  assert rec["percent_params"] == pytest.approx(100 * (12 * 2 * 192 + 192 * 5 + 5) / total)
+  assert 0 <= rec["accuracy"] <= 100
