@@ -405,7 +405,7 @@ def _float(p: Problems, field: str, value, *, positive=False, lo=None, hi=None,
   if ok and ((positive and not value > 0) or (lo is not None and value < lo)
              or (hi is not None and value > hi)):
     low = "(0" if positive else f"[{lo:g}" if lo is not None else "(-inf"
-    p.add(field, value, f"must be > 0" if positive and hi is None else
+    p.add(field, value, "must be > 0" if positive and hi is None else
           f"must be >= {lo:g}" if hi is None else f"must be in {low}, {hi:g}]")
   elif not ok:
     p.add(field, value, "must be a number")

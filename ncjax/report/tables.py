@@ -14,7 +14,7 @@ from ncjax.report.format import (
     _positive, _pretrain_groups, _pretrain_label, _rank_groups, reference_dataset, _row_key,
     _row_label, _SECTION_TITLES, _setting, _SOURCE_FIELDS, _SOURCE_SECTION, split_kinds,
     _split_methods, _tag, _unit, _variant_keys, _variant_points, mean_ci95, PEFT_METHODS,
-    peft_groups, peft_label, is_seed_replicates,
+    peft_groups, is_seed_replicates,
 )
 
 
