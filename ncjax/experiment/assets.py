@@ -12,7 +12,7 @@ import numpy as np
 
 from ncjax import data, models, telemetry, weights
 from ncjax.errors import ConfigError
-from ncjax.experiment import spec as spec_lib
+from ncjax.experiment import assemble, spec as spec_lib
 from ncjax.experiment.spec import Backbone, Spec
 
 
@@ -176,11 +176,10 @@ def _check_normalization(p: spec_lib.Problems, path: str, bb) -> None:
   if pre is None or pre.get("mean") is None or pre.get("std") is None:
     return
   if bb.normalization != "dataset":  # the training split's statistics are never a model's
-    mean, std = ((0.5,) * 3, (0.5,) * 3) if bb.normalization == "inception" else (
-        data.stats_for(bb.normalization))
+    # The statistics the run will use, for the checkpoint's channel count (no data needed).
+    mean, std = assemble.normalization(bb.normalization, None, len(pre["mean"]))
     theirs = tuple(pre["mean"]) + tuple(pre["std"])
-    if len(mean) == len(pre["mean"]) and all(
-        abs(a - b) <= 1e-3 for a, b in zip(tuple(mean) + tuple(std), theirs)):
+    if all(abs(a - b) <= 1e-3 for a, b in zip(tuple(mean) + tuple(std), theirs)):
       return
   telemetry.warn(
       f"{path} was trained with mean {_fmt(pre['mean'])} and std {_fmt(pre['std'])} "
