@@ -15,6 +15,7 @@ ends the process at once).
 """
 from __future__ import annotations
 
+import _thread
 import ast
 import importlib.machinery
 import importlib.util
@@ -576,9 +577,27 @@ def _interrupt_once() -> None:
 
   def first(signum, frame):
     signal.signal(signal.SIGINT, again)
+    _stop_requested.set()
     raise KeyboardInterrupt
 
+  global _first_interrupt
+  _first_interrupt = first
   signal.signal(signal.SIGINT, first)
+
+
+_stop_requested = threading.Event()  # the first Ctrl-C came
+_first_interrupt = None
+
+
+def _redeliver_interrupt() -> None:
+  """The first Ctrl-C's KeyboardInterrupt was raised where Python swallows exceptions (a gc
+  callback such as jax's, a `__del__`): it is delivered again, as the first, so the run
+  stops where the interrupt can reach `main`, instead of training on."""
+  if _first_interrupt is None or _interrupted.is_set():
+    return
+  signal.signal(signal.SIGINT, _first_interrupt)
+  # From another thread, a moment later: raised from here, it would be swallowed again.
+  threading.Timer(0.05, _thread.interrupt_main).start()
 
 
 def _closed_loop_callback(exc: BaseException | None) -> bool:
@@ -602,7 +621,9 @@ def _quiet_closed_loop_callbacks() -> None:
       excepthook(kind, value, tb)
 
   def on_unraisable(u):
-    if not _closed_loop_callback(u.exc_value):
+    if isinstance(u.exc_value, KeyboardInterrupt) and _stop_requested.is_set():
+      _redeliver_interrupt()
+    elif not _closed_loop_callback(u.exc_value):
       unraisablehook(u)
   on_exception._ncjax = True
   sys.excepthook, sys.unraisablehook = on_exception, on_unraisable

@@ -442,6 +442,38 @@ def test_ctrl_c_twice_exits_130_with_one_line(tmp_path):
   assert err.strip().splitlines()[-1] == "ncjax: interrupted; rerun the same command to resume"
 
 
+_SWALLOWED_CTRL_C = """
+import gc, signal, time
+from ncjax import main
+main._quiet_closed_loop_callbacks()
+main._interrupt_once()
+fired = []
+def callback(phase, info):  # jax's own gc callback is where CI met it
+  if phase == "start" and not fired:
+    fired.append(1)
+    signal.raise_signal(signal.SIGINT)
+    sum(range(1000))  # the handler runs here, inside the callback
+gc.callbacks.append(callback)
+try:
+  start = time.time()
+  while time.time() - start < 20:
+    gc.collect()
+  print("trained on")
+except KeyboardInterrupt:
+  print("stopped")
+"""
+
+
+def test_a_ctrl_c_swallowed_by_a_gc_callback_still_stops_the_run():
+  """Python drops an exception raised in a gc callback ("Exception ignored in ..."): the first
+  Ctrl-C's KeyboardInterrupt is delivered again, outside it, instead of the run training on."""
+  import subprocess
+  out = subprocess.run([sys.executable, "-c", _SWALLOWED_CTRL_C], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.stdout.split() == ["stopped"], (out.stdout, out.stderr[-2000:])
+  assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.skipif(not shutil.which("unshare"), reason="needs util-linux unshare")
 def test_a_read_only_workdir(tmp_path):
   """On a read-only mount (a private mount namespace; root ignores permission bits): a new
