@@ -102,9 +102,15 @@ the float32 rounding of the between-class distances: a relative error of order
 nc1_pinv and CollapseStats stay near 1e-7 there.
 On CPU XLA fuses ``h - c`` neither into the scatter of the first pass nor into a matmul: it
 writes the shifted N x d array to freshly allocated memory (measured 4-8x slower than the
-pass itself).  So the first pass runs over small row blocks (the shifted block stays in
-cache), and the second pass of nc1 is written as a sum of products, which XLA:CPU compiles
-into one kernel together with the shift.
+pass itself).  So the first pass runs over row blocks (the shifted block stays in cache),
+and the second pass of nc1 is written as a sum of products, which XLA:CPU compiles into one
+kernel together with the shift.  Where the shift buys nothing -- every class's first row is
+no longer than twice the typical distance between them (centred features, post-ReLU
+features of unit-order means) -- :func:`nc1` reads ``h`` itself in both passes: a plain
+scatter and a plain matmul ``h v - c v``, whose rounding is then of the same order
+(measured over 6 seeds at offset 0, N=5000, d=64, K=10: mean relative error 2.2e-7 against
+3.9e-7 shifted).  The choice is made on the host for concrete arrays, by ``lax.cond`` under
+jit.
 Scale: before anything is squared, the centred means, projections and residuals are divided
 by a power of two taken from the centred means (exact), so features scaled by 1e-30 or 1e30
 give the same metrics; only class sums that overflow the dtype raise.
@@ -226,7 +232,7 @@ __all__ = [
 
 _HI = lax.Precision.HIGHEST
 # Bytes of float32 features per row block of the shifted first pass on CPU (_row_block).
-_BLOCK_BYTES = 1 << 17
+_BLOCK_BYTES = 1 << 21
 _warned_float32 = False
 
 
@@ -426,10 +432,11 @@ def _row_block(n: int, d: int) -> int:
   """Rows per block of the shifted first pass (static).
 
   On CPU XLA does not fuse ``h - c`` into the scatter: it writes the shifted N x d array to
-  freshly allocated memory first (4-8x slower than the plain pass, measured).  A block of
-  128 KiB stays in L2 (measured best: 64 rows at d=512, 16 at d=2048); from 256 KiB on, XLA
-  splits each block's ops over two threads, which cost more than it gained.  The scatter
-  itself runs on one thread either way.  Other backends fuse the shift: one block there.
+  freshly allocated memory first (4-8x slower than the plain pass, measured).  Blocks of
+  2 MiB (1024 rows at d=512, 256 at d=2048) measured best with jax 0.10.2, N=50,000 on the
+  2-core CPU (load 0.3): the first pass took 6.6 / 27 ms against 10.7 / 44 ms with the
+  128 KiB blocks an earlier jaxlib preferred (512 KiB: 6.9 / 28 ms; 1 MiB: 7.2 / 33 ms),
+  with squares 10.3 / 42 ms against 13.9 / 54 ms.  Other backends fuse the shift: one block.
   """
   if jax.default_backend() != "cpu":
     return n
@@ -496,6 +503,34 @@ def _pass1(h, y, k, squares: bool = False):
   for a in acc:
     ok = ok & jnp.all(jnp.isfinite(a))
   return counts, ref, m, ok, (acc[1] if squares else None), t
+
+
+def _small_offset(ref):
+  """Whether the features' common offset is small next to their spread (traced bool).
+
+  ``ref`` (K, d) holds one data row per class (see _pass1).  True when every such row is no
+  longer than twice the typical distance between them: then the rounding of sums and
+  products taken on ``h`` itself is of the order of that of the shifted frame, and the
+  faster unshifted passes of :func:`nc1` are as exact (centred features, post-ReLU features
+  of unit-order means).  False for a large common offset, non-finite rows and coinciding
+  rows, which keep the shifted frame.
+  """
+  r = ref * _inv_pow2_scale(ref)                                   # O(1), exact
+  size = jnp.max(jnp.sum(r * r, axis=1))
+  spread = jnp.sum(jnp.square(r - r[0])) / (r.shape[0] - 1)        # mean over k >= 1
+  return (size <= 4.0 * spread) & (spread > 0)
+
+
+def _pass1_raw(h, y, k, ref):
+  """The first pass on ``h`` itself (one scatter at read speed; see _small_offset): the
+  (counts, ref, m, ok) of :func:`_pass1`, with ``m`` taken from the unshifted class sums."""
+  n = h.shape[0]
+  dt = ref.dtype
+  counts = _add_rows(jnp.zeros((k,), jnp.int32), y, jnp.ones((n,), jnp.int32))
+  sums = _add_rows(jnp.zeros((k, h.shape[1]), dt), y, h.astype(dt))
+  m = sums / jnp.maximum(counts, 1).astype(dt)[:, None] - ref
+  ok = jnp.all(counts > 0) & (jnp.sum(counts) == n) & jnp.all(jnp.isfinite(sums))
+  return counts, ref, m, ok
 
 
 def _relative_means(ref, m):
@@ -628,17 +663,36 @@ def _nc1_directions(k: int, d: int) -> int:
   return r + (-r % 8)
 
 
-def _nc1_frame(h, y, k):
+def _branch(pred, if_true, if_false):
+  """``lax.cond`` for a traced ``pred``; a Python bool picks its branch at trace time (the
+  compiled code is then that branch alone, as XLA compiles it outside a conditional)."""
+  if isinstance(pred, bool):
+    return if_true() if pred else if_false()
+  return lax.cond(pred, if_true, if_false)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _offset_is_small(h, y, k):
+  return _small_offset(_first_rows(h, y, k).astype(_compute_dtype(h.dtype)))
+
+
+def _nc1_frame(h, y, k, raw=None):
   """Pass 1 and the K x K algebra of nc1: everything but the projection of the residuals.
 
-  Returns ``c`` (d,) the common point of the second pass, ``v`` (d, r') the directions
-  divided by the scale s (r' = r padded to a multiple of 8 with zero columns), ``mv``
-  (K, r') ``(mu_k - c) . v``, ``inv_s2`` (r',), tr(Sigma_B) and -- only where Sigma_B is
-  exactly 0, else 0 -- tr(Sigma_W), both in units of s^2, and ``ok``.
+  ``raw``: whether the offset is small (see _small_offset: both passes then read ``h``
+  itself), a Python bool where the caller knows it, else None (decided here, traced).
+  Returns ``raw``, ``c`` (d,) the common point of the second pass, ``v`` (d, r') the
+  directions divided by the scale s (r' = r padded to a multiple of 8 with zero columns),
+  ``mv`` (K, r') ``(mu_k - c) . v``, ``inv_s2`` (r',), tr(Sigma_B) and -- only where
+  Sigma_B is exactly 0, else 0 -- tr(Sigma_W), both in units of s^2, and ``ok``.
   """
   n, d = h.shape
-  counts, ref, m, ok, _, _ = _pass1(h, y, k)
-  dt = ref.dtype
+  dt = _compute_dtype(h.dtype)
+  first = _first_rows(h, y, k).astype(dt)
+  if raw is None:
+    raw = _small_offset(first)
+  counts, ref, m, ok = _branch(raw, lambda: _pass1_raw(h, y, k, first),
+                               lambda: _pass1(h, y, k)[:4])
   centred = _centred_means(ref, m)
   inv = _inv_pow2_scale(centred)
   centred = centred * inv
@@ -661,7 +715,7 @@ def _nc1_frame(h, y, k):
     nk = jnp.maximum(cnt, 1).astype(dt)
     return jnp.sum(jnp.maximum(sq - nk * jnp.sum(jnp.square(m2 * t), 1), 0.0)) / (n * t * t)
   within_all = lax.cond(between == 0, within_all, lambda: jnp.zeros((), dt))
-  return c, v, mv, inv_s2, between, within_all, ok
+  return raw, c, v, mv, inv_s2, between, within_all, ok
 
 
 def _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, d):
@@ -674,46 +728,61 @@ def _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, d):
   return _zero_spread(val, ok, between, within, within_all, d)
 
 
-def _nc1_pass2_sum(h, y, c, v, mv, inv_s2, between, within_all, ok):
+def _unshifted_projection(h, c, v):
+  """``(h - c) v`` as ``h v - c v``: the plain matmul, at read speed (small offsets only)."""
+  return jnp.dot(h.astype(v.dtype), v, precision=_HI) - jnp.dot(c, v, precision=_HI)
+
+
+def _nc1_pass2_sum(h, y, raw, c, v, mv, inv_s2, between, within_all, ok):
   # A sum of products, which XLA compiles into one kernel together with the shift on every
   # backend (jnp.dot(h - c, v) would first write h - c to memory where nothing fuses it).
-  hv = jnp.sum((h.astype(v.dtype) - c)[:, :, None] * v[None], axis=1)        # (N, r')
+  hv = _branch(raw, lambda: _unshifted_projection(h, c, v),
+               lambda: jnp.sum((h.astype(v.dtype) - c)[:, :, None] * v[None], axis=1))
   return _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, h.shape[1])
 
 
-def _nc1_pass2_dot(h, y, c, v, mv, inv_s2, between, within_all, ok):
-  hv = jnp.dot(h.astype(v.dtype) - c, v, precision=_HI)           # one fused kernel
+def _nc1_pass2_dot(h, y, c, v, mv, inv_s2, between, within_all, ok, *, raw):
+  hv = _branch(raw, lambda: _unshifted_projection(h, c, v),
+               lambda: jnp.dot(h.astype(v.dtype) - c, v, precision=_HI))  # one fused kernel
   return _nc1_finish(hv, y, mv, inv_s2, between, within_all, ok, h.shape[1])
 
 
 # One jit for both passes where the projection is the sum of products (one dispatch, as
 # before the fused dot existed); the fused dot needs its own compiler options, so there the
 # frame and the projection are two jits.
-@functools.partial(jax.jit, static_argnums=(2,))
-def _nc1_plain(h, y, k):
-  return _nc1_pass2_sum(h, y, *_nc1_frame(h, y, k))
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _nc1_plain(h, y, k, raw):
+  return _nc1_pass2_sum(h, y, *_nc1_frame(h, y, k, raw))
 
 
-_nc1_frame_jit = jax.jit(_nc1_frame, static_argnums=(2,))
+_nc1_frame_jit = jax.jit(_nc1_frame, static_argnums=(2, 3))
 
 
 @functools.lru_cache(maxsize=None)
-def _nc1_pass2_fused():
-  return jax.jit(_nc1_pass2_dot, compiler_options=_fused_dot_options())
+def _nc1_pass2_fused(raw: bool):
+  return jax.jit(functools.partial(_nc1_pass2_dot, raw=raw),
+                 compiler_options=_fused_dot_options())
 
 
 def _nc1_impl(h, y, k):
-  """(NC1, ok, dead): two read passes; the projection fused where the CPU allows it."""
-  if _use_fused_dot(h, _nc1_directions(k, h.shape[1])):
-    return _nc1_pass2_fused()(h, y, *_nc1_frame_jit(h, y, k))
-  return _nc1_plain(h, y, k)
+  """(NC1, ok, dead): two read passes, on ``h`` itself where its offset is small (decided
+  on the host for concrete arrays, so that each case compiles without a conditional); the
+  projection fused where the CPU allows it."""
+  concrete = not (_is_traced(h) or _is_traced(y))
+  raw = bool(_offset_is_small(h, y, k)) if concrete else None
+  if concrete and _use_fused_dot(h, _nc1_directions(k, h.shape[1])):
+    frame = _nc1_frame_jit(h, y, k, raw)
+    return _nc1_pass2_fused(raw)(h, y, *frame[1:])
+  return _nc1_plain(h, y, k, raw)
 
 
 def nc1(features, labels, num_classes: int | None = None):
   """Exact NC1 = tr(Sigma_W Sigma_B^+)/K through the <= K-1 directions of the centred means.
 
   No d x d matrix is formed or inverted: two read passes over ``features`` plus a K x d SVD,
-  in the shifted frame (exact at any offset and scale, see the module docstring).
+  in the shifted frame where the features' offset calls for it (exact at any offset and
+  scale, see the module docstring).  Two passes are the minimum for this exactness: the
+  directions Sigma_W is weighed in are those of the class means, known only after a pass.
   Agrees with :func:`nc1_pinv` (same pseudo-inverse cutoff) and is never negative.
 
   Args:

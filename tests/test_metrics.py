@@ -531,6 +531,23 @@ def test_large_offset_and_strong_collapse_float32(offset, sep):
     assert rel(metrics.nc1(h, y), want) < (1e-5 if sep < 1e4 else 1e-4)
 
 
+@pytest.mark.parametrize("offset,small", [(0.0, True), (1.0, True), (1e3, False), (1e6, False)])
+def test_nc1_reads_the_features_unshifted_only_where_their_offset_is_small(offset, small):
+    """Issue 20: both passes of nc1 read h itself (a plain scatter and a plain matmul, at
+    read speed) when the offset is small next to the spread; a large one keeps the shifted
+    frame, which the unshifted passes would get wrong (their error grows with the offset)."""
+    h, y = _offset_data(offset=offset)
+    hj, yj = jnp.asarray(h), jnp.asarray(y)
+    assert bool(metrics._offset_is_small(hj, yj, 10)) is small
+    want = ref_nc1(h.astype(np.float64), y, 10, rtol=10 * 64 * np.finfo(np.float32).eps)
+    assert rel(metrics.nc1(h, y), want) < 2e-6
+    assert rel(jax.jit(lambda a, b: metrics.nc1(a, b, 10))(h, y), want) < 2e-6  # traced choice
+    shifted = float(metrics._nc1_plain(hj, yj, 10, False)[0])
+    unshifted = float(metrics._nc1_plain(hj, yj, 10, True)[0])
+    assert rel(shifted, want) < 2e-6
+    assert (rel(unshifted, want) < 2e-6) if small else (rel(unshifted, want) > 1e-5)
+
+
 def test_float64_without_x64_is_accurate_and_warns_once(monkeypatch):
     monkeypatch.setattr(metrics, "_warned_float32", False)
     rng = np.random.default_rng(1)
