@@ -14,6 +14,11 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.job = "transfer"        # transfer | pretrain | layer_probe | fewshot | metrics | rank
   c.seed = 0
+  # A sweep over seeds: () = the one run of `seed`; else the whole job (pre-training included)
+  # once per seed, in runs/s<seed>/ (runs/<tag>-s<seed>/ with variants, each variant crossed
+  # with every seed). Records carry the seed; tables give the mean over seeds, results.md's
+  # method comparison the mean ± 95% CI. On the command line: --config.seeds=0,1,2
+  c.seeds = ()
 
   # --- the grid: models x datasets x train_sizes x methods x units ---------------------------
   # Name lists are tuples; on the command line a comma list: --config.methods=linear,full

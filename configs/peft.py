@@ -3,8 +3,8 @@
 Linear probe, BitFit, LoRA (ranks 4 and 16), LP-FT, Layer FT, SCL FT and full FT; Layer FT /
 SCL FT sweep every unit and choose one with ``unit=auto`` under both selectors (NC probes
 and Auto-RGN, `unit_selector='both'`), so results.md's "Units chosen" table gives each
-selector's regret against the sweep and its cost. Each seed is a variant (``s0``, ``s1``,
-...: the whole job, pre-training included, with ``seed`` set to that value); the report's
+selector's regret against the sweep and its cost. ``seeds`` sweeps the whole job,
+pre-training included, once per seed (runs/s0/, runs/s1/, ...); the report's
 "Fine-tuning methods compared" table gives accuracy mean ± 95% CI over the seeds, NC1, the
 percentage of parameters trained and the step time, and accuracy_vs_params.png the Pareto
 front.
@@ -25,19 +25,14 @@ front.
   on the convolutions of the ResNet and the attention and MLP kernels of the ViT.
 * ``:vit``: ViT-B/32 alone with VPT-deep added and LoRA on the attention kernels only.
 
-Seeds: ``seeds`` below (``--config.variants`` can be given by hand too); a seed is a real
-int field, so a sweep is ``dict(tag=..., overrides={"seed": 3})``. LoRA's alpha stays 8 for
-every rank (Hu et al.: alpha is set once and not tuned), so the update's scale is 8 / r.
+Seeds: ``SEEDS`` below, or ``--config.seeds=0,1,2,3,4``. LoRA's alpha stays 8 for every rank
+(Hu et al.: alpha is set once and not tuned), so the update's scale is 8 / r.
 """
 from configs import default, table3
 
 SEEDS = (0, 1, 2)
 METHODS = ("linear", "bitfit", "lora", "lp_ft", "layer", "scl", "full")
 
-
-def seed_variants(seeds=SEEDS):
-  """One variant per seed: the whole job with ``seed`` set (an int, not a string)."""
-  return tuple(dict(tag=f"s{s}", overrides={"seed": s}) for s in seeds)
 
 
 def get_config(arg="imagenet"):
@@ -64,5 +59,5 @@ def get_config(arg="imagenet"):
     c.pretrain.optim.epochs = 2
     c.datasets = ("fashion_mnist",)
     c.train_sizes = (50, 1000)
-  c.variants = seed_variants()
+  c.seeds = SEEDS
   return c

@@ -358,7 +358,7 @@ def test_peft_config_digits_end_to_end(tmp_path):
   from configs import peft
   from ncjax.experiment import runner
   c = peft.get_config("digits")
-  c.variants = peft.seed_variants((0, 1))
+  c.seeds = (0, 1)
   c.models = ("mlp",)
   c.backbone.default.options = {"depth": 3, "width": 16}
   c.backbone.default.unit = ("layer2", "layer3", "auto")
@@ -366,20 +366,22 @@ def test_peft_config_digits_end_to_end(tmp_path):
   c.optim.steps = 4
   c.pretrain.optim.steps = 4
   recs = runner.run(c, str(tmp_path))
-  done = {(r["pretrain"], r["method"], r.get("lora_rank"), r["unit"] if not r["unit_choice"]
+  assert {r["pretrain"] for r in recs} == {""}  # a seed is not a variant
+  assert {r["run"].split("/")[0] for r in recs} == {"s0", "s1"}  # each seed its directory
+  done = {(r["seed"], r["method"], r.get("lora_rank"), r["unit"] if not r["unit_choice"]
            else r["unit_selector"]) for r in recs if r["stage"] == "transfer"}
-  for tag in ("s0", "s1"):
+  for tag in (0, 1):
     for m in ("linear", "bitfit", "lp_ft", "full"):
       assert (tag, m, 0, "") in done, (tag, m)
     for r in (4, 16):
       assert (tag, "lora", r, "") in done
     for m in ("layer", "scl"):
       assert {(tag, m, 0, u) for u in ("layer2", "layer3", "nc", "rgn")} <= done
-  by = {(r["pretrain"], r["method"], r.get("lora_rank")): r for r in recs
+  by = {(r["seed"], r["method"], r.get("lora_rank")): r for r in recs
         if r["stage"] == "transfer" and not r["unit"]}
-  assert by[("s0", "lp_ft", 0)]["percent_params"] == 100.0
-  assert by[("s0", "lora", 4)]["percent_params"] < by[("s0", "lora", 16)]["percent_params"]
-  assert by[("s0", "linear", 0)]["percent_params"] < by[("s0", "bitfit", 0)]["percent_params"]
+  assert by[(0, "lp_ft", 0)]["percent_params"] == 100.0
+  assert by[(0, "lora", 4)]["percent_params"] < by[(0, "lora", 16)]["percent_params"]
+  assert by[(0, "linear", 0)]["percent_params"] < by[(0, "bitfit", 0)]["percent_params"]
   assert all(r["step_s"] > 0 for r in by.values())
   md = (tmp_path / "results.md").read_text()
   assert "## Fine-tuning methods compared" in md and "| LoRA r16 |" in md

@@ -107,6 +107,34 @@ def test_variant_overrides_are_typed():
   assert "variant 'b': --config.seed=True: must be a int" in msg
 
 
+def test_seeds_sweep_the_whole_job_crossed_with_the_variants():
+  """`seeds` (issue 19): the whole job once per seed, an int field per run, crossed with
+  every variant; bad entries are named one by one, with the rest of the config's problems."""
+  c = _config()
+  c.seeds = (3, 0)
+  specs = spec.build(c)
+  assert [(s.tag, s.variant, s.seed) for s in specs] == [("s3", "", 3), ("s0", "", 0)]
+  assert specs[0].runs()[0].id.startswith("s3/")
+  c.variants = (dict(tag="mse", overrides={"pretrain.loss": "mse"}),
+                dict(tag="ce", overrides={}))
+  got = [(s.tag, s.variant, s.seed, s.pretrain.loss) for s in spec.build(c)]
+  assert got == [("mse-s3", "mse", 3, "mse"), ("mse-s0", "mse", 0, "mse"),
+                 ("ce-s3", "ce", 3, "ce"), ("ce-s0", "ce", 0, "ce")]
+  c.seeds = ()
+  assert [(s.tag, s.seed) for s in spec.build(c)] == [("mse", 0), ("ce", 0)]
+  c.variants = ()
+  c.seeds = (1, 1, True, -1, 2 ** 31)
+  c.eval_batch_size = 0
+  with pytest.raises(ConfigError) as e:
+    spec.build(c)
+  msg = str(e.value)
+  assert "--config.seeds[1]=1: is given twice" in msg
+  assert "--config.seeds[2]=True: must be an integer" in msg
+  assert "--config.seeds[3]=-1: must be an integer >= 0" in msg
+  assert "--config.seeds[4]=2147483648: must be an integer" in msg
+  assert "--config.eval_batch_size=0: must be an integer >= 1" in msg
+
+
 def test_variants_job_tags_records_and_reports_source_nc1(tmp_path):
   c = _config("transfer")
   c.methods = ("linear",)

@@ -153,7 +153,9 @@ class Run:
 class Spec:
   """The whole job of one variant, validated."""
   job: str
-  tag: str                     # variant tag ('' without variants)
+  tag: str                     # its directory: the variant tag, '-s<seed>' added in a seed
+                               # sweep ('' without either)
+  variant: str                 # the variant tag alone ('' without variants): records' `pretrain`
   seed: int
   backbones: tuple[Backbone, ...]
   datasets: tuple[str, ...]    # the downstream datasets of backbones without their own
@@ -618,27 +620,55 @@ def _variants(p: Problems, value) -> list[tuple[str, dict]]:
   return out
 
 
+def _seeds(p: Problems, value) -> tuple[int, ...]:
+  """``config.seeds``: () or distinct integers in [0, 2**31 - 1], each a whole job."""
+  if not isinstance(value, (tuple, list)):
+    p.add("seeds", value, "must be a tuple of integers, e.g. (0, 1, 2) (--config.seeds=0,1,2)")
+    return ()
+  seeds = []
+  for i, s in enumerate(value):
+    if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= 2 ** 31 - 1:
+      p.add(f"seeds[{i}]", s, "must be an integer >= 0 and <= 2147483647")
+    elif s in seeds:
+      p.add(f"seeds[{i}]", s, "is given twice (each seed is one whole job)")
+    else:
+      seeds.append(s)
+  return tuple(seeds)
+
+
+def _sweep(p: Problems, config) -> list[tuple[str, str, dict]]:
+  """(directory tag, variant tag, overrides) of every whole job: each variant (one untagged
+  job without variants) crossed with every seed of ``config.seeds``."""
+  variants = _variants(p, config.get("variants", ()))
+  seeds = _seeds(p, config.get("seeds", ()))
+  jobs = [(tag, tag, overrides) for tag, overrides in variants] or [("", "", {})]
+  if not seeds:
+    return jobs if variants else []
+  return [(f"{tag}-s{s}" if tag else f"s{s}", tag, {**overrides, "seed": s})
+          for tag, _, overrides in jobs for s in seeds]
+
+
 def build(config) -> list[Spec]:
-  """One validated `Spec` per variant (one without variants). Raises `ConfigError` listing
-  every problem: those of the base config once, then each variant's own."""
+  """One validated `Spec` per variant and seed (one without either). Raises `ConfigError`
+  listing every problem: those of the base config once, then each variant's own."""
   top = Problems()
   job = _str(top, "job", config.job, JOBS)
-  variants = _variants(top, config.get("variants", ()))
+  sweep = _sweep(top, config)
   base = Problems()
   specs = [_build_one(base, config, job, "")]
   lines = top.lines + base.lines
-  if variants:
+  if sweep:
     specs = []
-    for tag, overrides in variants:
+    for tag, variant, overrides in sweep:
       p = Problems()
-      specs.append(_build_one(p, with_overrides(config, overrides, p), job, tag))
+      specs.append(_build_one(p, with_overrides(config, overrides, p), job, tag, variant))
       lines += [f"variant {tag!r}: {line}" for line in p.lines if line not in base.lines]
   if lines:
     raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
   return specs
 
 
-def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
+def _build_one(p: Problems, c, job: str, tag: str, variant: str = "") -> Spec | None:
   seed = _int(p, "seed", c.seed, 0, 2 ** 31 - 1)
   model_names = _names(p, "models", c.models, models.names(), "model")
   if not model_names:
@@ -705,7 +735,7 @@ def _build_one(p: Problems, c, job: str, tag: str) -> Spec | None:
     if why:
       p.add("compile_cache_dir", cache_dir, why)
   spec = Spec(
-      job=job, tag=tag, seed=seed, backbones=backbones, datasets=datasets,
+      job=job, tag=tag, variant=variant, seed=seed, backbones=backbones, datasets=datasets,
       downstream_classes=classes,
       methods=method_names, train_sizes=sizes or (),
       test_split=_str(p, "test_split", c.test_split),

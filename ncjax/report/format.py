@@ -208,14 +208,16 @@ def is_variant_sweep(records: Sequence[Mapping]) -> bool:
 
 
 def is_seed_replicates(records: Sequence[Mapping]) -> bool:
-  """Whether the records' variants are seed replicates (configs/peft.py: one tag per seed),
-  not pre-training variants: several tags, each tag one seed, no two tags the same seed."""
+  """Whether the records hold seed replicates: several seeds of one variant (a ``seeds``
+  sweep), or, in workdirs written before ``seeds`` existed, variants that are seeds (several
+  tags, each tag one seed, no two tags the same seed)."""
   seeds: dict[str, set] = {}
   for r in records:
     seeds.setdefault(_tag(r), set()).add(r.get("seed", 0))
+  if any(len(ss) > 1 for ss in seeds.values()):
+    return True
   flat = [s for ss in seeds.values() for s in ss]
-  return len(seeds) > 1 and all(len(ss) == 1 for ss in seeds.values()) and \
-      len(set(flat)) == len(flat)
+  return len(seeds) > 1 and len(set(flat)) == len(flat)
 
 
 PEFT_METHODS = ("bitfit", "lora", "lp_ft", "vpt")

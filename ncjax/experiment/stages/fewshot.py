@@ -32,4 +32,4 @@ def fewshot_record(spec: Spec, run: Run, emb, ds: data.ArrayDataset, origin: str
       stage="fewshot", accuracy=float(out["accuracy"]), ci95=float(out["ci95"]),
       nc1=float(out["nc1"]), ways=f.ways, shots=run.size, queries=f.queries,
       episodes=int(out["episodes"]), num_train=len(ds), num_classes=ds.num_classes,
-      weights=origin, seed=spec.seed, run=run.id, pretrain=spec.tag, wall_s=time.time() - t0)
+      weights=origin, seed=spec.seed, run=run.id, pretrain=spec.variant, wall_s=time.time() - t0)

@@ -91,7 +91,7 @@ def finetune(spec: Spec, run: Run, train_ds: data.ArrayDataset,
       num_classes=train_ds.num_classes,
       steps=steps, batch_size=batch, weights=origin,
       normalization=assemble.normalization_used(bb), seed=seed, run=run.id,
-      pretrain=spec.tag, final_train_loss=records.final_loss(history),
+      pretrain=spec.variant, final_train_loss=records.final_loss(history),
       lora_rank=rank if run.method == "lora" else 0,
       step_s=batch / float(np.median(rates[1:] or rates)) if rates else records.NAN)
   if spec.collapse:

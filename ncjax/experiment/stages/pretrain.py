@@ -112,7 +112,7 @@ def pretrain(spec: Spec, run: Run, workdir: str | None, mesh, on_log=None,
       model=bb.model, dataset=src.name, method="full", unit="", accuracy=acc,
       percent_params=100.0, num_train=len(src), num_test=len(src_test),
       num_classes=src.num_classes, steps=steps, batch_size=batch, weights="scratch",
-      normalization=assemble.normalization_used(bb), seed=seed, stage="pretrain", run=run.id, pretrain=spec.tag, loss=pc.loss,
+      normalization=assemble.normalization_used(bb), seed=seed, stage="pretrain", run=run.id, pretrain=spec.variant, loss=pc.loss,
       projection_layers=pc.projection_layers, adversarial_eps=pc.adversarial_eps,
       aug_level=pc.optim.aug_level, final_train_loss=records.final_loss(history),
       layerwise_nc1=layerwise, wall_s=time.time() - t0, **pen)

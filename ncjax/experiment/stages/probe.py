@@ -65,7 +65,7 @@ def probe(spec: Spec, run: Run, pretrained: dict | None, mesh) -> records.Record
       layerwise_nc1=nc1s, layerwise_accuracy=accs, num_train=len(train_ds),
       num_test=len(test_ds), num_classes=k, steps=steps, batch_size=batch, weights=origin,
       normalization=assemble.normalization_used(bb),
-      seed=seed, run=run.id, pretrain=spec.tag, wall_s=time.time() - t0)
+      seed=seed, run=run.id, pretrain=spec.variant, wall_s=time.time() - t0)
 
 
 def run(ctx: Context, run: Run, done: records.Record | None = None) -> records.Record:

@@ -103,7 +103,7 @@ def score(spec: Spec, run: Run, pretrained: dict | None, mesh) -> records.Record
       nc1=-scores["nc1"] if "nc1" in scores and "nc1" not in worst else records.NAN,
       candidate=candidate(spec, run), scores=scores, score_wall_s=seconds, num_train=len(ds),
       num_classes=ds.num_classes, weights=origin,
-      normalization=assemble.normalization_used(run.backbone), seed=spec.seed, run=run.id, pretrain=spec.tag,
+      normalization=assemble.normalization_used(run.backbone), seed=spec.seed, run=run.id, pretrain=spec.variant,
       wall_s=time.time() - t0)
 
 
