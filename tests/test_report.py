@@ -946,3 +946,19 @@ def test_fig13_and_fig14_configs_reuse_the_runs_of_fig5_and_table7():
     "scl-layer11", "scl-layer2", "scl-layer5", "scl-layer8"]
   (s,) = spec.build(fig14.get_config())
   assert s.backbones[0].options["pool"] == "cls"
+
+
+def test_auto_unit_table_compares_each_seed_with_its_own_sweep():
+  """Over seeds, a choice's "best swept unit" and its accuracy are its own seed's (so that
+  accuracy + regret = that accuracy), and the row names the seed."""
+  from ncjax.report import tables
+  recs = []
+  for seed, (a1, a2) in ((0, (70.0, 80.0)), (1, (90.0, 60.0))):
+    recs += [record(method="layer", unit="block1", accuracy=a1, seed=seed),
+             record(method="layer", unit="block2", accuracy=a2, seed=seed),
+             record(method="layer", unit="block1", accuracy=a1, seed=seed, unit_selector="nc",
+                    regret=max(a1, a2) - a1, unit_choice={"block1": {"nc1": 1.0},
+                                                          "block2": {"nc1": 2.0}})]
+  rows = rows_of(tables.auto_unit_table(recs).split("\n\n")[0])
+  got = [(r[0].split(", ")[-1], r[5], r[6], r[7]) for r in rows[1:]]
+  assert got == [("seed 0", "block2", "80.00", "10.00"), ("seed 1", "block1", "90.00", "0.00")]

@@ -187,7 +187,10 @@ def auto_unit_table(records: Sequence[Mapping]) -> str:
   if not auto:
     return ""
   cols = _Columns(records)
-  best = _best_units(records, cols.key)
+  # Over seeds, each choice is compared with its own seed's sweep (as its `regret` is).
+  per_seed = is_seed_replicates(records)
+  best = {s: _best_units([x for x in records if x.get("seed", 0) == s], cols.key)
+          for s in {x.get("seed", 0) for x in records}} if per_seed else None
   lines = [_md_row(["Model / dataset", "Method", "Selector", "Chosen unit", "Accuracy",
                     "Best swept unit", "Its accuracy", "Regret (points)", "Probe cost",
                     "Choice cost"]),
@@ -195,8 +198,11 @@ def auto_unit_table(records: Sequence[Mapping]) -> str:
   probes, scores = [], []
   for r in auto:
     label, method = cols.label(cols.key(r)), method_name(r["method"])
+    if per_seed:
+      label += f", seed {r.get('seed', 0)}"
     rgn = r.get("unit_selector") == "rgn"
-    b_unit, b_rs = best.get((cols.key(r), r["method"]), (None, []))
+    pool = best[r.get("seed", 0)] if per_seed else _best_units(records, cols.key)
+    b_unit, b_rs = pool.get((cols.key(r), r["method"]), (None, []))
     covered = _num(r.get("regret")) is not None
     lines.append(_md_row([
         label, method, "RGN" if rgn else "NC", r["unit"], fmt_accuracy(r["accuracy"]),
