@@ -419,7 +419,7 @@ def test_ctrl_c_twice_exits_130_with_one_line(tmp_path):
       [sys.executable, "-m", "ncjax.main", f"--workdir={tmp_path}", TINY,
        "--config.pretrain.optim.steps=100000", "--config.checkpoint_every=0"],
       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), preexec_fn=_sigint_default)
   try:
     deadline, metrics = time.time() + 300, tmp_path / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text()):  # training has begun
@@ -464,12 +464,20 @@ except KeyboardInterrupt:
 """
 
 
+def _sigint_default():
+  """In the child before exec: SIGINT at its default, whatever this process inherited (a job
+  started in the background by a non-interactive shell ignores SIGINT, and Python, rightly,
+  keeps an ignored SIGINT ignored)."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_ctrl_c_swallowed_by_a_gc_callback_still_stops_the_run():
   """Python drops an exception raised in a gc callback ("Exception ignored in ..."): the first
   Ctrl-C's KeyboardInterrupt is delivered again, outside it, instead of the run training on."""
   import subprocess
   out = subprocess.run([sys.executable, "-c", _SWALLOWED_CTRL_C], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT),
+                       preexec_fn=_sigint_default)
   assert out.stdout.split() == ["stopped"], (out.stdout, out.stderr[-2000:])
   assert "Traceback" not in out.stderr, out.stderr[-2000:]
 
