@@ -474,31 +474,36 @@ def _first_rows(h, y, k):
   return h[jnp.clip(first, 0, n - 1)]                             # absent class: any row
 
 
-def _pass1(h, y, k, squares: bool = False):
-  """First read pass, in the shifted frame.
+def _pass1(h, y, k, squares: bool = False, shifted: bool = True, ref=None):
+  """First read pass, in the shifted frame (or, ``shifted=False``, on ``h`` itself: one
+  scatter at read speed, for small offsets, see _small_offset; not with ``squares``).
 
   Returns counts (K,) int32, references ``c`` (K, d) (the first row of each class: an exact
   data point, so ``h - c_y`` is of the order of the within-class spread whatever the offset
-  and the distances between classes), ``m`` (K, d) = class means minus ``c``, ``ok`` (every
-  label in range, no class empty, the sums finite) and, with ``squares``, the class sums
-  of ``||(h - c_y) t||^2`` (K,) and the exact power of two ``t`` they were scaled by (else
-  None, None).  Out-of-range labels are dropped from the sums, detected from the counts.
+  and the distances between classes; ``ref`` if given, the caller's ``_first_rows``),
+  ``m`` (K, d) = class means minus ``c``, ``ok`` (every label in range, no class empty, the
+  sums finite) and, with ``squares``, the class sums of ``||(h - c_y) t||^2`` (K,) and the
+  exact power of two ``t`` they were scaled by (else None, None).  Out-of-range labels are
+  dropped from the sums, detected from the counts.
   """
   n, d = h.shape
   dt = _compute_dtype(h.dtype)
   counts = _add_rows(jnp.zeros((k,), jnp.int32), y, jnp.ones((n,), jnp.int32))
-  ref = _first_rows(h, y, k).astype(dt)
+  if ref is None:
+    ref = _first_rows(h, y, k).astype(dt)
   t = _inv_pow2_scale(ref) if squares else None                    # from data rows
 
   def body(acc, hb, yb):
-    x = hb.astype(dt) - ref[yb]
+    x = hb.astype(dt) - ref[yb] if shifted else hb.astype(dt)
     if squares:
       return _add_rows(acc[0], yb, x), _add_rows(acc[1], yb, jnp.sum(jnp.square(x * t), 1))
     return (_add_rows(acc[0], yb, x),)
 
   init = (jnp.zeros((k, d), dt),) + ((jnp.zeros((k,), dt),) if squares else ())
-  acc = _fold_rows(body, init, _row_block(n, d), h, y)
+  acc = _fold_rows(body, init, _row_block(n, d) if shifted else n, h, y)
   m = acc[0] / jnp.maximum(counts, 1).astype(dt)[:, None]
+  if not shifted:
+    m = m - ref
   ok = jnp.all(counts > 0) & (jnp.sum(counts) == n)
   for a in acc:
     ok = ok & jnp.all(jnp.isfinite(a))
@@ -519,18 +524,6 @@ def _small_offset(ref):
   size = jnp.max(jnp.sum(r * r, axis=1))
   spread = jnp.sum(jnp.square(r - r[0])) / (r.shape[0] - 1)        # mean over k >= 1
   return (size <= 4.0 * spread) & (spread > 0)
-
-
-def _pass1_raw(h, y, k, ref):
-  """The first pass on ``h`` itself (one scatter at read speed; see _small_offset): the
-  (counts, ref, m, ok) of :func:`_pass1`, with ``m`` taken from the unshifted class sums."""
-  n = h.shape[0]
-  dt = ref.dtype
-  counts = _add_rows(jnp.zeros((k,), jnp.int32), y, jnp.ones((n,), jnp.int32))
-  sums = _add_rows(jnp.zeros((k, h.shape[1]), dt), y, h.astype(dt))
-  m = sums / jnp.maximum(counts, 1).astype(dt)[:, None] - ref
-  ok = jnp.all(counts > 0) & (jnp.sum(counts) == n) & jnp.all(jnp.isfinite(sums))
-  return counts, ref, m, ok
 
 
 def _relative_means(ref, m):
@@ -691,8 +684,8 @@ def _nc1_frame(h, y, k, raw=None):
   first = _first_rows(h, y, k).astype(dt)
   if raw is None:
     raw = _small_offset(first)
-  counts, ref, m, ok = _branch(raw, lambda: _pass1_raw(h, y, k, first),
-                               lambda: _pass1(h, y, k)[:4])
+  counts, ref, m, ok = _branch(raw, lambda: _pass1(h, y, k, shifted=False, ref=first)[:4],
+                               lambda: _pass1(h, y, k, ref=first)[:4])
   centred = _centred_means(ref, m)
   inv = _inv_pow2_scale(centred)
   centred = centred * inv

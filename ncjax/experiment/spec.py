@@ -128,6 +128,7 @@ class Peft:
     return self.lora_alpha / rank
 
 
+MAX_SEED = 2 ** 31 - 1  # seeds (`seed`, each of `seeds`) are integers in [0, MAX_SEED]
 UNIT_SELECTORS = ("nc", "rgn", "both")  # unit=auto: NC probes, Auto-RGN, or both side by side
 
 
@@ -621,15 +622,17 @@ def _variants(p: Problems, value) -> list[tuple[str, dict]]:
 
 
 def _seeds(p: Problems, value) -> tuple[int, ...]:
-  """``config.seeds``: () or distinct integers in [0, 2**31 - 1], each a whole job."""
+  """``config.seeds``: () or distinct integers in [0, MAX_SEED], each a whole job."""
   if not isinstance(value, (tuple, list)):
     p.add("seeds", value, "must be a tuple of integers, e.g. (0, 1, 2) (--config.seeds=0,1,2)")
     return ()
   seeds = []
   for i, s in enumerate(value):
-    if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= 2 ** 31 - 1:
-      p.add(f"seeds[{i}]", s, "must be an integer >= 0 and <= 2147483647")
-    elif s in seeds:
+    known = len(p.lines)
+    _int(p, f"seeds[{i}]", s, 0, MAX_SEED)
+    if len(p.lines) > known:
+      continue
+    if s in seeds:
       p.add(f"seeds[{i}]", s, "is given twice (each seed is one whole job)")
     else:
       seeds.append(s)
@@ -669,7 +672,7 @@ def build(config) -> list[Spec]:
 
 
 def _build_one(p: Problems, c, job: str, tag: str, variant: str = "") -> Spec | None:
-  seed = _int(p, "seed", c.seed, 0, 2 ** 31 - 1)
+  seed = _int(p, "seed", c.seed, 0, MAX_SEED)
   model_names = _names(p, "models", c.models, models.names(), "model")
   if not model_names:
     p.add("models", c.models, "must name at least one model")
@@ -872,7 +875,7 @@ def build_metrics(config) -> DigitsMetrics:
   out = DigitsMetrics(
       split=_str(p, "split", config.get("split", "train"), ("train", "test", "all")),
       random_features=_int(p, "random_features", config.get("random_features", 2048), 1),
-      seed=_int(p, "seed", config.seed, 0, 2 ** 31 - 1))
+      seed=_int(p, "seed", config.seed, 0, MAX_SEED))
   if p.lines:
     raise ConfigError("invalid config:\n  " + "\n  ".join(p.lines))
   return out

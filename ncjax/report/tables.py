@@ -188,9 +188,9 @@ def auto_unit_table(records: Sequence[Mapping]) -> str:
     return ""
   cols = _Columns(records)
   # Over seeds, each choice is compared with its own seed's sweep (as its `regret` is).
-  per_seed = is_seed_replicates(records)
-  best = {s: _best_units([x for x in records if x.get("seed", 0) == s], cols.key)
-          for s in {x.get("seed", 0) for x in records}} if per_seed else None
+  seed_of = (lambda x: x.get("seed", 0)) if is_seed_replicates(records) else (lambda x: None)
+  best = {s: _best_units([x for x in records if seed_of(x) == s], cols.key)
+          for s in {seed_of(x) for x in records}}
   lines = [_md_row(["Model / dataset", "Method", "Selector", "Chosen unit", "Accuracy",
                     "Best swept unit", "Its accuracy", "Regret (points)", "Probe cost",
                     "Choice cost"]),
@@ -198,11 +198,10 @@ def auto_unit_table(records: Sequence[Mapping]) -> str:
   probes, scores = [], []
   for r in auto:
     label, method = cols.label(cols.key(r)), method_name(r["method"])
-    if per_seed:
-      label += f", seed {r.get('seed', 0)}"
+    if seed_of(r) is not None:
+      label += f", seed {seed_of(r)}"
     rgn = r.get("unit_selector") == "rgn"
-    pool = best[r.get("seed", 0)] if per_seed else _best_units(records, cols.key)
-    b_unit, b_rs = pool.get((cols.key(r), r["method"]), (None, []))
+    b_unit, b_rs = best[seed_of(r)].get((cols.key(r), r["method"]), (None, []))
     covered = _num(r.get("regret")) is not None
     lines.append(_md_row([
         label, method, "RGN" if rgn else "NC", r["unit"], fmt_accuracy(r["accuracy"]),
