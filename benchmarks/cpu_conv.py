@@ -35,6 +35,15 @@ machine at cc4889e: 1.75x -> 1.36x, so the 0.95x did not hold) and left ViT-B/32
 less. The XLA_FLAGS spelling is `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`.
 No other flag, NCHW, a one-pass BatchNorm or the 9-slice max-pool moved the step beyond noise;
 oneDNN fusions abort the process.
+
+On a 2-core AMD EPYC (2026-12-08, quiet): ResNet-18 batch 32 step 1.65x torch (base) ->
+1.28-1.30x (`ynn_no_conv`), forward 0.85-1.01x; on top of `ynn_no_conv`, the one-pass
+BatchNorm 1.26x, the 9-slice max-pool 1.32x, no BatchNorm at all 1.19x, oneDNN options no
+change (`--what convs`); the rest is the Eigen convolutions' backward (`--what convs`: dgrad
+1.23-1.26x, wgrad 1.24-1.31x torch). ViT-B/32 batch 16: 1.04x (base), 1.01x (`ynn_no_conv`).
+Each variant's XLA options go to `jax.jit` (`train.jit_train_step(..., compiler_options)`):
+options set on `jax.jit` stay in force under `compile(compiler_options=None)`, which had made
+`base` time the adopted options (before 2026-12-08).
 """
 from __future__ import annotations
 
@@ -90,11 +99,21 @@ VARIANTS = {
     'bn_onepass': ({}, ('bn_onepass',)),
     'bn_none': ({}, ('bn_none',)),
     'pool_slices': ({}, ('pool_slices',)),
-    'ynn_no_conv+pool_slices': ({'xla_cpu_experimental_ynn_fusion_type': ','.join(
-        _T + t for t in ('INDIVIDUAL_DOT', 'REDUCE'))}, ('pool_slices',)),
 }
+# Names joined by '+' compose: 'ynn_no_conv+bn_onepass' is the adopted options with the
+# one-pass BatchNorm (options merged left to right, patches in order).
 DEFAULT_STEP = 'base,ynn_off,ynn_no_conv,pool_slices,ynn_no_conv+pool_slices,bn_onepass,bn_none'
 DEFAULT_CONVS = 'base,ynn_off,ynn_no_conv,onednn,xnn_graph'
+
+
+def variant(name):
+  """(XLA options, patches) of a variant name, '+'-joined names composed."""
+  opts, patches = {}, ()
+  for part in name.split('+'):
+    if part not in VARIANTS:
+      raise SystemExit(f'unknown variant {part!r} in {name!r}; known: {", ".join(VARIANTS)}')
+    opts, patches = {**opts, **VARIANTS[part][0]}, patches + VARIANTS[part][1]
+  return opts, patches
 
 
 def _bn_variables(bn, c):
@@ -213,17 +232,19 @@ def step_fns(a, names):
   mesh, rng = train.data_mesh(), jax.random.PRNGKey(0)
   jax_fns = {}
   for name in names:
-    opts, patches = VARIANTS[name]
+    opts, patches = variant(name)
     undo = _apply_patches(patches)  # the ResNet looks these names up when traced
     try:
       fwd_model = model.clone()  # a fresh module: no trace cached from another variant
 
       def forward(p, bs, xx, tr, m=fwd_model):
         return train.model_forward(m)(p, bs, xx, tr)
-      step = train.jit_train_step(train.make_train_step(forward, tx, mask), mesh)
+      # The variant's options go to jax.jit: options set there (ncjax's CPU default) would
+      # stay in force under compile(compiler_options=None), making `base` the adopted one.
+      step = train.jit_train_step(train.make_train_step(forward, tx, mask), mesh, opts)
       # The step donates its state: give it its own buffers (the forward keeps `v`).
       st = train.init_state(*jax.tree.map(jnp.copy, (v['params'], v.get('batch_stats', {}))), tx)
-      c_step = step.lower(st, x, y, rng).compile(compiler_options=opts or None)
+      c_step = step.lower(st, x, y, rng).compile()
       c_fwd = jax.jit(lambda vv, xx, m=fwd_model: m.apply(vv, xx, train=False)).lower(
           v, x).compile(compiler_options=opts or None)
     finally:
@@ -313,7 +334,7 @@ def _conv_layout_fns(a, names, cname, h, ci, co, k, s, layout, torch_fns, jax_fn
     torch_fns[f'{cname} {what}'] = tf[what]
     fn, args = fns[what]
     for n in names:
-      c = jax.jit(fn).lower(*args).compile(compiler_options=VARIANTS[n][0] or None)
+      c = jax.jit(fn).lower(*args).compile(compiler_options=variant(n)[0] or None)
       key = n if layout == 'NHWC' or a.layout != 'both' else f'{n}/NCHW'
       jax_fns.setdefault(key, {})[f'{cname} {what}'] = (
           lambda c=c, args=args: c(*args).block_until_ready())
@@ -332,7 +353,7 @@ def main(argv=None):
   ap.add_argument('--torch-channels-last', action='store_true')
   a = ap.parse_args(argv)
   names = (a.variants or (DEFAULT_STEP if a.what == 'step' else DEFAULT_CONVS)).split(',')
-  if a.what == 'convs' and any(VARIANTS[n][1] for n in names):
+  if a.what == 'convs' and any(variant(n)[1] for n in names):
     raise SystemExit('model variants (BatchNorm, pooling) apply to --what step only')
   t0 = time.perf_counter()
   torch_fns, jax_fns = (step_fns if a.what == 'step' else conv_fns)(a, names)
@@ -353,7 +374,7 @@ def main(argv=None):
     for n in names:
       js = {c: sum(res[n][w][0] for w in whats if w.endswith(c)) for c in cols}
       # summed medians: the per-shape rows (below) carry the per-round ratios
-      print(f'| {n} | `{flags_of(VARIANTS[n.split("/")[0]][0])}` | ' + ' | '.join(
+      print(f'| {n} | `{flags_of(variant(n.split("/")[0])[0])}` | ' + ' | '.join(
           f'{js[c] * 1e3:.0f} | {js[c] / tsum[c]:.2f}' for c in cols) + ' |')
     print('\n| conv | torch ms | ' + ' | '.join(f'{n} / torch' for n in names) + ' |')
     print('|---|---:|' + '---:|' * len(names))
@@ -366,7 +387,7 @@ def main(argv=None):
   print(f"| torch eager | | {res[None]['fwd'][0] * 1e3:.0f} | 1.00 | "
         f"{res[None]['step'][0] * 1e3:.0f} | 1.00 |")
   for n in names:
-    opts, patches = VARIANTS[n]
+    opts, patches = variant(n)
     desc = ' '.join(filter(None, [flags_of(opts), *(f'model: {p}' for p in patches)]))
     print(f"| {n} | `{desc}` | {res[n]['fwd'][0] * 1e3:.0f} | {res[n]['fwd'][1]:.2f} | "
           f"{res[n]['step'][0] * 1e3:.0f} | {res[n]['step'][1]:.2f} |")

@@ -214,6 +214,25 @@ def _assert_same_state(a, b):
     assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
+def _jit_options(jitted):
+  """The XLA options a jitted function hands to its compilation (jax 0.10's Lowered)."""
+  lowered = jitted.lower(jnp.zeros(()), jnp.zeros((2,)), jnp.zeros((2,)), jnp.zeros(()))
+  return dict(lowered._lowering._compiler_options_kvs)
+
+
+def test_jit_train_step_compiler_options_none_means_ncjax_choice_and_empty_the_defaults():
+  # Options given to jax.jit survive compile(compiler_options=None): a benchmark that meant
+  # to time jaxlib's defaults that way timed ncjax's CPU options twice (issue 20).
+  mesh = train.data_mesh()
+  step = lambda s, x, y, r: (s, jnp.sum(x))  # noqa: E731
+  want = train.compile._cpu_train_options() or {}
+  assert want == train.CPU_TRAIN_COMPILER_OPTIONS  # this jaxlib knows the option
+  assert _jit_options(train.jit_train_step(step, mesh)) == want
+  assert _jit_options(train.jit_train_step(step, mesh, {})) == {}
+  other = {"xla_cpu_enable_fast_math": False}
+  assert _jit_options(train.jit_train_step(step, mesh, other)) == other
+
+
 def test_lr_schedule_is_the_optimizers_schedule():
   cfg = train.OptimConfig(lr=0.2, lr_end=0.01, warmup_steps=2)
   sched = train.lr_schedule(cfg, 10)

@@ -16,14 +16,16 @@ from ncjax.train.sharding import batch_sharded, replicated
 
 # XLA:CPU (jaxlib >= 0.10) runs convolutions through YNNPACK by default, whose weight-gradient
 # convolutions measured 2-4x slower than XLA's own (Eigen) ones; YNNPACK stays on for dots and
-# reductions (BatchNorm statistics), where it is fast. ResNet-18 224x224 full-FT step, batch
-# 32, quiet 2-core CPU, `benchmarks/cpu_conv.py --variants base,ynn_no_conv --batch 32
-# --rounds 3` at cc4889e (issue 20): default 1.75x torch's eager time, these options 1.36x.
-# (An earlier run, 2026-11-26, had read 1.64x -> 0.95x; it did not hold when re-measured.)
-# On a 2-core AMD EPYC (2026-12-08) they gained nothing: ResNet-18 1.27x -> 1.27x torch,
-# ViT-B/32 batch 16 1.04x -> 1.10x. Kept for now: without them the bfloat16 default job's
-# linear probe read 84.9% against float32's 88.3% (tests/test_configs.py bounds the gap at 3
-# points); that numerical difference needs its own look before the options go.
+# reductions (BatchNorm statistics), where it is fast. Full-FT step, 224x224, quiet 2-core CPU,
+# `benchmarks/cpu_conv.py --variants base,ynn_no_conv --rounds 3` (step / torch eager, same run):
+# - Sapphire Rapids, cc4889e, ResNet-18 batch 32: jaxlib default 1.75x, these options 1.36x.
+# - AMD EPYC, 2026-12-08: ResNet-18 batch 32 1.65x -> 1.28x; ViT-B/32 batch 16 1.04x -> 1.01x
+#   (its only convolution is the patch embedding: the same within noise).
+# Without them the bfloat16 default job's linear probe read 84.9% against float32's 88.3%: its
+# 30-epoch pre-training follows another rounding path with other kernels, which moves that
+# probe by several points either way (tests/test_configs.py's bfloat16 test), not a defect.
+# (A 2026-12-08 run that read "no gain" compiled both variants with these options: options
+# given to jax.jit stay in force under compile(compiler_options=None); see jit_train_step.)
 CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                               "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
@@ -39,12 +41,19 @@ def _cpu_train_options() -> dict | None:
     return None
 
 
-def jit_train_step(step, mesh: Mesh):
-  """The jitted step: state replicated and donated, batch sharded over ``'data'``."""
+def jit_train_step(step, mesh: Mesh, compiler_options: dict | None = None):
+  """The jitted step: state replicated and donated, batch sharded over ``'data'``.
+
+  ``compiler_options``: None for ncjax's choice (`CPU_TRAIN_COMPILER_OPTIONS` on CPU, none
+  elsewhere); a dict for exactly those XLA options, ``{}`` for the jaxlib defaults.  (Options
+  given to ``jax.jit`` stay in force when the lowered step is compiled with
+  ``compile(compiler_options=None)``, so a benchmark of the defaults must pass ``{}`` here.)
+  """
   rep, dat = replicated(mesh), batch_sharded(mesh)
-  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  if compiler_options is None and mesh.devices.flat[0].platform == "cpu":
+    compiler_options = _cpu_train_options()
   return jax.jit(step, in_shardings=(rep, dat, dat, rep), out_shardings=(rep, rep),
-                 donate_argnums=(0,), compiler_options=_cpu_train_options() if on_cpu else None)
+                 donate_argnums=(0,), compiler_options=compiler_options or None)
 
 
 class CompileStats:
