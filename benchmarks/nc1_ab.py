@@ -1,7 +1,8 @@
-"""Old against new `metrics.nc1` in one process (issue 20's before / after), alternated.
+"""Old against new `metrics.nc1` (or --metric) in one process (issue 20's before / after), alternated.
 
     git worktree add /tmp/old <commit>
     python benchmarks/nc1_ab.py --old /tmp/old          # this checkout's metrics is "new"
+    python benchmarks/nc1_ab.py --old /tmp/old --metric numerical_rank --classes 10
 
 N = 50,000, float32, d in {512, 2048}, K in {10, 100}; for each row the best of --rounds
 medians of --reps calls, the read floor (a jitted column sum) and the GEMM floor (2 N d K
@@ -31,12 +32,23 @@ def median_ms(fn, reps):
   return float(np.median(ts)) * 1e3
 
 
+# --metric: name -> the values one call gives (compared between old and new)
+METRICS = {
+    "nc1": lambda m, h, y, k: [m.nc1(h, y, k)],
+    "cdnv": lambda m, h, y, k: [m.cdnv(h, y, k)],
+    "numerical_rank": lambda m, h, y, k: [m.numerical_rank(h, y, k)],
+    "layerwise": lambda m, h, y, k: list(m.layerwise({"layer": h}, y, k)["layer"].values()),
+}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--old", required=True, help="a checkout of the old commit")
   p.add_argument("--n", type=int, default=50000)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--metric", choices=sorted(METRICS), default="nc1")
+  p.add_argument("--classes", type=int, nargs="+", default=[10, 100])
   a = p.parse_args(argv)
   spec = importlib.util.spec_from_file_location("old_metrics",
                                                 os.path.join(a.old, "ncjax", "metrics.py"))
@@ -48,12 +60,14 @@ def main(argv=None):
   mm = jax.jit(lambda x: x @ x)
   rate = 2 * 2048 ** 3 / (median_ms(lambda: mm(sq), a.reps) / 1e3)
   print(f"# GEMM rate {rate / 1e9:.1f} GFLOP/s, N={a.n}, float32, ms")
-  print("| d | K | floor | GEMM floor | old nc1 | new nc1 | old/floor | new/floor | new/GEMM "
+  fn = METRICS[a.metric]
+  print(f"# metric: {a.metric}")
+  print("| d | K | floor | GEMM floor | old | new | old/floor | new/floor | new/GEMM "
         "| new/old |")
   print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   n = a.n
   for d in (512, 2048):
-    for k in (10, 100):
+    for k in a.classes:
       rng = np.random.default_rng(0)
       y = rng.integers(0, k, n).astype(np.int32)
       y[:k] = np.arange(k)
@@ -63,12 +77,13 @@ def main(argv=None):
       f, o, w = [], [], []
       for _ in range(a.rounds):
         f.append(median_ms(lambda: floor(h), a.reps))
-        o.append(median_ms(lambda: old.nc1(h, y, k), a.reps))
-        w.append(median_ms(lambda: new.nc1(h, y, k), a.reps))
+        o.append(median_ms(lambda: fn(old, h, y, k), a.reps))
+        w.append(median_ms(lambda: fn(new, h, y, k), a.reps))
       f, o, w = min(f), min(o), min(w)
       g = 2 * n * d * k / rate * 1e3
-      vo, vn = float(old.nc1(h, y, k)), float(new.nc1(h, y, k))
-      assert abs(vo - vn) <= 1e-5 * abs(vo), (vo, vn)
+      for vo, vn in zip(fn(old, h, y, k), fn(new, h, y, k)):
+        vo, vn = float(vo), float(vn)
+        assert abs(vo - vn) <= 1e-5 * abs(vo), (vo, vn)
       print(f"| {d} | {k} | {f:.1f} | {g:.1f} | {o:.1f} | {w:.1f} | {o / f:.2f} | {w / f:.2f} "
             f"| {w / g:.2f} | {w / o:.2f} |", flush=True)
 

@@ -941,13 +941,24 @@ def _numrank_impl(h, y, k, exact, window, num_iters):
     def project(u):                                              # (N, K): h_i . u_{y_i} / s
       return jnp.dot(x, u.T, precision=_HI) * onehot * inv
 
-    def step(_, u):
-      w = lax.dot_general(project(u), x, (((0,), (0,)), ((), ())), precision=_HI) * inv
+    def step(carry):
+      i, p, rq, gain, done = carry
+      w = lax.dot_general(p, x, (((0,), (0,)), ((), ())), precision=_HI) * inv
       wn = jnp.linalg.norm(w, axis=1, keepdims=True)
-      return w / jnp.where(wn > 0, wn, 1.0)
+      p = project(w / jnp.where(wn > 0, wn, 1.0))
+      new = jnp.sum(jnp.square(p), axis=0)                       # ||H_k u_k||^2 (Rayleigh)
+      # A class has converged once its quotient rose by at most eps of itself and by at most
+      # half its previous rise (a geometric tail adds at most that much again); it stays so,
+      # as later rises are rounding noise of either sign.
+      rise = new - rq
+      done = done | ((rise <= eps * new) & (gain > 0) & (rise <= 0.5 * gain)) | (new == 0)
+      return i + 1, p, new, rise, done
 
-    u = lax.fori_loop(0, num_iters, step, u)                     # traced trip count
-    spec2 = jnp.sum(jnp.square(project(u)), axis=0)              # ||H_k u_k||^2 (Rayleigh)
+    eps = jnp.finfo(dt).eps
+    p = project(u)
+    rq = jnp.sum(jnp.square(p), axis=0)
+    carry = (jnp.zeros((), jnp.int32), p, rq, jnp.zeros_like(rq), jnp.zeros((k,), bool))
+    spec2 = lax.while_loop(lambda c: (c[0] < num_iters) & ~jnp.all(c[4]), step, carry)[2]
   val = _mean_rank(fro2, spec2)
   ok = ok & jnp.isfinite(val)
   return _nan_unless(ok, val), ok
@@ -958,13 +969,16 @@ def numerical_rank(features, labels, num_classes: int | None = None, exact: bool
   """Numerical (stable) rank ``(1/K) sum_k ||H_k||_F^2 / ||H_k||_2^2``, H_k uncentred.
 
   Dimensionless, in ``[1, min(n_k, d)]`` per class.  ``exact=False`` (default, as in the
-  paper): ``||H_k||_2^2`` by ``num_iters`` steps of power iteration on ``H_k^T H_k``, all
-  classes batched (2 read passes of the features per step), started deterministically from
-  the class mean plus a fixed pseudo-random perturbation (PRNGKey(0)).  The estimate is the
-  Rayleigh quotient ``||H_k u||^2``, a lower bound on ``||H_k||_2^2``, so the rank estimate
-  is an upper bound that decreases monotonically to the exact value; its relative error is
-  at most about ``tan^2(theta_0) (sigma_2/sigma_1)^(4 t)`` after t steps (theta_0 the start
-  angle).  For uncentred features the top direction is close to the class mean, so
+  paper): ``||H_k||_2^2`` by at most ``num_iters`` steps of power iteration on
+  ``H_k^T H_k``, all classes batched (2 read passes of the features per step), started
+  deterministically from the class mean plus a fixed pseudo-random perturbation
+  (PRNGKey(0)).  The estimate is the Rayleigh quotient ``||H_k u||^2``, a lower bound on
+  ``||H_k||_2^2``, so the rank estimate is an upper bound that decreases monotonically to the
+  exact value; its relative error is at most about ``tan^2(theta_0) (sigma_2/sigma_1)^(4 t)``
+  after t steps (theta_0 the start angle).  The iteration stops before ``num_iters`` once
+  every class's quotient rose by at most eps (the dtype's) of itself in a step and by at most
+  half its previous rise -- converged to the dtype's precision, so more steps would not
+  change the value beyond rounding (uncentred features typically need 3-5 steps).  For uncentred features the top direction is close to the class mean, so
   convergence is fast unless the two largest singular values of H_k are nearly equal (then
   the error is still small in the value, as both candidates give nearly the same norm).
   ``exact=True``: largest eigenvalue of each class Gram (``eigvalsh``); forming the Grams

@@ -256,6 +256,25 @@ def test_power_iteration_converges_on_centred_data():
     assert errs[2] / exact < 1e-4 and errs[0] / exact > 1e-3
 
 
+def test_power_iteration_stops_only_when_converged():
+    # The iteration stops early once every quotient has converged to float32 precision:
+    # on slowly converging classes (sigma_2/sigma_1 ~ 0.97) 20 steps are 3.5% off and must
+    # not stop there when allowed 200, while fast (uncentred) classes stop at the same value
+    # whatever the budget.
+    rng = np.random.default_rng(5)
+    k, d, n = 2, 10, 4000
+    y = np.repeat(np.arange(k), n // k).astype(np.int32)
+    scales = np.concatenate([[1.0, 0.97], np.linspace(0.5, 0.3, d - 2)])
+    h = (rng.normal(size=(n, d)) * scales).astype(np.float32)
+    exact = ref_numrank(h.astype(np.float64), y, k)
+    err = {t: rel(metrics.numerical_rank(h, y, num_iters=t), exact) for t in (20, 200, 1000)}
+    assert err[20] > 1e-2 and err[200] < 2e-6 and err[1000] == err[200], err
+    fast = h + 3.0                                             # a dominant mean direction
+    exact = ref_numrank(fast.astype(np.float64), y, k)
+    vals = [float(metrics.numerical_rank(fast, y, num_iters=t)) for t in (20, 1000)]
+    assert vals[0] == vals[1] and rel(vals[0], exact) < 1e-6, (vals, exact)
+
+
 def test_cdnv_and_nc2_nc3_vs_reference():
     for case in ("balanced", "imbalanced", "d_lt_k"):
         h, y = make_data(**CASES[case])
