@@ -7,9 +7,9 @@
     python benchmarks/nc1.py --accuracy        # timings, then float32 errors at offsets 0, 1e3, 1e6
     python benchmarks/nc1.py --accuracy-only   # the errors only
 
-Times (median of --reps runs after one warm-up, block_until_ready; the floor and nc1 alternate
-within each round and nc1/floor is the median of the rounds' ratios, so that load from other
-jobs on a shared machine hits both alike):
+Times (median of --reps runs after one warm-up, block_until_ready; each function in its own
+loop: alternated with nc1 call by call, the floor itself read 2x slower at d = 512, 11.2 ms
+against 5, on the 2-core CPU, 2026-12-08):
   floor  one read pass over the features (jitted column sum)
   gemm   the GEMM floor: 2 N d K flops at the machine's GEMM rate, measured in the same run
          on a 2048 x 2048 float32 matmul (at K = 100 nc1's cost is the N x d by d x K product)
@@ -99,24 +99,13 @@ def accuracy(n=5000, d=64, k=10):
 
 
 def timeit(fn, reps):
-    return timed_rounds({"": fn}, reps)[0][""]
-
-
-def timed_rounds(fns, reps):
-    """Median seconds of each fn over ``reps`` rounds (one warm-up call each first), every
-    round calling each fn once in turn, so that all see the same load from other jobs.
-    Returns (medians, ratios): ratios[name] is the median over rounds of fn / the first fn."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())                   # warm-up / compile
-    ts = {name: [] for name in fns}
+    jax.block_until_ready(fn())                       # warm-up / compile
+    ts = []
     for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            ts[name].append(time.perf_counter() - t0)
-    first = next(iter(ts.values()))
-    return ({name: float(np.median(t)) for name, t in ts.items()},
-            {name: float(np.median(np.divide(t, first))) for name, t in ts.items()})
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
 
 
 def main(argv=None):
@@ -162,9 +151,8 @@ def main(argv=None):
             mu = rng.normal(size=(k, d)).astype(np.float32) * 2.0
             h_np = mu[y_np] + rng.standard_normal((n, d), dtype=np.float32) + np.float32(a.offset)
             h, y = jax.device_put(h_np), jax.device_put(y_np)
-            med, ratio = timed_rounds({"floor": lambda: floor_fn(h),
-                                       "nc1": lambda: metrics.nc1(h, y, k)}, a.reps)
-            t_floor, t_nc1 = med["floor"], med["nc1"]
+            t_floor = timeit(lambda: floor_fn(h), a.reps)
+            t_nc1 = timeit(lambda: metrics.nc1(h, y, k), a.reps)
             v_nc1 = float(metrics.nc1(h, y, k))
             if a.no_pinv:
                 t_pinv, v_pinv = float("nan"), float("nan")
@@ -175,7 +163,7 @@ def main(argv=None):
             ms = lambda t: f"{t * 1e3:8.1f}"  # noqa: E731
             t_gemm = 2 * n * d * k / rate
             print(f"{d:>5} {k:>4} | {ms(t_floor)} {ms(t_gemm)} {ms(t_nc1)} {ms(t_pinv)} "
-                  f"{ms(t_peer)} | {ratio['nc1']:9.2f} {t_nc1 / t_gemm:8.2f} "
+                  f"{ms(t_peer)} | {t_nc1 / t_floor:9.2f} {t_nc1 / t_gemm:8.2f} "
                   f"{t_pinv / t_nc1:8.1f} {t_peer / t_nc1:8.1f} | "
                   f"{abs(v_nc1 - v_pinv) / abs(v_pinv):13.2e}", flush=True)
             del h, y, h_np

@@ -978,7 +978,8 @@ def numerical_rank(features, labels, num_classes: int | None = None, exact: bool
   after t steps (theta_0 the start angle).  The iteration stops before ``num_iters`` once
   every class's quotient rose by at most eps (the dtype's) of itself in a step and by at most
   half its previous rise -- converged to the dtype's precision, so more steps would not
-  change the value beyond rounding (uncentred features typically need 3-5 steps).  For uncentred features the top direction is close to the class mean, so
+  change the value beyond rounding (2-3 steps for uncentred features whose class means
+  dominate, as post-ReLU features' do).  For uncentred features the top direction is close to the class mean, so
   convergence is fast unless the two largest singular values of H_k are nearly equal (then
   the error is still small in the value, as both candidates give nearly the same norm).
   ``exact=True``: largest eigenvalue of each class Gram (``eigvalsh``); forming the Grams
