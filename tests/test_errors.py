@@ -368,7 +368,7 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
 
 
 def test_a_run_directory_without_fingerprint_or_results_starts_anew(tmp_path):
-  from ncjax.experiment import records, runner, spec
+  from ncjax.experiment import runner, spec
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   from tiny_config import tiny_mlp_config
   runs = spec.build(tiny_mlp_config("transfer"))[0].runs()
