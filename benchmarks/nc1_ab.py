@@ -1,4 +1,4 @@
-"""Old against new `metrics.nc1` (or --metric) in one process (issue 20's before / after), alternated.
+"""Old against new `metrics.nc1` (or `--metric`) in one process, alternated (issue 20).
 
     git worktree add /tmp/old <commit>
     python benchmarks/nc1_ab.py --old /tmp/old          # this checkout's metrics is "new"

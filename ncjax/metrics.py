@@ -979,9 +979,10 @@ def numerical_rank(features, labels, num_classes: int | None = None, exact: bool
   every class's quotient rose by at most eps (the dtype's) of itself in a step and by at most
   half its previous rise -- converged to the dtype's precision, so more steps would not
   change the value beyond rounding (2-3 steps for uncentred features whose class means
-  dominate, as post-ReLU features' do).  For uncentred features the top direction is close to the class mean, so
-  convergence is fast unless the two largest singular values of H_k are nearly equal (then
-  the error is still small in the value, as both candidates give nearly the same norm).
+  dominate, as post-ReLU features' do).  For uncentred features the top direction is close
+  to the class mean, so convergence is fast unless the two largest singular values of H_k
+  are nearly equal (then the error is still small in the value, as both candidates give
+  nearly the same norm).
   ``exact=True``: largest eigenvalue of each class Gram (``eigvalsh``); forming the Grams
   costs O(N d^2) in total, the eigendecompositions ``K min(d, n_max)^3`` (n_max the largest
   class when labels are concrete, N under jit).  The metric is not translation invariant,
