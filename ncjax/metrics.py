@@ -493,6 +493,7 @@ def _pass1(h, y, k, squares: bool = False, shifted: bool = True, ref=None):
   exact power of two ``t`` they were scaled by (else None, None).  Out-of-range labels are
   dropped from the sums, detected from the counts.
   """
+  assert shifted or not squares, "squares are taken about the shift only"
   n, d = h.shape
   dt = _compute_dtype(h.dtype)
   counts = _add_rows(jnp.zeros((k,), jnp.int32), y, jnp.ones((n,), jnp.int32))
@@ -987,11 +988,11 @@ def numerical_rank(features, labels, num_classes: int | None = None, exact: bool
   after t steps (theta_0 the start angle).  The iteration stops before ``num_iters`` once
   every class's quotient rose by at most 4 eps (the dtype's) of itself in a step and by at
   most half its previous rise -- converged to within a few roundings, so more steps would
-  not change the value beyond rounding (2-3 steps for uncentred features whose class means
-  dominate, as post-ReLU features' do).  For uncentred features the top direction is close
-  to the class mean, so convergence is fast unless the two largest singular values of H_k
-  are nearly equal (then the error is still small in the value, as both candidates give
-  nearly the same norm).
+  not change the value beyond rounding.  For uncentred features the top direction is close
+  to the class mean, so convergence is fast (2-3 steps where the class means dominate, as
+  post-ReLU features' do) unless the two largest singular values of H_k are nearly equal
+  (then the error is still small in the value, as both candidates give nearly the same
+  norm).
   ``exact=True``: largest eigenvalue of each class Gram (``eigvalsh``); forming the Grams
   costs O(N d^2) in total, the eigendecompositions ``K min(d, n_max)^3`` (n_max the largest
   class when labels are concrete, N under jit).  The metric is not translation invariant,
